@@ -1,0 +1,72 @@
+# webshard — every command a user or CI runs. `make test` and `make demo` each
+# run `setup` first, so both work on a fresh clone.
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(abspath $(VENV)/bin)
+NODE_BIN := $(abspath node_modules/.bin)
+export PATH := $(BIN):$(NODE_BIN):$(PATH)
+PYTEST_ARGS ?=
+
+.PHONY: help setup system-packages proto proto-check breaking lint format test demo clean
+
+help: ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | column -ts $$'\t'
+
+setup: system-packages $(VENV)/.installed node_modules/.installed ## venv, Python and npm packages, Chromium (idempotent)
+
+# Debian's chromium and chromium-driver, where apt exists and they are missing.
+system-packages:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then exit 0; fi; \
+	if ! command -v apt-get >/dev/null; then \
+	  echo "setup: install Chromium and ChromeDriver (/usr/bin/chromium, /usr/bin/chromedriver) yourself: no apt-get here"; exit 0; fi; \
+	SUDO=; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	echo "setup: installing chromium and chromium-driver with apt-get"; \
+	$$SUDO apt-get update -qq && \
+	DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null
+
+$(VENV)/.installed: pyproject.toml clients/python/pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ./clients/python -e '.[dev]'
+	touch $@
+
+node_modules/.installed: package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+proto: setup ## regenerate Python messages, gRPC stubs and typed stubs into clients/python (offline)
+	buf generate
+	@for d in clients/python/webshard/*/v1; do touch "$$d/__init__.py" "$$(dirname $$d)/__init__.py"; done
+
+proto-check: setup ## fail when the committed generated code is stale
+	$(PY) proto/tools/check_generated.py
+
+breaking: setup ## buf breaking (FILE rules) against main
+	buf breaking --against '.git#branch=main'
+
+lint: setup ## buf lint and format, ruff, mypy, import contracts, generated code freshness
+	buf lint
+	buf format --exit-code --diff
+	ruff check services clients tests proto/tools
+	ruff format --check services clients tests proto/tools
+	mypy
+	lint-imports
+	$(PY) proto/tools/check_generated.py
+
+format: setup ## apply buf format and ruff format
+	buf format -w
+	ruff format services clients tests proto/tools
+	ruff check --fix services clients tests proto/tools
+
+test: setup ## the test suite (long soak and benchmark runs are left out: -m slow runs them)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: setup ## the main job: bring a local cluster up, check every process is SERVING, stop it
+	$(VENV)/bin/webshard up --once --ports auto --data-dir "$${WEBSHARD_DEMO_DIR:-$$(mktemp -d)}"
+
+clean: ## remove build output (keeps the venv and node_modules)
+	rm -rf bench-results .pytest_cache .mypy_cache .ruff_cache

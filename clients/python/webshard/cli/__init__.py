@@ -1,0 +1,122 @@
+"""The ``webshard`` command line.
+
+webshard up       start a local cluster on loopback and keep it running
+webshard status   list the local cluster's processes and their health
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+from webshard.cli.local import ClusterError, LocalCluster, default_data_dir, status
+
+
+def _up(args: argparse.Namespace) -> int:
+    try:
+        cluster = LocalCluster(
+            agents=args.agents,
+            data_dir=args.data_dir,
+            host=args.host,
+            auto_ports=args.ports == "auto",
+        )
+    except ClusterError as exc:
+        print(f"webshard up: {exc}", file=sys.stderr)
+        return 1
+    stop = threading.Event()
+    # Ctrl-C and SIGTERM both stop the cluster; install the handlers before any
+    # child starts so no signal can slip between start and wait.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    print(f"starting a local cluster in {cluster.data_dir} ...", flush=True)
+    try:
+        cluster.start(timeout=args.timeout)
+    except ClusterError as exc:
+        print(f"webshard up: {exc}", file=sys.stderr)
+        return 1
+    width = max(len(p.name) for p in cluster.processes)
+    for proc in cluster.processes:
+        print(f"  {proc.name:<{width}}  {proc.address:<21}  pid {proc.pid:<7}  SERVING")
+    print(f"logs: {cluster.data_dir / 'logs'}", flush=True)
+    if args.once:
+        print("all processes SERVING; stopping (--once)", flush=True)
+    else:
+        print("webshard is up; Ctrl-C or SIGTERM stops it", flush=True)
+        while not stop.wait(0.5):
+            pass
+        print("stopping ...", flush=True)
+    cluster.stop()
+    print("stopped", flush=True)
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    rows = status(args.data_dir)
+    if args.json:
+        print(json.dumps({"data_dir": str(args.data_dir), "processes": rows}, indent=2))
+    elif not rows:
+        print(f"no local cluster is running from {args.data_dir}")
+    else:
+        width = max(len(str(r["name"])) for r in rows)
+        for row in rows:
+            print(
+                f"{row['name']!s:<{width}}  {row['address']!s:<21}  "
+                f"pid {row['pid']!s:<7}  {row['health']}"
+            )
+    if not rows:
+        return 1
+    return 0 if all(r["health"] == "SERVING" for r in rows) else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``webshard`` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="webshard",
+        description="Run models sharded across browsers, break them on purpose, measure recovery.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def data_dir_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--data-dir",
+            type=Path,
+            default=default_data_dir(),
+            help="the local cluster's directory (state file, logs, data) [default: %(default)s]",
+        )
+
+    up = sub.add_parser("up", help="start a local cluster on loopback")
+    up.add_argument("--agents", type=int, default=2, help="browser agents to start [2]")
+    up.add_argument("--host", default="127.0.0.1", help="address to listen on [127.0.0.1]")
+    up.add_argument(
+        "--ports",
+        choices=("default", "auto"),
+        default="default",
+        help="default: each service's own port (coordinators 50051/50061/50071, agents "
+        "50052/50062/..., fault-injector 50053, recovery 50054, metrics 50055); auto: free ports",
+    )
+    up.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for SERVING")
+    up.add_argument("--once", action="store_true", help="stop as soon as every process is SERVING")
+    data_dir_arg(up)
+    up.set_defaults(func=_up)
+
+    st = sub.add_parser("status", help="list the local cluster's processes and their health")
+    st.add_argument("--json", action="store_true", help="print JSON")
+    data_dir_arg(st)
+    st.set_defaults(func=_status)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``webshard`` command."""
+    args = build_parser().parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""webshard's gRPC services. Each service is its own subpackage; they share only services.common."""

@@ -1,0 +1,1 @@
+"""The browser agent: headless browsers hosting model shards, health, capabilities, fault hooks."""

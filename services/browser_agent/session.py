@@ -1,0 +1,123 @@
+"""The agent's session with the coordinator: register, heartbeat, follow the leader.
+
+The session runs for the agent's whole life. When a stream breaks, or a replica
+tells the agent to reattach elsewhere, it reconnects with a capped exponential
+backoff, trying the replica it was pointed at first and then every known one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+from webshard.common.v1 import common_pb2
+from webshard.coordinator.v1 import coordinator_pb2 as pb
+from webshard.coordinator.v1 import coordinator_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+
+class CoordinatorSession:
+    """Keeps one agent session open with some coordinator replica."""
+
+    def __init__(
+        self,
+        *,
+        agent_id: str,
+        address: str,
+        coordinators: list[str],
+        memory_budget_bytes: int,
+        browsers: Callable[[], list[common_pb2.BrowserInfo]],
+        max_backoff_s: float,
+    ) -> None:
+        self._agent_id = agent_id
+        self._address = address
+        self._coordinators = list(coordinators)
+        self._budget = memory_budget_bytes
+        self._browsers = browsers
+        self._max_backoff = max_backoff_s
+        self._next: str | None = None
+        self.attached_to = ""
+        self.attached = asyncio.Event()
+
+    async def run(self) -> None:
+        """Keep a session open until cancelled."""
+        backoff = 0.05
+        index = 0
+        while True:
+            target = self._next or self._coordinators[index % len(self._coordinators)]
+            self._next = None
+            index += 1
+            try:
+                await self._session(target)
+                backoff = 0.05
+            except grpc.aio.AioRpcError as exc:
+                log.info(
+                    "coordinator session ended",
+                    extra={
+                        "coordinator": target,
+                        "code": exc.code().name,
+                        "details": exc.details(),
+                    },
+                )
+            finally:
+                self.attached.clear()
+                self.attached_to = ""
+            if self._next is None:
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self._max_backoff)
+
+    async def _session(self, target: str) -> None:
+        async with grpc.aio.insecure_channel(target) as channel:
+            call = pb_grpc.CoordinatorServiceStub(channel).AgentSession()
+            await call.write(
+                pb.AgentSessionRequest(
+                    registration=pb.AgentRegistration(
+                        agent_id=self._agent_id,
+                        address=self._address,
+                        browsers=self._browsers(),
+                        memory_budget_bytes=self._budget,
+                    )
+                )
+            )
+            first = await call.read()
+            if not isinstance(first, pb.AgentSessionResponse) or not first.HasField("accepted"):
+                code = await call.code()
+                log.warning("coordinator refused the session", extra={"code": code.name})
+                return
+            interval = first.accepted.heartbeat_interval.ToTimedelta().total_seconds() or 1.0
+            self.attached_to = target
+            self.attached.set()
+            log.info("attached to coordinator", extra={"coordinator": target})
+            heartbeats = asyncio.create_task(self._heartbeat(call, interval))
+            try:
+                while True:
+                    message = await call.read()
+                    if not isinstance(message, pb.AgentSessionResponse):
+                        return  # the coordinator closed the stream
+                    if message.HasField("reattach"):
+                        self._next = message.reattach.leader_address or None
+                        log.info("reattaching", extra={"leader": message.reattach.leader_address})
+                        return
+            finally:
+                heartbeats.cancel()
+                call.cancel()
+
+    async def _heartbeat(
+        self,
+        call: grpc.aio.StreamStreamCall[pb.AgentSessionRequest, pb.AgentSessionResponse],
+        interval: float,
+    ) -> None:
+        sequence = 0
+        while True:
+            sequence += 1
+            sent = Timestamp()
+            sent.FromNanoseconds(time.time_ns())
+            await call.write(
+                pb.AgentSessionRequest(heartbeat=pb.AgentHeartbeat(sequence=sequence, sent_at=sent))
+            )
+            await asyncio.sleep(interval)

@@ -1,0 +1,1 @@
+"""The coordinator: agent registry, shard placement, request routing, replicated cluster state."""

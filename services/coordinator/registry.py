@@ -1,0 +1,105 @@
+"""The agent registry: what the coordinator knows of each agent, from its session.
+
+Plain logic with an injectable clock; no gRPC here.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from google.protobuf.timestamp_pb2 import Timestamp
+from webshard.common.v1 import common_pb2
+
+
+@dataclass
+class AgentRecord:
+    """One agent as registered, with its liveness."""
+
+    agent_id: str
+    address: str
+    memory_budget_bytes: int
+    browsers: list[common_pb2.BrowserInfo] = field(default_factory=list)
+    last_heartbeat: float = 0.0
+    connected: bool = True
+    in_flight: int = 0
+    memory_used_bytes: int = 0
+    session: int = 0
+
+
+class AgentRegistry:
+    """Agents by id. An agent is healthy while its session is open and its heartbeats arrive."""
+
+    def __init__(
+        self, heartbeat_timeout_s: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._timeout = heartbeat_timeout_s
+        self._clock = clock
+        self._agents: dict[str, AgentRecord] = {}
+        self._sessions = 0
+
+    def register(
+        self,
+        agent_id: str,
+        address: str,
+        memory_budget_bytes: int,
+        browsers: Iterable[common_pb2.BrowserInfo],
+    ) -> int:
+        """Record a (re-)registration and return the new session's number."""
+        if not agent_id:
+            raise ValueError("registration needs an agent_id")
+        if not address:
+            raise ValueError(f"agent {agent_id!r} registered without an address")
+        self._sessions += 1
+        self._agents[agent_id] = AgentRecord(
+            agent_id=agent_id,
+            address=address,
+            memory_budget_bytes=memory_budget_bytes,
+            browsers=list(browsers),
+            last_heartbeat=self._clock(),
+            session=self._sessions,
+        )
+        return self._sessions
+
+    def heartbeat(self, agent_id: str, *, in_flight: int, memory_used_bytes: int) -> None:
+        """Note a heartbeat."""
+        record = self._agents[agent_id]
+        record.last_heartbeat = self._clock()
+        record.in_flight = in_flight
+        record.memory_used_bytes = memory_used_bytes
+
+    def update_browsers(self, agent_id: str, browsers: Iterable[common_pb2.BrowserInfo]) -> None:
+        """Replace an agent's browser list from a status report."""
+        self._agents[agent_id].browsers = list(browsers)
+
+    def disconnected(self, agent_id: str, session: int) -> None:
+        """Note that a session ended, unless the agent has since opened a newer one."""
+        record = self._agents.get(agent_id)
+        if record is not None and record.session == session:
+            record.connected = False
+
+    def healthy(self, record: AgentRecord) -> bool:
+        """True while the session is open and the last heartbeat is recent."""
+        return record.connected and self._clock() - record.last_heartbeat <= self._timeout
+
+    def agents(self, *, include_unhealthy: bool = False) -> list[AgentRecord]:
+        """The agents, sorted by id."""
+        records = sorted(self._agents.values(), key=lambda r: r.agent_id)
+        return [r for r in records if include_unhealthy or self.healthy(r)]
+
+    def to_proto(self, record: AgentRecord, now_wall: float | None = None) -> common_pb2.AgentInfo:
+        """The contract's view of an agent."""
+        wall = time.time() if now_wall is None else now_wall
+        seen = Timestamp()
+        seen.FromNanoseconds(int((wall - (self._clock() - record.last_heartbeat)) * 1e9))
+        return common_pb2.AgentInfo(
+            agent_id=record.agent_id,
+            address=record.address,
+            browsers=record.browsers,
+            healthy=self.healthy(record),
+            last_heartbeat_at=seen,
+            memory_budget_bytes=record.memory_budget_bytes,
+            memory_used_bytes=record.memory_used_bytes,
+            in_flight=record.in_flight,
+        )

@@ -1,0 +1,47 @@
+"""Coordinator settings."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from services.common.settings import ServerSettings, SettingsError, setting
+
+DEFAULT_PORT = 50051
+
+
+@dataclasses.dataclass
+class CoordinatorSettings(ServerSettings):
+    """Settings of one coordinator replica."""
+
+    replica_id: str = setting("coordinator-0", "This replica's id, unique among the replicas.")
+    peers: list[str] = setting(
+        [],
+        "The other replicas as id=host:port, comma-separated "
+        "(for example coordinator-1=127.0.0.1:50061).",
+    )
+    heartbeat_interval_s: float = setting(1.0, "How often agents must send a heartbeat.")
+    heartbeat_timeout_s: float = setting(
+        3.0,
+        "An agent silent for this long is marked unhealthy (three missed heartbeats by default).",
+    )
+
+    def peer_addresses(self) -> dict[str, str]:
+        """The peers as a replica id -> address map; raises SettingsError on a malformed entry."""
+        peers: dict[str, str] = {}
+        for entry in self.peers:
+            replica_id, sep, address = entry.partition("=")
+            if not sep or not replica_id or ":" not in address:
+                raise SettingsError(f"peer {entry!r} is not id=host:port")
+            if replica_id == self.replica_id:
+                raise SettingsError(f"peer {entry!r} has this replica's own id")
+            peers[replica_id] = address
+        return peers
+
+    def validate(self) -> None:
+        """Check the peers and the heartbeat timing."""
+        super().validate()
+        self.peer_addresses()
+        if not 0 < self.heartbeat_interval_s < self.heartbeat_timeout_s:
+            raise SettingsError(
+                "heartbeat interval must be positive and shorter than the heartbeat timeout"
+            )

@@ -1,0 +1,1 @@
+"""The fault-injector: fault specs, their schedule, auto-revert and guardrails."""

@@ -1,0 +1,1 @@
+"""Recovery: strategies, circuit breakers and escalation; decides and orders each recovery."""

@@ -1,0 +1,100 @@
+"""Fixtures shared by the suite: free ports, service processes that are always reaped."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def health_status(address: str, timeout: float = 1.0) -> str:
+    """The health service's answer for the whole server, or UNREACHABLE."""
+    with grpc.insecure_channel(address) as channel:
+        try:
+            response = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=timeout
+            )
+        except grpc.RpcError:
+            return "UNREACHABLE"
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll ``condition`` until it holds; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+
+
+class ServiceProcess:
+    """A service started as `python -m services.<module>` on a free port."""
+
+    def __init__(self, module: str, args: list[str], log: Path) -> None:
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.log = log
+        with open(log, "wb") as out:
+            self.popen = subprocess.Popen(
+                [sys.executable, "-m", f"services.{module}", "--port", str(self.port), *args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
+                start_new_session=True,
+            )
+
+    def wait_serving(self, timeout: float = 30.0) -> None:
+        """Block until the process answers SERVING."""
+
+        def serving() -> bool:
+            if self.popen.poll() is not None:
+                pytest.fail(f"service exited early:\n{self.log.read_text()}")
+            return health_status(self.address) == "SERVING"
+
+        wait_for(serving, timeout, f"{self.address} to serve")
+
+    def stop(self) -> None:
+        """Kill the process and its whole group."""
+        if self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.popen.pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def start_service(tmp_path: Path) -> Iterator[Callable[..., ServiceProcess]]:
+    """Start services on free ports; every one is reaped at teardown."""
+    started: list[ServiceProcess] = []
+
+    def start(module: str, *args: str, wait: bool = True) -> ServiceProcess:
+        proc = ServiceProcess(module, list(args), tmp_path / f"{module}-{len(started)}.log")
+        started.append(proc)
+        if wait:
+            proc.wait_serving()
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()

@@ -4,23 +4,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
+import tempfile
+from pathlib import Path
 
 from webshard.browser_agent.v1 import browser_agent_pb2_grpc as pb_grpc
 
+from services.browser_agent.agent import ShardHost
+from services.browser_agent.native import NativeRuntime
 from services.browser_agent.servicer import SERVICE, BrowserAgentServicer
 from services.browser_agent.session import CoordinatorSession
 from services.browser_agent.settings import DEFAULT_PORT, AgentSettings
+from services.browser_agent.store import ShardStore
 from services.common.server import BasicApp, Lifecycle
 
 
 def make_app(settings: AgentSettings, lifecycle: Lifecycle) -> BasicApp:
-    """One browser agent and its coordinator session."""
+    """One browser agent: its shard store, runtimes and coordinator session."""
+    owned_dir = None if settings.data_dir else tempfile.mkdtemp(prefix="webshard-agent-")
+    data_dir = Path(settings.data_dir or owned_dir or ".")
+    store = ShardStore(data_dir, settings.max_shard_mb * 1024 * 1024)
+    host = ShardHost(NativeRuntime(settings.native_threads) if settings.native else None)
     session = CoordinatorSession(
         agent_id=settings.agent_id,
         address=settings.advertise_address or f"{settings.host}:{settings.port or DEFAULT_PORT}",
         coordinators=settings.coordinators,
         memory_budget_bytes=settings.memory_budget_mb * 1024 * 1024,
-        browsers=list,
+        browsers=host.status,
         max_backoff_s=settings.reconnect_max_backoff_s,
     )
     tasks: list[asyncio.Task[None]] = []
@@ -33,15 +43,15 @@ def make_app(settings: AgentSettings, lifecycle: Lifecycle) -> BasicApp:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        for runtime in host.runtimes():
+            await runtime.close()
+        if owned_dir is not None:
+            shutil.rmtree(owned_dir, ignore_errors=True)
 
+    servicer = BrowserAgentServicer(settings, session, store, host, lifecycle)
     return BasicApp(
         service_names=(SERVICE,),
-        registrations=[
-            (
-                pb_grpc.add_BrowserAgentServiceServicer_to_server,
-                BrowserAgentServicer(settings, session),
-            )
-        ],
+        registrations=[(pb_grpc.add_BrowserAgentServiceServicer_to_server, servicer)],
         on_start=start,
         on_stop=stop,
     )

@@ -1,37 +1,185 @@
-"""The browser agent's gRPC servicer."""
+"""The browser agent's gRPC servicer: shard load, run and unload, status."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
 import grpc
+from google.protobuf.duration_pb2 import Duration
 from webshard.browser_agent.v1 import browser_agent_pb2 as pb
 from webshard.browser_agent.v1 import browser_agent_pb2_grpc as pb_grpc
+from webshard.tensors import decode_tensor, encode_tensor
 
+from services.browser_agent.agent import ShardHost
+from services.browser_agent.runtime import ShardRuntimeError
 from services.browser_agent.session import CoordinatorSession
 from services.browser_agent.settings import AgentSettings
-from services.common.server import unimplemented
+from services.browser_agent.store import ShardStore, StoreError, check_sha256
+from services.common.server import Lifecycle, unimplemented
+
+log = logging.getLogger(__name__)
 
 SERVICE = pb.DESCRIPTOR.services_by_name["BrowserAgentService"].full_name
+Context = grpc.aio.ServicerContext[object, object]
+
+
+def _duration(ms: float) -> Duration:
+    value = Duration()
+    value.FromNanoseconds(int(ms * 1e6))
+    return value
+
+
+def status_code(error: ShardRuntimeError) -> grpc.StatusCode:
+    """The gRPC status a runtime error maps to."""
+    return grpc.StatusCode[error.code]
 
 
 class BrowserAgentServicer(pb_grpc.BrowserAgentServiceServicer):
     """Loads and runs shards, reports status, performs fault hooks."""
 
-    def __init__(self, settings: AgentSettings, session: CoordinatorSession) -> None:
+    def __init__(
+        self,
+        settings: AgentSettings,
+        session: CoordinatorSession,
+        store: ShardStore,
+        host: ShardHost,
+        lifecycle: Lifecycle,
+    ) -> None:
         self._settings = settings
         self._session = session
+        self._store = store
+        self._host = host
+        self._lifecycle = lifecycle
+
+    async def LoadShard(
+        self, request_iterator: AsyncIterator[pb.LoadShardRequest], context: Context
+    ) -> pb.LoadShardResponse:
+        """Store the shard's bytes (or find them by hash) and load them into a runtime."""
+        messages = aiter(request_iterator)
+        first = await anext(messages, None)
+        if first is None or not first.HasField("header"):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "a LoadShard stream must start with a header"
+            )
+        header = first.header
+        spec = header.shard
+        try:
+            check_sha256(spec.sha256)
+            target = self._host.choose(header.runtime, header.browser_id)
+        except StoreError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except ShardRuntimeError as exc:
+            await context.abort(status_code(exc), str(exc))
+
+        async def chunks() -> AsyncIterator[bytes]:
+            async for message in messages:
+                if not message.HasField("chunk"):
+                    raise StoreError("a LoadShard stream takes one header, then only chunks")
+                yield message.chunk
+
+        cached = self._store.has(spec.sha256)
+        if header.by_hash_only and not cached:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"shard {spec.sha256} is not in this agent's store; send its bytes",
+            )
+        try:
+            if not cached:
+                await self._store.put(spec.sha256, spec.size_bytes, chunks())
+            entry = await self._host.load(
+                spec, str(self._store.path(spec.sha256)), target, header.execution_provider
+            )
+        except StoreError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except ShardRuntimeError as exc:
+            await context.abort(status_code(exc), str(exc))
+        log.info(
+            "shard loaded",
+            extra={
+                "model": spec.model,
+                "shard": spec.index,
+                "sha256": spec.sha256,
+                "browser_id": target.runtime_id,
+                "ep_reason": entry.result.reason,
+                "cached": cached,
+            },
+        )
+        return pb.LoadShardResponse(
+            shard=entry.to_proto(),
+            browser_id=target.runtime_id,
+            cached=cached,
+            load_time=_duration(entry.result.load_ms),
+        )
+
+    async def RunShard(
+        self, request_iterator: AsyncIterator[pb.RunShardRequest], context: Context
+    ) -> AsyncIterator[pb.RunShardResponse]:
+        """Run each activation as it arrives; answer each one, failures included."""
+        replies: asyncio.Queue[pb.RunShardResponse | None] = asyncio.Queue()
+        running: set[asyncio.Task[None]] = set()
+
+        async def one(request: pb.RunShardRequest) -> None:
+            reply = pb.RunShardResponse(sequence=request.sequence, request_id=request.request_id)
+            try:
+                inputs = {t.name: decode_tensor(t) for t in request.inputs}
+                entry, result = await self._host.run(request.handle, inputs)
+            except ValueError as exc:
+                reply.error_code = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+                reply.error_message = str(exc)
+            except ShardRuntimeError as exc:
+                reply.error_code = status_code(exc).value[0]
+                reply.error_message = str(exc)
+            else:
+                reply.outputs.extend(encode_tensor(n, v) for n, v in result.outputs.items())
+                reply.compute.CopyFrom(_duration(result.compute_ms))
+                reply.browser_id = entry.runtime.runtime_id
+                reply.execution_provider = entry.result.execution_provider  # type: ignore[assignment]
+            await replies.put(reply)
+
+        async def read() -> None:
+            try:
+                async for request in self._lifecycle.stream(request_iterator, context):
+                    task = asyncio.create_task(one(request))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                if running:
+                    await asyncio.gather(*running)
+            finally:
+                await replies.put(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (reply := await replies.get()) is not None:
+                yield reply
+            await reader  # re-raises an abort from the drain
+        finally:
+            reader.cancel()
+            for task in running:
+                task.cancel()
+
+    async def UnloadShard(
+        self, request: pb.UnloadShardRequest, context: Context
+    ) -> pb.UnloadShardResponse:
+        """Release a loaded shard."""
+        try:
+            entry = await self._host.unload(request.handle)
+        except ShardRuntimeError as exc:
+            await context.abort(status_code(exc), str(exc))
+        return pb.UnloadShardResponse(freed_bytes=entry.spec.size_bytes)
 
     async def GetStatus(
-        self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext[object, object]
+        self, request: pb.GetStatusRequest, context: Context
     ) -> pb.GetStatusResponse:
-        """The agent's identity, budget and session."""
+        """The agent's runtimes, their shards and memory, its store and session."""
         return pb.GetStatusResponse(
             agent_id=self._settings.agent_id,
+            browsers=self._host.status(),
             memory_budget_bytes=self._settings.memory_budget_mb * 1024 * 1024,
+            cached_shard_sha256=self._store.hashes(),
             coordinator_address=self._session.attached_to,
         )
 
-    LoadShard = unimplemented(f"{SERVICE}/LoadShard", "shards in browsers")
-    RunShard = unimplemented(f"{SERVICE}/RunShard", "shards in browsers")
-    UnloadShard = unimplemented(f"{SERVICE}/UnloadShard", "shards in browsers")
     ApplyFaultHook = unimplemented(f"{SERVICE}/ApplyFaultHook", "fault hooks")
     RevertFaultHook = unimplemented(f"{SERVICE}/RevertFaultHook", "fault hooks")

@@ -25,6 +25,13 @@ class AgentSettings(ServerSettings):
     reconnect_max_backoff_s: float = setting(
         2.0, "Longest wait between attempts to reopen the coordinator session."
     )
+    browsers: int = setting(1, "Headless Chromium instances hosting shards; 0 runs none.")
+    standby_browsers: int = setting(
+        0, "Pre-launched browsers with the runtime loaded, ready to take over a failed one."
+    )
+    native: bool = setting(True, "Also offer the native runtime (Python onnxruntime on the CPU).")
+    native_threads: int = setting(1, "onnxruntime intra-op threads per native shard session.")
+    max_shard_mb: int = setting(2048, "Largest shard the agent accepts, in MiB.")
 
     def validate(self) -> None:
         """Check the agent's identity and coordinators."""
@@ -35,3 +42,9 @@ class AgentSettings(ServerSettings):
             raise SettingsError("at least one coordinator address is needed")
         if self.memory_budget_mb <= 0:
             raise SettingsError("memory budget must be positive")
+        if self.browsers < 0 or self.standby_browsers < 0:
+            raise SettingsError("browser counts must not be negative")
+        if self.browsers == 0 and not self.native:
+            raise SettingsError("an agent needs browsers or the native runtime (or both)")
+        if self.native_threads < 1 or self.max_shard_mb < 1:
+            raise SettingsError("native threads and the shard size limit must be positive")

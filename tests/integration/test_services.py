@@ -22,7 +22,7 @@ GRPCURL = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl"
 # module, its API, one method a later release fills in, the JSON body for it
 SERVICES = [
     ("coordinator", "webshard.coordinator.v1.CoordinatorService", "DeployModel", "{}"),
-    ("browser_agent", "webshard.browser_agent.v1.BrowserAgentService", "UnloadShard", "{}"),
+    ("browser_agent", "webshard.browser_agent.v1.BrowserAgentService", "RevertFaultHook", "{}"),
     ("fault_injector", "webshard.fault_injector.v1.FaultInjectorService", "RevertAll", "{}"),
     ("recovery", "webshard.recovery.v1.RecoveryService", "ListBreakers", "{}"),
     ("metrics", "webshard.metrics.v1.MetricsService", "GetReport", "{}"),
@@ -39,7 +39,8 @@ def grpcurl(*args: str) -> subprocess.CompletedProcess[str]:
 def test_service_serves_health_reflection_and_its_api(
     start_service: Callable[..., ServiceProcess], module: str, api: str, method: str, body: str
 ) -> None:
-    proc = start_service(module)
+    # The agent runs no browser here: this test is about the server, not Chromium.
+    proc = start_service(module, *(["--browsers", "0"] if module == "browser_agent" else []))
 
     listed = grpcurl(proc.address, "list")
     assert listed.returncode == 0, listed.stderr
@@ -122,7 +123,13 @@ def test_an_agent_registers_with_the_coordinator(
 ) -> None:
     coordinator = start_service("coordinator")
     agent = start_service(
-        "browser_agent", "--agent-id", "agent-7", "--coordinators", coordinator.address
+        "browser_agent",
+        "--browsers",
+        "0",
+        "--agent-id",
+        "agent-7",
+        "--coordinators",
+        coordinator.address,
     )
     from tests.conftest import wait_for
 

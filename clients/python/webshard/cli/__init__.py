@@ -24,6 +24,14 @@ def _up(args: argparse.Namespace) -> int:
             data_dir=args.data_dir,
             host=args.host,
             auto_ports=args.ports == "auto",
+            extra_args={
+                "browser_agent": [
+                    "--browsers",
+                    str(args.browsers),
+                    "--standby-browsers",
+                    str(args.standby),
+                ]
+            },
         )
     except ClusterError as exc:
         print(f"webshard up: {exc}", file=sys.stderr)
@@ -91,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="start a local cluster on loopback")
     up.add_argument("--agents", type=int, default=2, help="browser agents to start [2]")
+    up.add_argument(
+        "--browsers", type=int, default=1, help="headless Chromium instances per agent [1]"
+    )
+    up.add_argument(
+        "--standby", type=int, default=0, help="pre-launched standby browsers per agent [0]"
+    )
     up.add_argument("--host", default="127.0.0.1", help="address to listen on [127.0.0.1]")
     up.add_argument(
         "--ports",

@@ -36,7 +36,7 @@ $(VENV)/.installed: pyproject.toml clients/python/pyproject.toml
 	touch $@
 
 node_modules/.installed: package.json package-lock.json
-	npm ci --no-audit --no-fund --loglevel=error
+	npm install --no-audit --no-fund --loglevel=error
 	touch $@
 
 proto: setup ## regenerate Python messages, gRPC stubs and typed stubs into clients/python (offline)
@@ -71,3 +71,6 @@ demo: setup ## the main job: bring a local cluster up, check every process is SE
 
 clean: ## remove build output (keeps the venv and node_modules)
 	rm -rf bench-results .pytest_cache .mypy_cache .ruff_cache
+
+bench-%: setup ## a benchmark: prints a table, writes bench-results/%.json (pipeline, shards, ...)
+	$(PY) -m tests.bench.$* $(BENCH_ARGS)

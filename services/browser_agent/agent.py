@@ -5,7 +5,7 @@ Plain logic over the runtimes and the shard store; the servicer maps it to gRPC.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from webshard.common.v1 import common_pb2
@@ -52,18 +52,18 @@ class LoadedEntry:
 class ShardHost:
     """Loads shards into runtimes and runs them by handle."""
 
-    def __init__(self, native: ShardRuntime | None, browsers: Sequence[ShardRuntime] = ()) -> None:
+    def __init__(
+        self,
+        native: ShardRuntime | None,
+        browsers: Callable[[], Sequence[ShardRuntime]] = tuple,
+    ) -> None:
         self._native = native
-        self._browsers = browsers
+        self._browsers = browsers  # the pool's current list: it changes on crashes
         self._loaded: dict[str, LoadedEntry] = {}
-
-    def set_browsers(self, browsers: Sequence[ShardRuntime]) -> None:
-        """Replace the list of browsers (after a launch, a crash or a promotion)."""
-        self._browsers = browsers
 
     def runtimes(self) -> list[ShardRuntime]:
         """Every runtime, native first."""
-        return ([self._native] if self._native is not None else []) + list(self._browsers)
+        return ([self._native] if self._native is not None else []) + list(self._browsers())
 
     def status(self) -> list[common_pb2.BrowserInfo]:
         """Each runtime's info with the shards it holds."""
@@ -83,7 +83,7 @@ class ShardHost:
                     return candidate
             known = ", ".join(r.runtime_id for r in self.runtimes()) or "none"
             raise NotFound(f"this agent has no browser {browser_id!r} (it has: {known})")
-        ready = [b for b in self._browsers if b.info().state == common_pb2.BROWSER_STATE_READY]
+        ready = [b for b in self._browsers() if b.info().state == common_pb2.BROWSER_STATE_READY]
         if runtime == common_pb2.RUNTIME_NATIVE or (
             runtime == common_pb2.RUNTIME_UNSPECIFIED and not ready
         ):

@@ -11,6 +11,7 @@ from pathlib import Path
 from webshard.browser_agent.v1 import browser_agent_pb2_grpc as pb_grpc
 
 from services.browser_agent.agent import ShardHost
+from services.browser_agent.browser.pool import BrowserPool
 from services.browser_agent.native import NativeRuntime
 from services.browser_agent.servicer import SERVICE, BrowserAgentServicer
 from services.browser_agent.session import CoordinatorSession
@@ -24,7 +25,10 @@ def make_app(settings: AgentSettings, lifecycle: Lifecycle) -> BasicApp:
     owned_dir = None if settings.data_dir else tempfile.mkdtemp(prefix="webshard-agent-")
     data_dir = Path(settings.data_dir or owned_dir or ".")
     store = ShardStore(data_dir, settings.max_shard_mb * 1024 * 1024)
-    host = ShardHost(NativeRuntime(settings.native_threads) if settings.native else None)
+    pool = BrowserPool(store.root, active=settings.browsers, standby=settings.standby_browsers)
+    host = ShardHost(
+        NativeRuntime(settings.native_threads) if settings.native else None, pool.active
+    )
     session = CoordinatorSession(
         agent_id=settings.agent_id,
         address=settings.advertise_address or f"{settings.host}:{settings.port or DEFAULT_PORT}",
@@ -36,6 +40,9 @@ def make_app(settings: AgentSettings, lifecycle: Lifecycle) -> BasicApp:
     tasks: list[asyncio.Task[None]] = []
 
     async def start() -> None:
+        # Browsers first: the agent reports SERVING, and registers, with its
+        # browsers launched and their capabilities known.
+        await pool.start()
         tasks.append(asyncio.create_task(session.run(), name="coordinator-session"))
 
     async def stop() -> None:
@@ -45,6 +52,7 @@ def make_app(settings: AgentSettings, lifecycle: Lifecycle) -> BasicApp:
                 await task
         for runtime in host.runtimes():
             await runtime.close()
+        await pool.close()
         if owned_dir is not None:
             shutil.rmtree(owned_dir, ignore_errors=True)
 

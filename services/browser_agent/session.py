@@ -74,12 +74,13 @@ class CoordinatorSession:
     async def _session(self, target: str) -> None:
         async with grpc.aio.insecure_channel(target) as channel:
             call = pb_grpc.CoordinatorServiceStub(channel).AgentSession()
+            browsers = self._browsers()
             await call.write(
                 pb.AgentSessionRequest(
                     registration=pb.AgentRegistration(
                         agent_id=self._agent_id,
                         address=self._address,
-                        browsers=self._browsers(),
+                        browsers=browsers,
                         memory_budget_bytes=self._budget,
                     )
                 )
@@ -93,7 +94,7 @@ class CoordinatorSession:
             self.attached_to = target
             self.attached.set()
             log.info("attached to coordinator", extra={"coordinator": target})
-            heartbeats = asyncio.create_task(self._heartbeat(call, interval))
+            heartbeats = asyncio.create_task(self._heartbeat(call, interval, browsers))
             try:
                 while True:
                     message = await call.read()
@@ -111,13 +112,34 @@ class CoordinatorSession:
         self,
         call: grpc.aio.StreamStreamCall[pb.AgentSessionRequest, pb.AgentSessionResponse],
         interval: float,
+        registered: list[common_pb2.BrowserInfo],
     ) -> None:
+        """Heartbeat every ``interval``; send the browser list when it changed."""
         sequence = 0
+        reported = _status_key(registered)
         while True:
             sequence += 1
             sent = Timestamp()
             sent.FromNanoseconds(time.time_ns())
+            browsers = self._browsers()
             await call.write(
-                pb.AgentSessionRequest(heartbeat=pb.AgentHeartbeat(sequence=sequence, sent_at=sent))
+                pb.AgentSessionRequest(
+                    heartbeat=pb.AgentHeartbeat(
+                        sequence=sequence,
+                        sent_at=sent,
+                        memory_used_bytes=sum(b.memory_bytes for b in browsers),
+                    )
+                )
             )
+            if (key := _status_key(browsers)) != reported:
+                await call.write(
+                    pb.AgentSessionRequest(status=pb.AgentStatusReport(browsers=browsers))
+                )
+                reported = key
             await asyncio.sleep(interval)
+
+
+def _status_key(browsers: list[common_pb2.BrowserInfo]) -> list[tuple[str, int, int]]:
+    # Memory moves all the time; a status report is due when a browser appears,
+    # disappears, changes state or gains or loses shards.
+    return [(b.browser_id, b.state, len(b.shards)) for b in browsers]

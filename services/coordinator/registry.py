@@ -62,6 +62,10 @@ class AgentRegistry:
         )
         return self._sessions
 
+    def get(self, agent_id: str) -> AgentRecord | None:
+        """The agent's record, healthy or not."""
+        return self._agents.get(agent_id)
+
     def heartbeat(self, agent_id: str, *, in_flight: int, memory_used_bytes: int) -> None:
         """Note a heartbeat."""
         record = self._agents[agent_id]

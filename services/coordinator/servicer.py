@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
+from webshard.common.v1 import common_pb2
 from webshard.coordinator.v1 import coordinator_pb2 as pb
 from webshard.coordinator.v1 import coordinator_pb2_grpc as pb_grpc
+from webshard.tensors import decode_tensor, encode_tensor
 
 from services.common.server import Lifecycle, unimplemented
+from services.coordinator.deployments import DeployError, Deployments
+from services.coordinator.pipeline import InferError, RequestLedger
 from services.coordinator.registry import AgentRegistry
 from services.coordinator.settings import CoordinatorSettings
+from services.models import prepare_inputs
 
 log = logging.getLogger(__name__)
 
@@ -21,15 +29,51 @@ SERVICE = pb.DESCRIPTOR.services_by_name["CoordinatorService"].full_name
 RAFT_SERVICE = pb.DESCRIPTOR.services_by_name["RaftService"].full_name
 
 
+def prepare_request_inputs(
+    request: pb.InferRequest, input_names: Sequence[str]
+) -> list[common_pb2.Tensor]:
+    """The request's input tensors, from texts or tensors, checked against the model's inputs."""
+    if request.texts and request.inputs:
+        raise InferError(grpc.StatusCode.INVALID_ARGUMENT, "send texts or input tensors, not both")
+    if request.texts:
+        try:
+            arrays = prepare_inputs(request.model, texts=list(request.texts))
+        except ValueError as exc:
+            raise InferError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
+        return [encode_tensor(name, value) for name, value in arrays.items()]
+    given = {t.name: t for t in request.inputs}
+    missing = [n for n in input_names if n not in given]
+    unknown = sorted(set(given) - set(input_names))
+    if missing or unknown:
+        raise InferError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"{request.model} takes inputs {', '.join(input_names)}"
+            + (f"; missing {', '.join(missing)}" if missing else "")
+            + (f"; unknown {', '.join(unknown)}" if unknown else ""),
+        )
+    for tensor in request.inputs:
+        try:
+            decode_tensor(tensor)
+        except ValueError as exc:
+            raise InferError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
+    return list(request.inputs)
+
+
 class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
     """Agent sessions, the registry, deployment and inference."""
 
     def __init__(
-        self, settings: CoordinatorSettings, registry: AgentRegistry, lifecycle: Lifecycle
+        self,
+        settings: CoordinatorSettings,
+        registry: AgentRegistry,
+        deployments: Deployments,
+        lifecycle: Lifecycle,
     ) -> None:
         self._settings = settings
         self._registry = registry
+        self._deployments = deployments
         self._lifecycle = lifecycle
+        self._ledger = RequestLedger()
 
     async def AgentSession(
         self, request_iterator: AsyncIterator[pb.AgentSessionRequest], context: Context
@@ -50,6 +94,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             )
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        self._deployments.mark_agent(reg.agent_id, healthy=True)
         log.info("agent registered", extra={"agent_id": reg.agent_id, "agent_address": reg.address})
         interval = Duration()
         interval.FromMilliseconds(int(self._settings.heartbeat_interval_s * 1000))
@@ -77,6 +122,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
                     )
         finally:
             self._registry.disconnected(reg.agent_id, session)
+            if not any(r.agent_id == reg.agent_id for r in self._registry.agents()):
+                self._deployments.mark_agent(reg.agent_id, healthy=False)
             log.info("agent session ended", extra={"agent_id": reg.agent_id})
 
     async def ListAgents(
@@ -105,13 +152,103 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             agents=[
                 self._registry.to_proto(r) for r in self._registry.agents(include_unhealthy=True)
             ],
+            placements=[self._deployments.placement(m) for m in sorted(self._deployments.models)],
         )
 
-    DeployModel = unimplemented(f"{SERVICE}/DeployModel", "model deployment")
-    UndeployModel = unimplemented(f"{SERVICE}/UndeployModel", "model deployment")
-    GetPlacement = unimplemented(f"{SERVICE}/GetPlacement", "model deployment")
-    Infer = unimplemented(f"{SERVICE}/Infer", "the inference path")
-    InferStream = unimplemented(f"{SERVICE}/InferStream", "the inference path")
+    async def DeployModel(
+        self, request: pb.DeployModelRequest, context: Context
+    ) -> pb.DeployModelResponse:
+        """Cut, place and load a model."""
+        try:
+            placement = await self._deployments.deploy(request)
+        except DeployError as exc:
+            await context.abort(exc.code, exc.message)
+        return pb.DeployModelResponse(placement=placement)
+
+    async def UndeployModel(
+        self, request: pb.UndeployModelRequest, context: Context
+    ) -> pb.UndeployModelResponse:
+        """Remove a model and unload its shards."""
+        try:
+            unloaded = await self._deployments.undeploy(request.model)
+        except DeployError as exc:
+            await context.abort(exc.code, exc.message)
+        return pb.UndeployModelResponse(unloaded_shards=unloaded)
+
+    async def GetPlacement(
+        self, request: pb.GetPlacementRequest, context: Context
+    ) -> pb.GetPlacementResponse:
+        """Where a deployed model's shards live."""
+        try:
+            return pb.GetPlacementResponse(placement=self._deployments.placement(request.model))
+        except DeployError as exc:
+            await context.abort(exc.code, exc.message)
+
+    async def _infer(self, request: pb.InferRequest, timeout: float | None) -> pb.InferResponse:
+        deployment = self._deployments.models.get(request.model)
+        if deployment is None:
+            self._deployments.placement(request.model)  # raises NOT_FOUND naming the deployed
+        assert deployment is not None
+        inputs = prepare_request_inputs(request, deployment.input_names)
+        deadline = time.monotonic() + (timeout or self._settings.default_deadline_s)
+        request_id = request.request_id or uuid.uuid4().hex
+        return await self._ledger.answer(
+            request_id, lambda: deployment.pipeline.run(request_id, inputs, deadline)
+        )
+
+    async def Infer(self, request: pb.InferRequest, context: Context) -> pb.InferResponse:
+        """Run one request through the model's chain of shards."""
+        try:
+            return await self._infer(request, context.time_remaining())
+        except (DeployError, InferError) as exc:
+            await context.abort(exc.code, exc.message)
+
+    async def InferStream(
+        self, request_iterator: AsyncIterator[pb.InferStreamRequest], context: Context
+    ) -> AsyncIterator[pb.InferStreamResponse]:
+        """Run every request of the stream concurrently; answer each as it finishes."""
+        answers: asyncio.Queue[pb.InferStreamResponse | None] = asyncio.Queue()
+        running: set[asyncio.Task[None]] = set()
+        slots = asyncio.Semaphore(self._settings.max_stream_in_flight)
+
+        async def one(request: pb.InferRequest) -> None:
+            try:
+                response = await self._infer(request, context.time_remaining())
+                await answers.put(
+                    pb.InferStreamResponse(request_id=response.request_id, response=response)
+                )
+            except (DeployError, InferError) as exc:
+                await answers.put(
+                    pb.InferStreamResponse(
+                        request_id=request.request_id,
+                        error_code=exc.code.value[0],
+                        error_message=exc.message,
+                    )
+                )
+            finally:
+                slots.release()
+
+        async def read() -> None:
+            try:
+                async for message in self._lifecycle.stream(request_iterator, context):
+                    await slots.acquire()  # back-pressure: stop reading when full
+                    task = asyncio.create_task(one(message.request))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                if running:
+                    await asyncio.gather(*running)
+            finally:
+                await answers.put(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (answer := await answers.get()) is not None:
+                yield answer
+            await reader
+        finally:
+            reader.cancel()
+            for task in running:
+                task.cancel()
 
 
 class RaftServicer(pb_grpc.RaftServiceServicer):

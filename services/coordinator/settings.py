@@ -20,6 +20,15 @@ class CoordinatorSettings(ServerSettings):
         "(for example coordinator-1=127.0.0.1:50061).",
     )
     heartbeat_interval_s: float = setting(1.0, "How often agents must send a heartbeat.")
+    cache_dir: str = setting(
+        "", "Where cut shards are cached; empty uses $WEBSHARD_CACHE_DIR or ~/.cache/webshard."
+    )
+    default_deadline_s: float = setting(
+        30.0, "Deadline of an inference request that arrives without one."
+    )
+    max_stream_in_flight: int = setting(
+        256, "Requests of one InferStream in flight at once; reading pauses when full."
+    )
     heartbeat_timeout_s: float = setting(
         3.0,
         "An agent silent for this long is marked unhealthy (three missed heartbeats by default).",

@@ -19,9 +19,9 @@ from tests.conftest import ServiceProcess
 
 GRPCURL = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
 
-# module, its API, one method a later release fills in, the JSON body for it
+# module, its API, one method a later release fills in (on that API or another), its body
 SERVICES = [
-    ("coordinator", "webshard.coordinator.v1.CoordinatorService", "DeployModel", "{}"),
+    ("coordinator", "webshard.coordinator.v1.CoordinatorService", "RaftService/RequestVote", "{}"),
     ("browser_agent", "webshard.browser_agent.v1.BrowserAgentService", "RevertFaultHook", "{}"),
     ("fault_injector", "webshard.fault_injector.v1.FaultInjectorService", "RevertAll", "{}"),
     ("recovery", "webshard.recovery.v1.RecoveryService", "ListBreakers", "{}"),
@@ -48,8 +48,9 @@ def test_service_serves_health_reflection_and_its_api(
     assert api in names
     assert "grpc.health.v1.Health" in names
 
-    described = grpcurl(proc.address, "describe", api)
-    assert method in described.stdout
+    full_method = f"{api.rsplit('.', 1)[0]}.{method}" if "/" in method else f"{api}/{method}"
+    described = grpcurl(proc.address, "describe", full_method.split("/", maxsplit=1)[0])
+    assert full_method.split("/")[1] in described.stdout
 
     health = grpcurl(proc.address, "grpc.health.v1.Health/Check")
     assert json.loads(health.stdout) == {"status": "SERVING"}
@@ -58,10 +59,10 @@ def test_service_serves_health_reflection_and_its_api(
     )
     assert json.loads(per_service.stdout) == {"status": "SERVING"}
 
-    unfilled = grpcurl("-d", body, proc.address, f"{api}/{method}")
+    unfilled = grpcurl("-d", body, proc.address, full_method)
     assert unfilled.returncode != 0
     assert "Unimplemented" in unfilled.stderr
-    assert f"{api}/{method} is not implemented in this version of webshard" in unfilled.stderr
+    assert f"{full_method} is not implemented in this version of webshard" in unfilled.stderr
 
 
 def test_sigterm_during_an_agent_session_ends_it_with_unavailable_and_exits_0(

@@ -13,10 +13,6 @@ The synchronous clients in :mod:`webshard.client` run these on a private
 event loop, so every behaviour here holds for them too.
 """
 
-# Every public call takes `timeout` because it is the gRPC deadline sent with the
-# call, not a local cancellation scope, which is what ASYNC109 guards against.
-# ruff: noqa: ASYNC109
-
 from __future__ import annotations
 
 import asyncio

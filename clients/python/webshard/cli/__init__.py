@@ -2,6 +2,8 @@
 
 webshard up       start a local cluster on loopback and keep it running
 webshard status   list the local cluster's processes and their health
+webshard deploy   cut a model into shards and place them on the agents
+webshard infer    run a request through a deployed model
 """
 
 from __future__ import annotations
@@ -14,7 +16,14 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from webshard.cli.local import ClusterError, LocalCluster, default_data_dir, status
+from webshard.cli.local import (
+    ClusterError,
+    LocalCluster,
+    default_data_dir,
+    local_coordinators,
+    status,
+)
+from webshard.errors import RPCError
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -81,6 +90,81 @@ def _status(args: argparse.Namespace) -> int:
     return 0 if all(r["health"] == "SERVING" for r in rows) else 1
 
 
+def _target(args: argparse.Namespace) -> str:
+    """--target, else the local cluster's coordinators, else the default ports."""
+    if args.target:
+        return str(args.target)
+    return (
+        ",".join(local_coordinators(args.data_dir))
+        or "127.0.0.1:50051,127.0.0.1:50061,127.0.0.1:50071"
+    )
+
+
+def _deploy(args: argparse.Namespace) -> int:
+    from webshard.client import Client
+
+    with Client(_target(args), timeout=args.timeout) as client:
+        placement = client.deploy(
+            args.model,
+            sharding=args.sharding,
+            shards=args.shards,
+            replicas=args.replicas,
+            runtime=args.runtime,
+            ep=args.ep,
+        )
+    if args.json:
+        from google.protobuf.json_format import MessageToDict
+
+        print(json.dumps(MessageToDict(placement), indent=2))
+        return 0
+    print(f"{placement.model}: {len(placement.shards)} shard(s), version {placement.version}")
+    for shard in placement.shards:
+        where = ", ".join(
+            f"{r.agent_id}/{r.browser_id} ({_ep_name(r.execution_provider)})"
+            for r in shard.replicas
+        )
+        print(f"  shard {shard.shard.index}  {shard.shard.size_bytes / 1e6:8.2f} MB  {where}")
+    return 0
+
+
+def _ep_name(value: int) -> str:
+    from webshard.common.v1 import common_pb2
+
+    return common_pb2.ExecutionProvider.Name(value).removeprefix("EXECUTION_PROVIDER_").lower()  # type: ignore[arg-type]
+
+
+def _infer(args: argparse.Namespace) -> int:
+    from webshard.client import Client
+
+    with Client(_target(args), timeout=args.timeout) as client:
+        result = client.infer(args.model, texts=args.text)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "request_id": result.request_id,
+                    "outputs": {k: v.tolist() for k, v in result.outputs.items()},
+                    "trail": [vars(hop) for hop in result.trail],
+                    "total_ms": result.total_ms,
+                    "recovered": result.recovered,
+                },
+                indent=2,
+            )
+        )
+        return 0
+    for name, value in result.outputs.items():
+        print(
+            f"{name}: shape {list(value.shape)}  first values {value.ravel()[:4].round(5).tolist()}"
+        )
+    for hop in result.trail:
+        print(
+            f"  shard {hop.shard_index}  {hop.agent_id}/{hop.browser_id}  {hop.execution_provider}"
+            f"  compute {hop.compute_ms:.2f} ms  hop {hop.hop_ms:.2f} ms  attempts {hop.attempts}"
+        )
+    print(f"total {result.total_ms:.2f} ms")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``webshard`` argument parser."""
     parser = argparse.ArgumentParser(
@@ -122,13 +206,49 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true", help="print JSON")
     data_dir_arg(st)
     st.set_defaults(func=_status)
+
+    def target_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--target",
+            help="coordinator address(es), comma-separated [the local cluster's]",
+        )
+        p.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds [120]")
+        p.add_argument("--json", action="store_true", help="print JSON")
+        data_dir_arg(p)
+
+    dep = sub.add_parser("deploy", help="cut a model into shards and place them on the agents")
+    dep.add_argument("model", help="model name, for example minilm-l6")
+    dep.add_argument("--shards", type=int, default=1, help="number of shards [1]")
+    dep.add_argument(
+        "--sharding",
+        default="layer",
+        choices=("layer", "attention_feedforward", "component"),
+        help="where to cut [layer]",
+    )
+    dep.add_argument("--replicas", type=int, default=1, help="copies of each shard [1]")
+    dep.add_argument("--runtime", choices=("native", "browser"), help="where shards run")
+    dep.add_argument("--ep", choices=("webgpu", "webnn", "wasm", "cpu"), help="pin a provider")
+    target_args(dep)
+    dep.set_defaults(func=_deploy)
+
+    inf = sub.add_parser("infer", help="run a request through a deployed model")
+    inf.add_argument("model", help="the deployed model's name")
+    inf.add_argument(
+        "--text", action="append", required=True, help="input text; repeat for a batch"
+    )
+    target_args(inf)
+    inf.set_defaults(func=_infer)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``webshard`` command."""
     args = build_parser().parse_args(argv)
-    code: int = args.func(args)
+    try:
+        code: int = args.func(args)
+    except RPCError as exc:
+        print(f"webshard {args.command}: {exc.code.name}: {exc.message}", file=sys.stderr)
+        return 1
     return code
 
 

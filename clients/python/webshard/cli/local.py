@@ -340,6 +340,17 @@ def read_state(data_dir: Path) -> dict[str, object] | None:
     return state
 
 
+def local_coordinators(data_dir: Path) -> list[str]:
+    """The coordinator addresses of the local cluster in ``data_dir``, if one runs."""
+    state = read_state(data_dir) or {}
+    processes = state.get("processes")
+    return [
+        str(p["address"])
+        for p in (processes if isinstance(processes, list) else [])
+        if p.get("service") == "coordinator"
+    ]
+
+
 def health(address: str, *, service: str = "", timeout: float = 2.0) -> str:
     """``SERVING``, ``NOT_SERVING``, ``SERVICE_UNKNOWN`` or ``UNREACHABLE``."""
     from webshard.client import Client  # the SDK; imported late to keep `--help` fast

@@ -1,0 +1,320 @@
+"""Deployed models: cutting, placing, loading on agents, and the pipelines that serve them.
+
+A deploy either completes (every replica of every shard loaded) and replaces any
+earlier deployment of the model, or changes nothing: shards it had loaded are
+unloaded again, and the registry and placements are left as they were.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from webshard.browser_agent.v1 import browser_agent_pb2 as agent_pb
+from webshard.common.v1 import common_pb2
+from webshard.coordinator.v1 import coordinator_pb2 as pb
+
+from services.coordinator.links import AgentLink, HopError
+from services.coordinator.pipeline import Pipeline, Replica, Stage
+from services.coordinator.placement import PlacementError, Slot, candidates_from, place
+from services.coordinator.registry import AgentRegistry
+from services.models import UnknownModel, cut_model, model_info
+from services.models.sharding import Shard
+
+log = logging.getLogger(__name__)
+
+STRATEGY_NAMES = {
+    common_pb2.SHARDING_STRATEGY_LAYER: "layer",
+    common_pb2.SHARDING_STRATEGY_ATTENTION_FEEDFORWARD: "attention_feedforward",
+    common_pb2.SHARDING_STRATEGY_COMPONENT: "component",
+}
+
+
+class DeployError(Exception):
+    """A deploy that cannot be done; ``code`` is the gRPC status."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class Deployment:
+    """A model as deployed: its shards, its placement and its pipeline."""
+
+    shards: list[Shard]
+    placement: pb.Placement
+    pipeline: Pipeline
+    input_names: list[str]
+
+
+def spec_of(shard: Shard, strategy: int) -> common_pb2.ShardSpec:
+    """The contract's description of a shard."""
+    return common_pb2.ShardSpec(
+        model=shard.model,
+        index=shard.index,
+        sha256=shard.sha256,
+        size_bytes=shard.size_bytes,
+        input_names=list(shard.input_names),
+        output_names=list(shard.output_names),
+        sharding=strategy,  # type: ignore[arg-type]
+        shard_count=shard.count,
+    )
+
+
+class Deployments:
+    """Every deployed model, the agent links, and the hop runner the pipelines share."""
+
+    def __init__(
+        self,
+        registry: AgentRegistry,
+        cache_dir: Path | None,
+        *,
+        load_timeout_s: float = 120.0,
+    ) -> None:
+        self._registry = registry
+        self._cache_dir = cache_dir
+        self._load_timeout = load_timeout_s
+        self._links: dict[str, AgentLink] = {}
+        self.models: dict[str, Deployment] = {}
+        self._lock = asyncio.Lock()
+
+    def link(self, agent_id: str) -> AgentLink:
+        """The link to an agent, reopened when its address changed."""
+        record = self._registry.get(agent_id)
+        if record is None:
+            raise HopError(agent_id, grpc.StatusCode.UNAVAILABLE, "the agent is not registered")
+        link = self._links.get(agent_id)
+        if link is None or link.address != record.address:
+            if link is not None:
+                asyncio.get_running_loop().create_task(link.close())
+            link = AgentLink(agent_id, record.address)
+            self._links[agent_id] = link
+        return link
+
+    async def run_hop(
+        self, replica: Replica, request_id: str, inputs: Sequence[common_pb2.Tensor], timeout: float
+    ) -> tuple[Sequence[common_pb2.Tensor], float]:
+        """One hop over the agent's shared RunShard stream."""
+        reply = await self.link(replica.agent_id).run(replica.handle, request_id, inputs, timeout)
+        return reply.outputs, reply.compute.ToNanoseconds() / 1e6
+
+    def on_failure(self, stage: Stage, replica: Replica, error: HopError) -> None:
+        """Note a failed hop (recovery takes these reports once it is connected)."""
+        log.warning(
+            "hop failed; replaying the shard on another replica",
+            extra={
+                "shard": stage.index,
+                "agent_id": replica.agent_id,
+                "code": error.code.name,
+                "error": error.message,
+            },
+        )
+
+    def mark_agent(self, agent_id: str, healthy: bool) -> None:
+        """Flag every replica on an agent (after its session ended or it re-registered)."""
+        for deployment in self.models.values():
+            for stage in deployment.pipeline.stages:
+                for replica in stage.replicas:
+                    if replica.agent_id == agent_id:
+                        replica.healthy = healthy
+
+    def used_bytes(self) -> dict[str, int]:
+        """Shard bytes placed on each agent."""
+        used: dict[str, int] = {}
+        for deployment in self.models.values():
+            for shard, stage in zip(deployment.shards, deployment.pipeline.stages, strict=True):
+                for replica in stage.replicas:
+                    used[replica.agent_id] = used.get(replica.agent_id, 0) + shard.size_bytes
+        return used
+
+    async def deploy(self, request: pb.DeployModelRequest) -> pb.Placement:
+        """Cut, place and load a model; raise DeployError and change nothing on failure."""
+        strategy = STRATEGY_NAMES.get(request.sharding)
+        if strategy is None:
+            raise DeployError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "sharding must be one of layer, attention_feedforward, component",
+            )
+        shard_count = request.shard_count or 1
+        replicas = request.replicas or 1
+        if shard_count < 1 or replicas < 1 or request.standby_count < 0:
+            raise DeployError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "shard_count and replicas must be positive and standby_count not negative",
+            )
+        try:
+            info = model_info(request.model)
+        except UnknownModel as exc:
+            raise DeployError(grpc.StatusCode.NOT_FOUND, str(exc)) from exc
+        try:
+            shards = await asyncio.to_thread(
+                cut_model, request.model, strategy, shard_count, self._cache_dir
+            )
+        except ValueError as exc:
+            raise DeployError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
+
+        async with self._lock:
+            agents = [
+                self._registry.to_proto(r) for r in self._registry.agents(include_unhealthy=False)
+            ]
+            used = self.used_bytes()
+            previous = self.models.get(request.model)
+            if previous is not None:  # its memory is about to be given back
+                for shard, stage in zip(previous.shards, previous.pipeline.stages, strict=True):
+                    for replica in stage.replicas:
+                        used[replica.agent_id] -= shard.size_bytes
+            try:
+                slots = place(
+                    [s.size_bytes for s in shards],
+                    replicas=replicas,
+                    runtime=request.runtime,
+                    provider=request.execution_provider,
+                    candidates=candidates_from(agents, used),
+                )
+            except PlacementError as exc:
+                raise DeployError(grpc.StatusCode[exc.code], str(exc)) from exc
+
+            specs = [spec_of(s, request.sharding) for s in shards]
+            jobs = [
+                (index, slot, self._load(specs[index], shard.path, slot, request))
+                for index, (shard, shard_slots) in enumerate(zip(shards, slots, strict=True))
+                for slot in shard_slots
+            ]
+            results = await asyncio.gather(*(job for _, _, job in jobs), return_exceptions=True)
+            failures = [r for r in results if isinstance(r, BaseException)]
+            if failures:
+                for (_, slot, _), result in zip(jobs, results, strict=True):
+                    if not isinstance(result, BaseException):
+                        await self.link(slot.agent_id).unload(result.shard.handle, timeout=10)
+                first = failures[0]
+                if isinstance(first, HopError):
+                    raise DeployError(
+                        first.code, f"loading on agent {first.agent_id} failed: {first.message}"
+                    )
+                raise first
+
+            placement = pb.Placement(
+                model=request.model,
+                sharding=request.sharding,
+                runtime=request.runtime,
+                recovery_strategy=request.recovery_strategy,
+                version=(previous.placement.version + 1) if previous else 1,
+            )
+            stages = []
+            for index, spec in enumerate(specs):
+                loaded = [
+                    (slot, result)
+                    for (i, slot, _), result in zip(jobs, results, strict=True)
+                    if i == index and not isinstance(result, BaseException)
+                ]
+                placement.shards.append(
+                    pb.ShardPlacement(
+                        shard=spec,
+                        replicas=[
+                            pb.ShardReplica(
+                                agent_id=slot.agent_id,
+                                browser_id=r.browser_id,
+                                handle=r.shard.handle,
+                                execution_provider=r.shard.execution_provider,
+                                execution_provider_reason=r.shard.execution_provider_reason,
+                                healthy=True,
+                            )
+                            for slot, r in loaded
+                        ],
+                    )
+                )
+                stages.append(
+                    Stage(
+                        index=index,
+                        input_names=list(spec.input_names),
+                        output_names=list(spec.output_names),
+                        replicas=[
+                            Replica(
+                                agent_id=slot.agent_id,
+                                browser_id=r.browser_id,
+                                handle=r.shard.handle,
+                                execution_provider=r.shard.execution_provider,
+                            )
+                            for slot, r in loaded
+                        ],
+                    )
+                )
+            self.models[request.model] = Deployment(
+                shards=shards,
+                placement=placement,
+                pipeline=Pipeline(
+                    model=request.model,
+                    stages=stages,
+                    run_hop=self.run_hop,
+                    on_failure=self.on_failure,
+                    outputs=[o.name for o in info.outputs],
+                ),
+                input_names=[i.name for i in info.inputs],
+            )
+            if previous is not None:
+                await self._unload_all(previous)
+            log.info(
+                "model deployed",
+                extra={"model": request.model, "shards": len(shards), "replicas": replicas},
+            )
+            return placement
+
+    async def _load(
+        self, spec: common_pb2.ShardSpec, path: Path, slot: Slot, request: pb.DeployModelRequest
+    ) -> agent_pb.LoadShardResponse:
+        return await self.link(slot.agent_id).load(
+            spec,
+            path,
+            runtime=request.runtime,
+            provider=request.execution_provider,
+            browser_id=slot.browser_id,
+            timeout=self._load_timeout,
+        )
+
+    async def _unload_all(self, deployment: Deployment) -> None:
+        for stage in deployment.pipeline.stages:
+            for replica in stage.replicas:
+                try:
+                    link = self.link(replica.agent_id)
+                except HopError:
+                    continue
+                await link.unload(replica.handle, timeout=10)
+
+    async def undeploy(self, model: str) -> int:
+        """Remove a model and unload its shards; return how many replicas were unloaded."""
+        async with self._lock:
+            deployment = self.models.pop(model, None)
+            if deployment is None:
+                raise DeployError(grpc.StatusCode.NOT_FOUND, f"model {model!r} is not deployed")
+            await self._unload_all(deployment)
+            return sum(len(s.replicas) for s in deployment.pipeline.stages)
+
+    def placement(self, model: str) -> pb.Placement:
+        """The placement of a deployed model, with each replica's current health."""
+        deployment = self.models.get(model)
+        if deployment is None:
+            deployed = ", ".join(sorted(self.models)) or "none"
+            raise DeployError(
+                grpc.StatusCode.NOT_FOUND,
+                f"model {model!r} is not deployed (deployed: {deployed})",
+            )
+        placement = pb.Placement()
+        placement.CopyFrom(deployment.placement)
+        for shard_placement, stage in zip(
+            placement.shards, deployment.pipeline.stages, strict=True
+        ):
+            for replica_pb, replica in zip(shard_placement.replicas, stage.replicas, strict=True):
+                replica_pb.healthy = replica.healthy
+        return placement
+
+    async def close(self) -> None:
+        """Close every agent link."""
+        for link in self._links.values():
+            await link.close()
+        self._links.clear()

@@ -1,0 +1,192 @@
+"""Running one request through a deployed model's chain of shards.
+
+The request keeps every tensor it has produced (its inputs and each shard's
+outputs: the boundary activations) for its whole life. Each shard takes the
+tensors it names from that set, so when a hop fails the shard is re-run on
+another replica from its own input, not the whole model from the start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+from google.protobuf.duration_pb2 import Duration
+from webshard.common.v1 import common_pb2
+from webshard.coordinator.v1 import coordinator_pb2 as pb
+
+from services.coordinator.links import HopError
+
+log = logging.getLogger(__name__)
+
+
+class InferError(Exception):
+    """A request that cannot be answered; ``code`` is the gRPC status."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class Replica:
+    """One copy of a shard the pipeline may run."""
+
+    agent_id: str
+    browser_id: str
+    handle: str
+    execution_provider: int
+    healthy: bool = True
+
+
+@dataclass
+class Stage:
+    """One shard of the chain and its replicas, preferred first."""
+
+    index: int
+    input_names: Sequence[str]
+    output_names: Sequence[str]
+    replicas: list[Replica]
+
+
+# Runs one hop: (replica, request id, input tensors, timeout) -> agent's reply outputs,
+# compute time in ms.
+HopRunner = Callable[
+    [Replica, str, Sequence[common_pb2.Tensor], float],
+    Awaitable[tuple[Sequence[common_pb2.Tensor], float]],
+]
+# Told about every failed hop: (stage, replica, error).
+FailureSink = Callable[[Stage, Replica, HopError], None]
+
+
+def _duration(seconds: float) -> Duration:
+    value = Duration()
+    value.FromNanoseconds(int(seconds * 1e9))
+    return value
+
+
+@dataclass
+class Pipeline:
+    """A deployed model's stages and the hooks that run and report hops."""
+
+    model: str
+    stages: list[Stage]
+    run_hop: HopRunner
+    on_failure: FailureSink
+    outputs: Sequence[str] = field(default_factory=list)
+
+    async def run(
+        self, request_id: str, inputs: Sequence[common_pb2.Tensor], deadline: float
+    ) -> pb.InferResponse:
+        """Run every stage in order; replay a failed stage on its next replica."""
+        started = time.monotonic()
+        tensors = {t.name: t for t in inputs}
+        trail: list[common_pb2.ShardTiming] = []
+        recovered = False
+        for stage in self.stages:
+            feeds = [tensors[name] for name in stage.input_names]
+            # Healthy replicas first, in placement order; the others as a last resort.
+            order = sorted(stage.replicas, key=lambda r: not r.healthy)
+            errors: list[str] = []
+            for attempt, replica in enumerate(order, start=1):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise InferError(
+                        grpc.StatusCode.DEADLINE_EXCEEDED,
+                        f"deadline passed before shard {stage.index} could run",
+                    )
+                hop_started = time.monotonic()
+                try:
+                    outputs, compute_ms = await self.run_hop(replica, request_id, feeds, remaining)
+                except HopError as exc:
+                    errors.append(str(exc))
+                    if not exc.retryable_elsewhere:
+                        raise InferError(exc.code, f"shard {stage.index}: {exc.message}") from exc
+                    replica.healthy = False
+                    self.on_failure(stage, replica, exc)
+                    recovered = True
+                    continue
+                replica.healthy = True
+                for tensor in outputs:
+                    tensors[tensor.name] = tensor
+                trail.append(
+                    common_pb2.ShardTiming(
+                        shard_index=stage.index,
+                        agent_id=replica.agent_id,
+                        browser_id=replica.browser_id,
+                        execution_provider=replica.execution_provider,  # type: ignore[arg-type]
+                        compute=_duration(compute_ms / 1000),
+                        hop=_duration(time.monotonic() - hop_started),
+                        attempts=attempt,
+                    )
+                )
+                break
+            else:
+                raise InferError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"shard {stage.index} of {self.model}: every replica failed: "
+                    + "; ".join(errors),
+                )
+        missing = [name for name in self.outputs if name not in tensors]
+        if missing:
+            raise InferError(grpc.StatusCode.INTERNAL, f"the chain produced no {missing}")
+        return pb.InferResponse(
+            request_id=request_id,
+            outputs=[tensors[name] for name in self.outputs],
+            trail=trail,
+            total=_duration(time.monotonic() - started),
+            recovered=recovered,
+        )
+
+
+class RequestLedger:
+    """Makes request ids idempotent: one execution per id, its answer kept for retries.
+
+    A request that failed is forgotten, so a retry runs it again; one that
+    succeeded is answered from here for ``ttl_s`` seconds (and up to ``capacity``
+    answers), so a retry after a lost response never runs the model twice.
+    """
+
+    def __init__(self, ttl_s: float = 300.0, capacity: int = 10_000) -> None:
+        self._ttl = ttl_s
+        self._capacity = capacity
+        self._entries: OrderedDict[str, tuple[float, asyncio.Future[pb.InferResponse]]] = (
+            OrderedDict()
+        )
+
+    async def answer(
+        self, request_id: str, run: Callable[[], Awaitable[pb.InferResponse]]
+    ) -> pb.InferResponse:
+        """The answer for ``request_id``: from the ledger, or by running ``run`` once."""
+        self._expire()
+        entry = self._entries.get(request_id)
+        if entry is not None:
+            return await asyncio.shield(entry[1])
+        future: asyncio.Future[pb.InferResponse] = asyncio.get_running_loop().create_future()
+        self._entries[request_id] = (time.monotonic(), future)
+        try:
+            response = await run()
+        except BaseException as exc:
+            del self._entries[request_id]
+            if isinstance(exc, Exception):
+                future.set_exception(exc)
+                future.exception()  # retrieved, so a future nobody awaits logs nothing
+            else:
+                future.cancel()
+            raise
+        future.set_result(response)
+        return response
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        while self._entries:
+            request_id, (at, future) = next(iter(self._entries.items()))
+            if not future.done() or (now - at < self._ttl and len(self._entries) <= self._capacity):
+                break
+            del self._entries[request_id]

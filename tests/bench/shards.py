@@ -1,0 +1,176 @@
+"""`make bench-shards`: one shard's latency and throughput per model, runtime, provider and size.
+
+Each model runs as a single shard (its whole graph, cut once) in the native
+runtime (Python onnxruntime, CPU) and in one headless Chromium with
+onnxruntime-web's wasm and webgpu providers. Text models are measured at
+sequence lengths 8, 32 and 128; the vision and audio models at their one input
+size. Every row carries the largest absolute difference from the native output.
+On a machine without a GPU, Chromium's WebGPU adapter is SwiftShader, a
+software fallback; the rows say so in `adapter`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from webshard.common.v1 import common_pb2
+
+from services.browser_agent.browser.runtime import BrowserRuntime
+from services.browser_agent.native import NativeRuntime
+from services.browser_agent.runtime import ShardRuntime
+from services.models import cut_model, example_inputs
+from tests.bench.common import percentiles, write
+
+EP = common_pb2.ExecutionProvider
+TEXT_MODELS = ("minilm-l6", "bert-base", "decoder-tiny")
+OTHER_MODELS = ("vit-tiny", "whisper-tiny-enc", "clip-tiny")
+SEQ_LENS = (8, 32, 128)
+
+
+async def timed(
+    runtime: ShardRuntime, handle: str, feeds: dict[str, Any], runs: int
+) -> tuple[list[float], dict[str, Any], float]:
+    """Latencies of ``runs`` calls (after two warm-ups), the last outputs, and throughput."""
+    for _ in range(2):
+        result = await runtime.run(handle, feeds)
+    samples = []
+    started = time.perf_counter()
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        result = await runtime.run(handle, feeds)
+        samples.append((time.perf_counter() - t0) * 1000)
+    elapsed = time.perf_counter() - started
+    return samples, result.outputs, runs / elapsed
+
+
+async def bench(models: list[str], runs: dict[str, int], cache: Path) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    native = NativeRuntime(intra_op_threads=1)
+    browser = BrowserRuntime("bench-0", cache / "shards")
+    await browser.launch()
+    adapter = browser.capabilities.webgpu
+    adapter_name = f"{adapter.description or adapter.vendor or 'unknown'}" + (
+        " (software fallback)" if adapter.is_fallback_adapter else ""
+    )
+    try:
+        for model in models:
+            [shard] = cut_model(model, "layer", 1, cache)
+            sizes = SEQ_LENS if model in TEXT_MODELS else (None,)
+            handles = {
+                "cpu": (
+                    native,
+                    (
+                        await native.load(shard.sha256, str(shard.path), EP.EXECUTION_PROVIDER_CPU)
+                    ).handle,
+                ),
+                "wasm": (
+                    browser,
+                    (
+                        await browser.load(
+                            shard.sha256, str(shard.path), EP.EXECUTION_PROVIDER_WASM
+                        )
+                    ).handle,
+                ),
+                "webgpu": (
+                    browser,
+                    (
+                        await browser.load(
+                            shard.sha256, str(shard.path), EP.EXECUTION_PROVIDER_WEBGPU
+                        )
+                    ).handle,
+                ),
+            }
+            for seq in sizes:
+                feeds = example_inputs(model, batch=1, seq_len=seq or 32, seed=1)
+                reference: dict[str, Any] = {}
+                for ep, (runtime, handle) in handles.items():
+                    n = (
+                        runs[ep]
+                        if not (ep == "webgpu" and model == "bert-base" and (seq or 0) > 32)
+                        else 2
+                    )
+                    samples, outputs, throughput = await timed(runtime, handle, feeds, n)
+                    if ep == "cpu":
+                        reference = outputs
+                    err = max(
+                        float(
+                            np.max(
+                                np.abs(
+                                    np.asarray(outputs[k], np.float64)
+                                    - np.asarray(reference[k], np.float64)
+                                )
+                            )
+                        )
+                        for k in reference
+                    )
+                    rows.append(
+                        {
+                            "model": model,
+                            "runtime": "native" if ep == "cpu" else "browser",
+                            "ep": ep,
+                            "seq_len": seq if seq is not None else "",
+                            "runs": n,
+                            **percentiles(samples),
+                            "throughput_rps": round(throughput, 2),
+                            "max_abs_err": err,
+                            "adapter": adapter_name if ep == "webgpu" else "",
+                            "shard_mb": round(shard.size_bytes / 1e6, 1),
+                        }
+                    )
+                    print(
+                        f"  {model} {ep} seq={seq}: p50 {rows[-1]['p50_ms']} ms, err {err:.2e}",
+                        flush=True,
+                    )
+            for runtime, handle in handles.values():
+                await runtime.unload(handle)
+    finally:
+        await browser.close()
+        await native.close()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(TEXT_MODELS + OTHER_MODELS))
+    parser.add_argument("--runs", type=int, default=30, help="timed runs per native/wasm case")
+    parser.add_argument("--webgpu-runs", type=int, default=5, help="timed runs per webgpu case")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        # Shards are cut into the usual cache; the browser serves them from there.
+        from services.models import default_cache_dir
+
+        cache = default_cache_dir()
+        del tmp
+        rows = asyncio.run(
+            bench(
+                args.models.split(","),
+                {"cpu": args.runs, "wasm": args.runs, "webgpu": args.webgpu_runs},
+                cache,
+            )
+        )
+    write(
+        "shards",
+        rows,
+        [
+            "model",
+            "runtime",
+            "ep",
+            "seq_len",
+            "runs",
+            "p50_ms",
+            "p95_ms",
+            "throughput_rps",
+            "max_abs_err",
+            "adapter",
+        ],
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""Deploy and infer through a local cluster whose agents run real headless Chromium."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import webshard
+from webshard.cli.local import LocalCluster
+
+from tests.conftest import wait_for
+from tests.integration.test_inference import SENTENCES, cosine, reference_embeddings
+
+pytestmark = pytest.mark.browser
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    local = LocalCluster(
+        agents=3,
+        data_dir=tmp_path_factory.mktemp("cluster"),
+        auto_ports=True,
+        extra_args={"browser_agent": ["--browsers", "1", "--native", "false"]},
+    )
+    local.start(timeout=240)
+    try:
+        with webshard.Client(local.coordinators(), timeout=60) as client:
+            wait_for(lambda: len(client.list_agents()) == 3, 60, "three agents to register")
+        yield local
+    finally:
+        local.stop()
+
+
+def test_minilm_in_three_browsers_on_wasm_matches_native(cluster: LocalCluster) -> None:
+    with webshard.Client(cluster.coordinators(), timeout=300) as client:
+        placement = client.deploy(
+            "minilm-l6", sharding="layer", shards=3, runtime="browser", ep="wasm"
+        )
+        assert {r.agent_id for s in placement.shards for r in s.replicas} == {
+            "agent-0",
+            "agent-1",
+            "agent-2",
+        }
+        expected = reference_embeddings(SENTENCES)
+        for sentence, reference in zip(SENTENCES, expected, strict=True):
+            result = client.infer("minilm-l6", texts=[sentence])
+            [embedding] = result.outputs["sentence_embedding"]
+            assert cosine(embedding, reference) >= 0.99999
+            assert [hop.execution_provider for hop in result.trail] == ["wasm"] * 3
+            assert all(hop.browser_id.startswith("browser-") for hop in result.trail)
+        batch = client.infer("minilm-l6", texts=SENTENCES[:4])
+        assert np.all(cosine(batch.outputs["sentence_embedding"], expected[:4]) >= 0.99999)

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
+import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -37,6 +38,19 @@ def health_status(address: str, timeout: float = 1.0) -> str:
         except grpc.RpcError:
             return "UNREACHABLE"
     return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+
+def browser_processes(data_dir: Path) -> list[psutil.Process]:
+    """Chromium and chromedriver processes whose command line names ``data_dir``."""
+    found = []
+    for proc in psutil.process_iter(["cmdline", "name"]):
+        try:
+            cmdline = " ".join(proc.info["cmdline"] or [])
+        except psutil.Error:
+            continue
+        if str(data_dir) in cmdline and proc.info["name"] in ("chromium", "chromedriver", "chrome"):
+            found.append(proc)
+    return found
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 from webshard.browser_agent.v1 import browser_agent_pb2_grpc as pb_grpc
 
 from services.browser_agent.agent import ShardHost
+from services.browser_agent.browser.options import BrowserOptions
 from services.browser_agent.browser.pool import BrowserPool
 from services.browser_agent.native import NativeRuntime
 from services.browser_agent.servicer import SERVICE, BrowserAgentServicer
@@ -25,7 +26,15 @@ def make_app(settings: AgentSettings, lifecycle: Lifecycle) -> BasicApp:
     owned_dir = None if settings.data_dir else tempfile.mkdtemp(prefix="webshard-agent-")
     data_dir = Path(settings.data_dir or owned_dir or ".")
     store = ShardStore(data_dir, settings.max_shard_mb * 1024 * 1024)
-    pool = BrowserPool(store.root, active=settings.browsers, standby=settings.standby_browsers)
+    # Browser profiles live under the agent's data directory, so every process of
+    # this agent's browsers names it on its command line.
+    (data_dir / "browsers").mkdir(parents=True, exist_ok=True)
+    pool = BrowserPool(
+        store.root,
+        active=settings.browsers,
+        standby=settings.standby_browsers,
+        options=BrowserOptions(temp_root=str(data_dir / "browsers")),
+    )
     host = ShardHost(
         NativeRuntime(settings.native_threads) if settings.native else None, pool.active
     )

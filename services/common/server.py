@@ -139,6 +139,9 @@ async def serve(
     app.add_to_server(server)
 
     health_servicer = health.aio.HealthServicer()
+    # The library's servicer starts with the server ("") SERVING; nothing is served
+    # until the app has started, so say so until then.
+    await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         [

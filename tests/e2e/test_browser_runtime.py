@@ -136,6 +136,28 @@ def int32_model() -> bytes:
     )
 
 
+ELEMENT_TYPES = {
+    "half": (TensorProto.FLOAT16, np.float16),
+    "double": (TensorProto.DOUBLE, np.float64),
+    "flag": (TensorProto.BOOL, np.bool_),
+    "byte": (TensorProto.UINT8, np.uint8),
+    "signed_byte": (TensorProto.INT8, np.int8),
+}
+
+
+def identity_model() -> bytes:
+    """One Identity per element type the wire carries besides float32, int64 and int32."""
+    return _model(
+        [helper.make_node("Identity", [name], [f"{name}_out"]) for name in ELEMENT_TYPES],
+        [helper.make_tensor_value_info(n, t, [2, 3]) for n, (t, _) in ELEMENT_TYPES.items()],
+        [
+            helper.make_tensor_value_info(f"{n}_out", t, [2, 3])
+            for n, (t, _) in ELEMENT_TYPES.items()
+        ],
+        [],
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class Shard:
     """Shard bytes stored in the cache under their sha256."""
@@ -474,6 +496,23 @@ async def test_int64_and_int32_tensors_round_trip(
     finally:
         await shared.unload(gather.handle)
         await shared.unload(ints.handle)
+
+
+async def test_other_element_types_round_trip(shared: BrowserRuntime, shard_dir: Path) -> None:
+    shard = store(shard_dir, identity_model())
+    loaded = await shared.load(shard.sha256, str(shard.path), EP.EXECUTION_PROVIDER_WASM)
+    try:
+        values = np.array([[0, 1, 2], [3, 4, 100]])
+        inputs: dict[str, np.ndarray] = {
+            name: values.astype(dtype) for name, (_, dtype) in ELEMENT_TYPES.items()
+        }
+        result = await shared.run(loaded.handle, inputs)
+        for name, array in inputs.items():
+            out = result.outputs[f"{name}_out"]
+            assert out.dtype == array.dtype, name
+            np.testing.assert_array_equal(out, array)
+    finally:
+        await shared.unload(loaded.handle)
 
 
 async def test_concurrent_runs_get_their_own_answers(shared: BrowserRuntime, mlp: Shard) -> None:

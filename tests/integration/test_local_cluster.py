@@ -15,7 +15,7 @@ import psutil
 import pytest
 from webshard.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
 
-from tests.conftest import health_status, wait_for
+from tests.conftest import browser_processes, health_status, wait_for
 from tests.integration.test_services import GRPCURL, SERVICES
 
 WEBSHARD = str(Path(sys.executable).parent / "webshard")
@@ -130,6 +130,7 @@ def test_up_serves_every_service_and_sigterm_leaves_no_process(up: Up) -> None:
     wait_for(agents_registered, 30, "both agents to register")
 
     pids = [int(str(p["pid"])) for p in procs]
+    assert browser_processes(up.data_dir), "each agent runs a headless Chromium"
     up.popen.send_signal(signal.SIGTERM)
     assert up.popen.wait(timeout=60) == 0
     assert "stopped" in up.output.read_text()
@@ -139,6 +140,7 @@ def test_up_serves_every_service_and_sigterm_leaves_no_process(up: Up) -> None:
         if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     ] == []
     assert not (up.data_dir / "cluster.json").exists()
+    assert browser_processes(up.data_dir) == []
     status_after = subprocess.run(
         [WEBSHARD, "status", "--data-dir", str(up.data_dir)],
         capture_output=True,
@@ -162,6 +164,7 @@ def test_sigkill_of_up_takes_every_service_with_it(up: Up) -> None:
         )
 
     wait_for(all_gone, 30, "every service to exit after its launcher was killed")
+    wait_for(lambda: not browser_processes(up.data_dir), 30, "every browser to exit")
 
 
 def test_up_refuses_a_busy_default_port(tmp_path: Path) -> None:

@@ -71,7 +71,12 @@ def sweep(marker: str, pgids: set[int], pids: set[int]) -> int:
             with contextlib.suppress(psutil.Error):
                 proc.kill()
                 killed += 1
-        psutil.wait_procs(alive, timeout=1.0)
+        # Not psutil.wait_procs: it waitpid()s the caller's own children (the agent's
+        # chromedriver), and a Popen whose child was reaped behind its back reports exit
+        # status 0, so Selenium would take a killed chromedriver for a live one.
+        settle = time.monotonic() + 1.0
+        while any(_running(p) for p in alive) and time.monotonic() < settle:
+            time.sleep(0.02)
     return killed
 
 

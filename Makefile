@@ -11,10 +11,13 @@ NODE_BIN := $(abspath node_modules/.bin)
 export PATH := $(BIN):$(NODE_BIN):$(PATH)
 PYTEST_ARGS ?=
 
-.PHONY: help setup system-packages proto proto-check breaking lint format test demo clean
+IMAGE_REPO ?=
+IMAGE_TAG ?= 0.1.0
+
+.PHONY: help setup system-packages proto proto-check breaking lint format test demo clean images k8s-validate
 
 help: ## list the targets
-	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | column -ts $$'\t'
+	@grep -hE '^[a-z0-9%-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | column -ts $$'\t'
 
 setup: system-packages $(VENV)/.installed node_modules/.installed ## venv, Python and npm packages, Chromium (idempotent)
 
@@ -68,6 +71,13 @@ test: setup ## the test suite (long soak and benchmark runs are left out: -m slo
 
 demo: setup ## the main job: bring a local cluster up, check every process is SERVING, stop it
 	$(VENV)/bin/webshard up --once --ports auto --data-dir "$${WEBSHARD_DEMO_DIR:-$$(mktemp -d)}"
+
+images: ## build the container images (needs a Docker engine with BuildKit; none runs on a machine without one)
+	docker build -f docker/Dockerfile --target services -t $(IMAGE_REPO)webshard-services:$(IMAGE_TAG) .
+	docker build -f docker/Dockerfile --target browser-agent -t $(IMAGE_REPO)webshard-browser-agent:$(IMAGE_TAG) .
+
+k8s-validate: setup ## render every kustomize overlay and component combination, validate offline, check the rules
+	$(PY) -m pytest -q tests/unit/test_k8s_manifests.py
 
 clean: ## remove build output (keeps the venv and node_modules)
 	rm -rf bench-results .pytest_cache .mypy_cache .ruff_cache

@@ -4,7 +4,8 @@ Two deployments, one interface:
 
 - In Kubernetes each agent is a pod of the ``browser-agent`` StatefulSet, its agent id
   the pod's name. Restarting an agent deletes its pod gracefully (the StatefulSet
-  recreates it under the same name); killing it deletes the pod with no grace period.
+  recreates it under the same name); killing it deletes the pod with the shortest
+  grace period, so its containers are killed a second later.
   :class:`KubernetesWorkloads` does this with the official ``kubernetes`` client,
   imported only when it is used, so a service outside a cluster never needs it.
 - Locally (``webshard up``) each agent is a process. :class:`LocalWorkloads` signals
@@ -51,6 +52,9 @@ SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/
 _STATEFULSET_POD = re.compile(
     r"^(?P<set>[a-z0-9](?:[-a-z0-9]*[a-z0-9])?)-(?P<ordinal>0|[1-9][0-9]*)$"
 )
+
+KILL_GRACE_PERIOD_S = 1
+"""The shortest grace period that is not a force deletion."""
 
 _HTTP_NOT_FOUND = 404
 _HTTP_CONFLICT = 409
@@ -170,7 +174,10 @@ class WorkloadController(Protocol):
         ...
 
     async def kill_agent(self, agent_id: str) -> None:
-        """Stop the agent at once, with no chance to drain (a crash, on purpose)."""
+        """Stop the agent at once, as a crash would, with no time to drain.
+
+        A local process gets SIGKILL; a pod gets SIGKILL one second after SIGTERM.
+        """
         ...
 
     async def list_agents(self) -> list[AgentWorkload]:
@@ -225,8 +232,8 @@ class KubernetesWorkloads:
     ``list_namespaced_pod``, ``read_namespaced_pod`` and ``delete_namespaced_pod``).
     The ServiceAccount's Role lets it get, list, watch and delete any pod in the
     namespace, because RBAC cannot select pods by label; this class acts only on pods
-    that carry every one of ``labels``, and the namespace's admission policy refuses
-    the rest (k8s/base/rbac.yaml).
+    that carry every one of ``labels``, and an admission policy refuses the rest
+    (k8s/admission).
     """
 
     def __init__(
@@ -258,7 +265,12 @@ class KubernetesWorkloads:
         """From inside a pod: its ServiceAccount's token, and its own namespace by default."""
         config = _import("kubernetes.config")
         client = _import("kubernetes.client")
-        config.load_incluster_config()
+        try:
+            config.load_incluster_config()
+        except Exception as exc:  # kubernetes.config.ConfigException, or a missing file
+            raise WorkloadError(
+                f"not in a pod with a ServiceAccount token, so no API access: {exc}"
+            ) from exc
         if not namespace:
             try:
                 namespace = SERVICE_ACCOUNT_NAMESPACE.read_text().strip()
@@ -295,8 +307,13 @@ class KubernetesWorkloads:
         await self._delete(agent_id, grace_period_s=None)
 
     async def kill_agent(self, agent_id: str) -> None:
-        """Delete the agent's pod with no grace period: its containers get SIGKILL."""
-        await self._delete(agent_id, grace_period_s=0)
+        """Delete the agent's pod with a one-second grace period, then SIGKILL.
+
+        Not zero: the API server takes zero as a force deletion, which removes the pod
+        object before its containers have stopped, and the StatefulSet could then run
+        a second pod under the same name beside the first.
+        """
+        await self._delete(agent_id, grace_period_s=KILL_GRACE_PERIOD_S)
 
     async def _delete(self, agent_id: str, grace_period_s: int | None) -> None:
         pod = await self._agent_pod(agent_id)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from services.common.settings import ServerSettings, SettingsError, setting
+from services.common.workloads import format_peers, statefulset_peers
 
 DEFAULT_PORT = 50051
 
@@ -19,6 +20,15 @@ class CoordinatorSettings(ServerSettings):
         "The other replicas as id=host:port, comma-separated "
         "(for example coordinator-1=127.0.0.1:50061).",
     )
+    pod_name: str = setting(
+        "", "In Kubernetes: this pod's name; with peers empty, the peers derive from it."
+    )
+    pod_namespace: str = setting("", "In Kubernetes: this pod's namespace.")
+    peer_service: str = setting(
+        "coordinator-headless", "In Kubernetes: the headless Service in front of the replicas."
+    )
+    replicas: int = setting(3, "In Kubernetes: the StatefulSet's replica count.")
+    cluster_domain: str = setting("cluster.local", "In Kubernetes: the cluster's DNS domain.")
     heartbeat_interval_s: float = setting(1.0, "How often agents must send a heartbeat.")
     cache_dir: str = setting(
         "", "Where cut shards are cached; empty uses $WEBSHARD_CACHE_DIR or ~/.cache/webshard."
@@ -47,8 +57,18 @@ class CoordinatorSettings(ServerSettings):
         return peers
 
     def validate(self) -> None:
-        """Check the peers and the heartbeat timing."""
+        """Derive the peers in a StatefulSet, then check them and the heartbeat timing."""
         super().validate()
+        if not self.peers and self.pod_name:
+            self.replica_id, peers = statefulset_peers(
+                self.pod_name,
+                self.peer_service,
+                self.pod_namespace,
+                self.replicas,
+                self.port or DEFAULT_PORT,
+                cluster_domain=self.cluster_domain,
+            )
+            self.peers = format_peers(peers)
         self.peer_addresses()
         if not 0 < self.heartbeat_interval_s < self.heartbeat_timeout_s:
             raise SettingsError(

@@ -63,3 +63,21 @@ def test_heartbeat_timeout_must_exceed_interval() -> None:
             ["--heartbeat-interval-s", "2", "--heartbeat-timeout-s", "1"],
             env={},
         )
+
+
+def test_a_statefulset_pod_derives_its_peers_from_its_name() -> None:
+    settings = load_settings(
+        CoordinatorSettings,
+        [],
+        env={
+            "WEBSHARD_POD_NAME": "coordinator-2",
+            "WEBSHARD_POD_NAMESPACE": "webshard",
+            "WEBSHARD_PEER_SERVICE": "coordinator-headless",
+            "WEBSHARD_REPLICAS": "3",
+        },
+    )
+    assert settings.replica_id == "coordinator-2"
+    assert settings.peer_addresses() == {
+        "coordinator-0": "coordinator-0.coordinator-headless.webshard.svc.cluster.local:50051",
+        "coordinator-1": "coordinator-1.coordinator-headless.webshard.svc.cluster.local:50051",
+    }

@@ -208,7 +208,7 @@ async def test_agents_are_the_labelled_pods_with_their_phase_and_readiness(kube:
     ]
 
 
-async def test_restart_deletes_the_pod_gracefully_and_kill_with_no_grace(kube: Any) -> None:
+async def test_restart_deletes_the_pod_gracefully_and_kill_almost_at_once(kube: Any) -> None:
     api = FakeCoreV1Api(kube, [make_pod(kube, "browser-agent-0", uid="u-0")])
     controller = workloads(api)
     await controller.restart_agent("browser-agent-0")
@@ -218,7 +218,7 @@ async def test_restart_deletes_the_pod_gracefully_and_kill_with_no_grace(kube: A
         (
             "browser-agent-0",
             "webshard",
-            {"preconditions": {"uid": "u-0"}, "gracePeriodSeconds": 0},
+            {"preconditions": {"uid": "u-0"}, "gracePeriodSeconds": 1},
         ),
     ]
 

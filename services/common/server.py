@@ -133,7 +133,12 @@ async def serve(
 ) -> int:
     """Run a service until SIGTERM or SIGINT, then shut down gracefully; return the exit code."""
     lifecycle = Lifecycle()
-    app = make_app(lifecycle)
+    try:
+        app = make_app(lifecycle)
+    except Exception as exc:
+        # A service that cannot be built (a corrupt log, a bad directory) says why and exits.
+        log.error("service cannot start", extra={"error": f"{type(exc).__name__}: {exc}"})
+        return 1
     tracing_interceptor = aio_server_interceptor()  # type: ignore[no-untyped-call]
     server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[tracing_interceptor])
     app.add_to_server(server)

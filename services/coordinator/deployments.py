@@ -1,8 +1,9 @@
-"""Deployed models: cutting, placing, loading on agents, and the pipelines that serve them.
+"""Deployed models: cutting, placing and loading shards on agents, and the pipelines.
 
-A deploy either completes (every replica of every shard loaded) and replaces any
-earlier deployment of the model, or changes nothing: shards it had loaded are
-unloaded again, and the registry and placements are left as they were.
+A deploy is prepared on the leader (cut, place, load every replica) and only
+then proposed to the replicated log; the placement serves once it is applied.
+A deploy that fails at any step, or whose proposal is not committed, unloads
+what it loaded: the registry and the placements are left as they were.
 """
 
 from __future__ import annotations
@@ -19,11 +20,10 @@ from webshard.common.v1 import common_pb2
 from webshard.coordinator.v1 import coordinator_pb2 as pb
 
 from services.coordinator.links import AgentLink, HopError
-from services.coordinator.pipeline import Pipeline, Replica, Stage
+from services.coordinator.pipeline import FailureSink, HopRunner, Pipeline, Replica, Stage
 from services.coordinator.placement import PlacementError, Slot, candidates_from, place
 from services.coordinator.registry import AgentRegistry
-from services.models import UnknownModel, cut_model, model_info
-from services.models.sharding import Shard
+from services.models import Shard, UnknownModel, cut_model, model_info
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +45,8 @@ class DeployError(Exception):
 
 @dataclass
 class Deployment:
-    """A model as deployed: its shards, its placement and its pipeline."""
+    """A model as deployed: its placement and the pipeline that serves it."""
 
-    shards: list[Shard]
     placement: pb.Placement
     pipeline: Pipeline
     input_names: list[str]
@@ -67,6 +66,41 @@ def spec_of(shard: Shard, strategy: int) -> common_pb2.ShardSpec:
     )
 
 
+def deployment_of(
+    placement: pb.Placement, run_hop: HopRunner, on_failure: FailureSink
+) -> Deployment:
+    """The pipeline that serves a placement: one stage per shard, its replicas in order."""
+    info = model_info(placement.model)
+    stages = [
+        Stage(
+            index=shard.shard.index,
+            input_names=list(shard.shard.input_names),
+            output_names=list(shard.shard.output_names),
+            replicas=[
+                Replica(
+                    agent_id=r.agent_id,
+                    browser_id=r.browser_id,
+                    handle=r.handle,
+                    execution_provider=r.execution_provider,
+                )
+                for r in shard.replicas
+            ],
+        )
+        for shard in placement.shards
+    ]
+    return Deployment(
+        placement=placement,
+        pipeline=Pipeline(
+            model=placement.model,
+            stages=stages,
+            run_hop=run_hop,
+            on_failure=on_failure,
+            outputs=[o.name for o in info.outputs],
+        ),
+        input_names=[i.name for i in info.inputs],
+    )
+
+
 class Deployments:
     """Every deployed model, the agent links, and the hop runner the pipelines share."""
 
@@ -82,7 +116,7 @@ class Deployments:
         self._load_timeout = load_timeout_s
         self._links: dict[str, AgentLink] = {}
         self.models: dict[str, Deployment] = {}
-        self._lock = asyncio.Lock()
+        """Deployed models, as the replicated log has applied them."""
 
     def link(self, agent_id: str) -> AgentLink:
         """The link to an agent, reopened when its address changed."""
@@ -128,13 +162,23 @@ class Deployments:
         """Shard bytes placed on each agent."""
         used: dict[str, int] = {}
         for deployment in self.models.values():
-            for shard, stage in zip(deployment.shards, deployment.pipeline.stages, strict=True):
-                for replica in stage.replicas:
-                    used[replica.agent_id] = used.get(replica.agent_id, 0) + shard.size_bytes
+            for shard in deployment.placement.shards:
+                for replica in shard.replicas:
+                    used[replica.agent_id] = used.get(replica.agent_id, 0) + shard.shard.size_bytes
         return used
 
-    async def deploy(self, request: pb.DeployModelRequest) -> pb.Placement:
-        """Cut, place and load a model; raise DeployError and change nothing on failure."""
+    def apply_placement(self, model: str, placement: pb.Placement | None) -> None:
+        """Serve ``placement`` for ``model`` (None removes it): called as the log applies."""
+        if placement is None:
+            self.models.pop(model, None)
+        else:
+            self.models[model] = deployment_of(placement, self.run_hop, self.on_failure)
+
+    async def prepare(self, request: pb.DeployModelRequest) -> pb.Placement:
+        """Cut, place and load a model; return its placement, not yet committed.
+
+        Raises DeployError and leaves nothing loaded when any step fails.
+        """
         strategy = STRATEGY_NAMES.get(request.sharding)
         if strategy is None:
             raise DeployError(
@@ -149,7 +193,7 @@ class Deployments:
                 "shard_count and replicas must be positive and standby_count not negative",
             )
         try:
-            info = model_info(request.model)
+            model_info(request.model)
         except UnknownModel as exc:
             raise DeployError(grpc.StatusCode.NOT_FOUND, str(exc)) from exc
         try:
@@ -159,111 +203,78 @@ class Deployments:
         except ValueError as exc:
             raise DeployError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
 
-        async with self._lock:
-            agents = [
-                self._registry.to_proto(r) for r in self._registry.agents(include_unhealthy=False)
-            ]
-            used = self.used_bytes()
-            previous = self.models.get(request.model)
-            if previous is not None:  # its memory is about to be given back
-                for shard, stage in zip(previous.shards, previous.pipeline.stages, strict=True):
-                    for replica in stage.replicas:
-                        used[replica.agent_id] -= shard.size_bytes
-            try:
-                slots = place(
-                    [s.size_bytes for s in shards],
-                    replicas=replicas,
-                    runtime=request.runtime,
-                    provider=request.execution_provider,
-                    candidates=candidates_from(agents, used),
-                )
-            except PlacementError as exc:
-                raise DeployError(grpc.StatusCode[exc.code], str(exc)) from exc
-
-            specs = [spec_of(s, request.sharding) for s in shards]
-            jobs = [
-                (index, slot, self._load(specs[index], shard.path, slot, request))
-                for index, (shard, shard_slots) in enumerate(zip(shards, slots, strict=True))
-                for slot in shard_slots
-            ]
-            results = await asyncio.gather(*(job for _, _, job in jobs), return_exceptions=True)
-            failures = [r for r in results if isinstance(r, BaseException)]
-            if failures:
-                for (_, slot, _), result in zip(jobs, results, strict=True):
-                    if not isinstance(result, BaseException):
-                        await self.link(slot.agent_id).unload(result.shard.handle, timeout=10)
-                first = failures[0]
-                if isinstance(first, HopError):
-                    raise DeployError(
-                        first.code, f"loading on agent {first.agent_id} failed: {first.message}"
-                    )
-                raise first
-
-            placement = pb.Placement(
-                model=request.model,
-                sharding=request.sharding,
+        agents = [self._registry.to_proto(r) for r in self._registry.agents()]
+        used = self.used_bytes()
+        previous = self.models.get(request.model)
+        if previous is not None:  # its memory is given back when the new one commits
+            for shard in previous.placement.shards:
+                for replica in shard.replicas:
+                    used[replica.agent_id] -= shard.shard.size_bytes
+        try:
+            slots = place(
+                [s.size_bytes for s in shards],
+                replicas=replicas,
                 runtime=request.runtime,
-                recovery_strategy=request.recovery_strategy,
-                version=(previous.placement.version + 1) if previous else 1,
+                provider=request.execution_provider,
+                candidates=candidates_from(agents, used),
             )
-            stages = []
-            for index, spec in enumerate(specs):
-                loaded = [
-                    (slot, result)
-                    for (i, slot, _), result in zip(jobs, results, strict=True)
-                    if i == index and not isinstance(result, BaseException)
-                ]
-                placement.shards.append(
-                    pb.ShardPlacement(
-                        shard=spec,
-                        replicas=[
-                            pb.ShardReplica(
-                                agent_id=slot.agent_id,
-                                browser_id=r.browser_id,
-                                handle=r.shard.handle,
-                                execution_provider=r.shard.execution_provider,
-                                execution_provider_reason=r.shard.execution_provider_reason,
-                                healthy=True,
-                            )
-                            for slot, r in loaded
-                        ],
-                    )
+        except PlacementError as exc:
+            raise DeployError(grpc.StatusCode[exc.code], str(exc)) from exc
+
+        specs = [spec_of(s, request.sharding) for s in shards]
+        jobs = [(index, slot) for index, shard_slots in enumerate(slots) for slot in shard_slots]
+        results = await asyncio.gather(
+            *(self._load(specs[i], shards[i].path, slot, request) for i, slot in jobs),
+            return_exceptions=True,
+        )
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if failures:
+            for (_, slot), result in zip(jobs, results, strict=True):
+                if not isinstance(result, BaseException):
+                    await self.link(slot.agent_id).unload(result.shard.handle, timeout=10)
+            first = failures[0]
+            if isinstance(first, HopError):
+                raise DeployError(
+                    first.code, f"loading on agent {first.agent_id} failed: {first.message}"
                 )
-                stages.append(
-                    Stage(
-                        index=index,
-                        input_names=list(spec.input_names),
-                        output_names=list(spec.output_names),
-                        replicas=[
-                            Replica(
-                                agent_id=slot.agent_id,
-                                browser_id=r.browser_id,
-                                handle=r.shard.handle,
-                                execution_provider=r.shard.execution_provider,
-                            )
-                            for slot, r in loaded
-                        ],
-                    )
+            raise first
+
+        placement = pb.Placement(
+            model=request.model,
+            sharding=request.sharding,
+            runtime=request.runtime,
+            recovery_strategy=request.recovery_strategy,
+            deploy_id=request.request_id,
+        )
+        for index, spec in enumerate(specs):
+            placement.shards.append(
+                pb.ShardPlacement(
+                    shard=spec,
+                    replicas=[
+                        pb.ShardReplica(
+                            agent_id=slot.agent_id,
+                            browser_id=r.browser_id,
+                            handle=r.shard.handle,
+                            execution_provider=r.shard.execution_provider,
+                            execution_provider_reason=r.shard.execution_provider_reason,
+                            healthy=True,
+                        )
+                        for (i, slot), r in zip(jobs, results, strict=True)
+                        if i == index and not isinstance(r, BaseException)
+                    ],
                 )
-            self.models[request.model] = Deployment(
-                shards=shards,
-                placement=placement,
-                pipeline=Pipeline(
-                    model=request.model,
-                    stages=stages,
-                    run_hop=self.run_hop,
-                    on_failure=self.on_failure,
-                    outputs=[o.name for o in info.outputs],
-                ),
-                input_names=[i.name for i in info.inputs],
             )
-            if previous is not None:
-                await self._unload_all(previous)
-            log.info(
-                "model deployed",
-                extra={"model": request.model, "shards": len(shards), "replicas": replicas},
-            )
-            return placement
+        return placement
+
+    async def release(self, placement: pb.Placement) -> None:
+        """Unload every replica of a placement that no longer serves (or never committed)."""
+        for shard in placement.shards:
+            for replica in shard.replicas:
+                try:
+                    link = self.link(replica.agent_id)
+                except HopError:
+                    continue
+                await link.unload(replica.handle, timeout=10)
 
     async def _load(
         self, spec: common_pb2.ShardSpec, path: Path, slot: Slot, request: pb.DeployModelRequest
@@ -276,24 +287,6 @@ class Deployments:
             browser_id=slot.browser_id,
             timeout=self._load_timeout,
         )
-
-    async def _unload_all(self, deployment: Deployment) -> None:
-        for stage in deployment.pipeline.stages:
-            for replica in stage.replicas:
-                try:
-                    link = self.link(replica.agent_id)
-                except HopError:
-                    continue
-                await link.unload(replica.handle, timeout=10)
-
-    async def undeploy(self, model: str) -> int:
-        """Remove a model and unload its shards; return how many replicas were unloaded."""
-        async with self._lock:
-            deployment = self.models.pop(model, None)
-            if deployment is None:
-                raise DeployError(grpc.StatusCode.NOT_FOUND, f"model {model!r} is not deployed")
-            await self._unload_all(deployment)
-            return sum(len(s.replicas) for s in deployment.pipeline.stages)
 
     def placement(self, model: str) -> pb.Placement:
         """The placement of a deployed model, with each replica's current health."""

@@ -39,6 +39,41 @@ class AgentRegistry:
         self._agents: dict[str, AgentRecord] = {}
         self._sessions = 0
 
+    def upsert(
+        self,
+        agent_id: str,
+        address: str,
+        memory_budget_bytes: int,
+        browsers: Iterable[common_pb2.BrowserInfo],
+    ) -> None:
+        """Record what the cluster knows of an agent; its session state is kept."""
+        if not agent_id:
+            raise ValueError("registration needs an agent_id")
+        if not address:
+            raise ValueError(f"agent {agent_id!r} registered without an address")
+        record = self._agents.get(agent_id)
+        if record is None:
+            self._agents[agent_id] = AgentRecord(
+                agent_id=agent_id,
+                address=address,
+                memory_budget_bytes=memory_budget_bytes,
+                browsers=list(browsers),
+                connected=False,
+            )
+        else:
+            record.address = address
+            record.memory_budget_bytes = memory_budget_bytes
+            record.browsers = list(browsers)
+
+    def attach(self, agent_id: str) -> int:
+        """Note that the agent's session opened here; return the session's number."""
+        record = self._agents[agent_id]
+        self._sessions += 1
+        record.session = self._sessions
+        record.connected = True
+        record.last_heartbeat = self._clock()
+        return self._sessions
+
     def register(
         self,
         agent_id: str,
@@ -46,21 +81,9 @@ class AgentRegistry:
         memory_budget_bytes: int,
         browsers: Iterable[common_pb2.BrowserInfo],
     ) -> int:
-        """Record a (re-)registration and return the new session's number."""
-        if not agent_id:
-            raise ValueError("registration needs an agent_id")
-        if not address:
-            raise ValueError(f"agent {agent_id!r} registered without an address")
-        self._sessions += 1
-        self._agents[agent_id] = AgentRecord(
-            agent_id=agent_id,
-            address=address,
-            memory_budget_bytes=memory_budget_bytes,
-            browsers=list(browsers),
-            last_heartbeat=self._clock(),
-            session=self._sessions,
-        )
-        return self._sessions
+        """Record a (re-)registration with an open session; return the session's number."""
+        self.upsert(agent_id, address, memory_budget_bytes, browsers)
+        return self.attach(agent_id)
 
     def get(self, agent_id: str) -> AgentRecord | None:
         """The agent's record, healthy or not."""

@@ -15,9 +15,25 @@ from webshard.coordinator.v1 import coordinator_pb2 as pb
 from webshard.coordinator.v1 import coordinator_pb2_grpc as pb_grpc
 from webshard.tensors import decode_tensor, encode_tensor
 
-from services.common.server import Lifecycle, unimplemented
+from services.common.server import Lifecycle
+from services.coordinator.cluster_state import (
+    AgentEntry,
+    ClusterState,
+    agent_command,
+    deploy_command,
+    undeploy_command,
+)
+from services.coordinator.consensus import NotLeaderError, Replicator
 from services.coordinator.deployments import DeployError, Deployments
 from services.coordinator.pipeline import InferError, RequestLedger
+from services.coordinator.raft import (
+    AppendEntriesResponse,
+    InstallSnapshot,
+    InstallSnapshotResponse,
+    Message,
+    RequestVoteResponse,
+    wire,
+)
 from services.coordinator.registry import AgentRegistry
 from services.coordinator.settings import CoordinatorSettings
 from services.models import prepare_inputs
@@ -64,16 +80,53 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
 
     def __init__(
         self,
+        *,
         settings: CoordinatorSettings,
         registry: AgentRegistry,
         deployments: Deployments,
+        state: ClusterState,
+        replicator: Replicator,
         lifecycle: Lifecycle,
     ) -> None:
         self._settings = settings
         self._registry = registry
         self._deployments = deployments
+        self._state = state
+        self._replicator = replicator
         self._lifecycle = lifecycle
         self._ledger = RequestLedger()
+        self._writes = asyncio.Lock()  # deploys and undeploys one at a time
+
+    async def _not_leader(self, context: Context, error: NotLeaderError | None = None) -> None:
+        """End a call this replica cannot serve, pointing at the leader when it knows one."""
+        error = error or self._replicator.not_leader()
+        if error.leader_address:
+            context.set_trailing_metadata((("webshard-leader", error.leader_address),))
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
+        await context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
+
+    async def _leader_read(self, context: Context) -> None:
+        """Serve a read only as the leader, after a ReadIndex barrier."""
+        try:
+            await self._replicator.read_barrier(self._settings.propose_timeout_s)
+        except NotLeaderError as exc:
+            await self._not_leader(context, exc)
+        except TimeoutError:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, "leadership could not be confirmed in time; retry"
+            )
+
+    async def _commit(self, command: bytes, context: Context) -> None:
+        """Replicate a command; end the call when it cannot be committed."""
+        try:
+            await self._replicator.propose(command, self._settings.propose_timeout_s)
+        except NotLeaderError as exc:
+            await self._not_leader(context, exc)
+        except TimeoutError:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                "the write was not committed in time (no quorum?); retry with the same request id",
+            )
 
     async def AgentSession(
         self, request_iterator: AsyncIterator[pb.AgentSessionRequest], context: Context
@@ -88,12 +141,21 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
                 "the first message of an agent session must be a registration",
             )
         reg = first.registration
-        try:
-            session = self._registry.register(
-                reg.agent_id, reg.address, reg.memory_budget_bytes, reg.browsers
+        if not self._replicator.is_leader:
+            leader = self._replicator.not_leader()
+            if leader.leader_address is None:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, str(leader))
+            yield pb.AgentSessionResponse(
+                reattach=pb.Reattach(leader_address=leader.leader_address, reason=str(leader))
             )
-        except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            return
+        if not reg.agent_id or not reg.address:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "registration needs an agent_id and an address"
+            )
+        entry = AgentEntry(reg.agent_id, reg.address, reg.memory_budget_bytes, list(reg.browsers))
+        await self._commit(agent_command(entry), context)
+        session = self._registry.attach(reg.agent_id)
         self._deployments.mark_agent(reg.agent_id, healthy=True)
         log.info("agent registered", extra={"agent_id": reg.agent_id, "agent_address": reg.address})
         interval = Duration()
@@ -105,6 +167,14 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         )
         try:
             async for message in self._lifecycle.stream(request_iterator, context):
+                if not self._replicator.is_leader:
+                    leader = self._replicator.not_leader()
+                    yield pb.AgentSessionResponse(
+                        reattach=pb.Reattach(
+                            leader_address=leader.leader_address or "", reason=str(leader)
+                        )
+                    )
+                    return
                 kind = message.WhichOneof("message")
                 if kind == "heartbeat":
                     self._registry.heartbeat(
@@ -113,7 +183,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
                         memory_used_bytes=message.heartbeat.memory_used_bytes,
                     )
                 elif kind == "status":
-                    self._registry.update_browsers(reg.agent_id, message.status.browsers)
+                    entry.browsers = list(message.status.browsers)
+                    await self._commit(agent_command(entry), context)
                 elif kind == "registration":
                     await context.abort(
                         grpc.StatusCode.INVALID_ARGUMENT,
@@ -129,7 +200,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
     async def ListAgents(
         self, request: pb.ListAgentsRequest, context: Context
     ) -> pb.ListAgentsResponse:
-        """The registry's agents."""
+        """The registry's agents (served by the leader, linearizably)."""
+        await self._leader_read(context)
         return pb.ListAgentsResponse(
             agents=[
                 self._registry.to_proto(r)
@@ -140,14 +212,20 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
     async def ClusterStatus(
         self, request: pb.ClusterStatusRequest, context: Context
     ) -> pb.ClusterStatusResponse:
-        """This replica's view: the configured replicas and the agents registered here."""
-        replicas = [pb.ReplicaInfo(replica_id=self._settings.replica_id)]
-        replicas += [
+        """This replica's own view, without a barrier: for diagnosis, and to find the leader."""
+        me = pb.ReplicaInfo(
+            replica_id=self._settings.replica_id,
+            role=wire.role_to_proto(self._replicator.role),
+            term=self._replicator.term,
+            commit_index=self._replicator.commit_index,
+        )
+        replicas = [me] + [
             pb.ReplicaInfo(replica_id=rid, address=addr)
             for rid, addr in sorted(self._settings.peer_addresses().items())
         ]
         return pb.ClusterStatusResponse(
             replica_id=self._settings.replica_id,
+            leader_id=self._replicator.leader_id or "",
             replicas=replicas,
             agents=[
                 self._registry.to_proto(r) for r in self._registry.agents(include_unhealthy=True)
@@ -158,27 +236,59 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
     async def DeployModel(
         self, request: pb.DeployModelRequest, context: Context
     ) -> pb.DeployModelResponse:
-        """Cut, place and load a model."""
-        try:
-            placement = await self._deployments.deploy(request)
-        except DeployError as exc:
-            await context.abort(exc.code, exc.message)
-        return pb.DeployModelResponse(placement=placement)
+        """Cut, place and load a model, then commit its placement."""
+        if not self._replicator.is_leader:
+            await self._not_leader(context)
+        async with self._writes:
+            if request.request_id:
+                done = self._state.placement_for_deploy(request.request_id)
+                if done is not None:
+                    return pb.DeployModelResponse(placement=self._deployments.placement(done.model))
+            try:
+                placement = await self._deployments.prepare(request)
+            except DeployError as exc:
+                await context.abort(exc.code, exc.message)
+            previous = self._state.placements.get(request.model)
+            try:
+                await self._commit(deploy_command(placement), context)
+            except BaseException:
+                await self._deployments.release(placement)
+                raise
+            if previous is not None:
+                await self._deployments.release(previous)
+            log.info(
+                "model deployed",
+                extra={
+                    "model": request.model,
+                    "version": self._state.placements[request.model].version,
+                },
+            )
+            return pb.DeployModelResponse(placement=self._deployments.placement(request.model))
 
     async def UndeployModel(
         self, request: pb.UndeployModelRequest, context: Context
     ) -> pb.UndeployModelResponse:
-        """Remove a model and unload its shards."""
-        try:
-            unloaded = await self._deployments.undeploy(request.model)
-        except DeployError as exc:
-            await context.abort(exc.code, exc.message)
-        return pb.UndeployModelResponse(unloaded_shards=unloaded)
+        """Remove a model, then unload its shards."""
+        if not self._replicator.is_leader:
+            await self._not_leader(context)
+        async with self._writes:
+            placement = self._state.placements.get(request.model)
+            if placement is None:
+                await context.abort(
+                    grpc.StatusCode.NOT_FOUND, f"model {request.model!r} is not deployed"
+                )
+            assert placement is not None
+            await self._commit(undeploy_command(request.model), context)
+            await self._deployments.release(placement)
+        return pb.UndeployModelResponse(
+            unloaded_shards=sum(len(s.replicas) for s in placement.shards)
+        )
 
     async def GetPlacement(
         self, request: pb.GetPlacementRequest, context: Context
     ) -> pb.GetPlacementResponse:
-        """Where a deployed model's shards live."""
+        """Where a deployed model's shards live (served by the leader, linearizably)."""
+        await self._leader_read(context)
         try:
             return pb.GetPlacementResponse(placement=self._deployments.placement(request.model))
         except DeployError as exc:
@@ -252,8 +362,64 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
 
 
 class RaftServicer(pb_grpc.RaftServiceServicer):
-    """Consensus messages between replicas."""
+    """Consensus messages between replicas, handed to the Raft loop."""
 
-    RequestVote = unimplemented(f"{RAFT_SERVICE}/RequestVote", "replicated cluster state")
-    AppendEntries = unimplemented(f"{RAFT_SERVICE}/AppendEntries", "replicated cluster state")
-    InstallSnapshot = unimplemented(f"{RAFT_SERVICE}/InstallSnapshot", "replicated cluster state")
+    def __init__(self, replicator: Replicator) -> None:
+        self._replicator = replicator
+
+    async def _deliver(self, message: Message, context: Context) -> Message:
+        reply = await self._replicator.deliver(message)
+        if reply is None:
+            # The core chose not to answer (a vote request within a leader's
+            # lease, a message from a stale term): to the sender, a lost message.
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "message not answered")
+        assert reply is not None
+        return reply
+
+    async def RequestVote(
+        self, request: pb.RequestVoteRequest, context: Context
+    ) -> pb.RequestVoteResponse:
+        """Step a (pre-)vote request."""
+        try:
+            message = wire.request_vote_from_proto(
+                request, recipient=self._replicator.replica_id, ref=self._replicator.new_ref()
+            )
+        except wire.WireError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        reply = await self._deliver(message, context)
+        assert isinstance(reply, RequestVoteResponse)
+        return wire.vote_response_to_proto(reply)
+
+    async def AppendEntries(
+        self, request: pb.AppendEntriesRequest, context: Context
+    ) -> pb.AppendEntriesResponse:
+        """Step an append (or heartbeat)."""
+        try:
+            message = wire.append_entries_from_proto(
+                request, recipient=self._replicator.replica_id, ref=self._replicator.new_ref()
+            )
+        except wire.WireError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        reply = await self._deliver(message, context)
+        assert isinstance(reply, AppendEntriesResponse)
+        return wire.append_response_to_proto(reply)
+
+    async def InstallSnapshot(
+        self, request_iterator: AsyncIterator[pb.InstallSnapshotRequest], context: Context
+    ) -> pb.InstallSnapshotResponse:
+        """Assemble a snapshot from its chunks and step it."""
+        assembler = wire.SnapshotAssembler(
+            recipient=self._replicator.replica_id, ref=self._replicator.new_ref()
+        )
+        message: InstallSnapshot | None = None
+        try:
+            async for chunk in request_iterator:
+                message = assembler.add(chunk)
+        except wire.WireError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if message is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the snapshot stream ended early")
+        assert message is not None
+        reply = await self._deliver(message, context)
+        assert isinstance(reply, InstallSnapshotResponse)
+        return wire.snapshot_response_to_proto(reply)

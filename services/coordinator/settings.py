@@ -29,6 +29,21 @@ class CoordinatorSettings(ServerSettings):
     )
     replicas: int = setting(3, "In Kubernetes: the StatefulSet's replica count.")
     cluster_domain: str = setting("cluster.local", "In Kubernetes: the cluster's DNS domain.")
+    raft_tick_ms: int = setting(
+        15, "The Raft clock's tick; election timeouts and heartbeats count in these ticks."
+    )
+    election_ticks: int = setting(
+        10,
+        "A follower that hears no leader for a random 1x-2x this many ticks starts an "
+        "election (150-285 ms by default, the Raft paper's range).",
+    )
+    heartbeat_ticks: int = setting(2, "A leader heartbeats every this many ticks.")
+    propose_timeout_s: float = setting(
+        5.0, "How long a write waits to be committed before it answers UNAVAILABLE."
+    )
+    snapshot_every: int = setting(
+        1000, "Applied entries between snapshots (which let the log be compacted)."
+    )
     heartbeat_interval_s: float = setting(1.0, "How often agents must send a heartbeat.")
     cache_dir: str = setting(
         "", "Where cut shards are cached; empty uses $WEBSHARD_CACHE_DIR or ~/.cache/webshard."
@@ -70,6 +85,10 @@ class CoordinatorSettings(ServerSettings):
             )
             self.peers = format_peers(peers)
         self.peer_addresses()
+        if self.raft_tick_ms < 1 or not 0 < self.heartbeat_ticks < self.election_ticks:
+            raise SettingsError(
+                "raft tick must be positive and heartbeat ticks fewer than election ticks"
+            )
         if not 0 < self.heartbeat_interval_s < self.heartbeat_timeout_s:
             raise SettingsError(
                 "heartbeat interval must be positive and shorter than the heartbeat timeout"

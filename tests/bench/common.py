@@ -71,5 +71,5 @@ def write(name: str, rows: list[dict[str, Any]], columns: Sequence[str]) -> Path
 
 def _cell(value: object) -> str:
     if isinstance(value, float):
-        return f"{value:.2f}"
+        return f"{value:.1e}" if 0 < abs(value) < 0.01 else f"{value:.2f}"
     return "" if value is None else str(value)

@@ -292,7 +292,7 @@ def test_only_idempotent_methods_are_retried() -> None:
     service = "webshard.coordinator.v1.CoordinatorService"
     assert (service, "Infer") in names
     assert (service, "ClusterStatus") in names
-    assert (service, "DeployModel") not in names
+    assert (service, "DeployModel") in names  # it carries a request id
     assert (service, "UndeployModel") not in names
     assert ("grpc.health.v1.Health", "Check") in names
     assert args["grpc.enable_retries"] == 1
@@ -415,10 +415,13 @@ async def test_unavailable_replica_is_retried_then_left_for_idempotent_calls_onl
         [server_a.address, server_b.address], retry=FAST_RETRY
     ) as client:
         with pytest.raises(UnavailableError, match="draining"):
-            await client.deploy("minilm-l6")
-    # A write that reached a replica is neither retried nor sent elsewhere.
-    assert draining.calls.count("DeployModel") == 1
-    assert "DeployModel" not in healthy.calls
+            await client.undeploy("minilm-l6")
+        # A deploy carries a request id, so it is retried and moves on like a read.
+        await client.deploy("minilm-l6")
+    # A write without a request id that reached a replica is neither retried nor sent elsewhere.
+    assert draining.calls.count("UndeployModel") == 1
+    assert "UndeployModel" not in healthy.calls
+    assert "DeployModel" in healthy.calls
 
 
 async def test_errors_are_typed(serve: Callable[..., Awaitable[Server]]) -> None:

@@ -580,8 +580,8 @@ class Client(_ServiceClient):
     """
 
     _SERVICE = coordinator_pb2.DESCRIPTOR.services_by_name["CoordinatorService"]
-    # Infer is idempotent because every request carries a request id.
-    _IDEMPOTENT = frozenset({"ClusterStatus", "ListAgents", "GetPlacement", "Infer"})
+    # Infer and DeployModel are idempotent because every request carries a request id.
+    _IDEMPOTENT = frozenset({"ClusterStatus", "ListAgents", "GetPlacement", "Infer", "DeployModel"})
 
     def __init__(
         self,
@@ -634,6 +634,7 @@ class Client(_ServiceClient):
         runtime: str | None = None,
         ep: str | None = None,
         recovery_strategy: str | None = None,
+        request_id: str | None = None,
         timeout: float | None = None,
     ) -> coordinator_pb2.Placement:
         """Cuts ``model`` into shards, places them on agents and returns the placement.
@@ -649,6 +650,8 @@ class Client(_ServiceClient):
                 None lets each agent choose from what its browser offers.
             recovery_strategy: "simple", "progressive", "coordinated" or
                 "adaptive"; None uses the recovery service's default.
+            request_id: makes the deploy idempotent, so a retry (after a leader
+                change, say) never deploys twice; generated when None.
             timeout: deadline in seconds; the client's default when None.
 
         Raises:
@@ -674,6 +677,7 @@ class Client(_ServiceClient):
                 recovery_strategy,
                 "recovery strategy",
             ),
+            request_id=request_id or uuid.uuid4().hex,
         )
         response = await self._unary(
             "DeployModel", request, coordinator_pb2.DeployModelResponse, timeout=timeout

@@ -195,6 +195,7 @@ class Client(_SyncClient):
         runtime: str | None = None,
         ep: str | None = None,
         recovery_strategy: str | None = None,
+        request_id: str | None = None,
         timeout: float | None = None,
     ) -> coordinator_pb2.Placement:
         """Cuts ``model`` into shards and places them; see :meth:`webshard.aio.Client.deploy`."""
@@ -208,6 +209,7 @@ class Client(_SyncClient):
                 runtime=runtime,
                 ep=ep,
                 recovery_strategy=recovery_strategy,
+                request_id=request_id,
                 timeout=timeout,
             )
         )

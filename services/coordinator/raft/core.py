@@ -50,8 +50,8 @@ from services.coordinator.raft.types import (
     Message,
     NotLeader,
     PersistedState,
-    Ready,
     ReadState,
+    Ready,
     RequestVote,
     RequestVoteResponse,
     Role,
@@ -588,8 +588,8 @@ class Node:
             self._become_candidate()
             term = self._term
         self._poll(self._id, granted=True)
-        if self._role is not Role.FOLLOWER and len(self._votes) >= self._quorum:
-            return  # a one-replica cluster won already
+        if self._role not in (Role.PRE_CANDIDATE, Role.CANDIDATE):
+            return  # a one-replica cluster won on its own vote
         pre_vote = self._role is Role.PRE_CANDIDATE
         for peer in self._peers:
             self._send(
@@ -844,7 +844,9 @@ class Node:
     def _send_snapshot(self, peer: str, progress: _Progress) -> None:
         snapshot = self._snapshot
         if snapshot is None:
-            raise InvariantViolation(f"entry {progress.next - 1} is compacted but no snapshot exists")
+            raise InvariantViolation(
+                f"entry {progress.next - 1} is compacted but no snapshot exists"
+            )
         progress.become_snapshot(snapshot.index)
         self._send(
             InstallSnapshot(
@@ -889,8 +891,10 @@ class Node:
         if progress.state is _Replication.SNAPSHOT:
             return  # the snapshot decides where this follower resumes
         if progress.state is _Replication.REPLICATE:
-            if message.rejected_index <= progress.match:
+            if message.rejected_index < progress.match:
                 return  # refused something older than what it acknowledged since
+            # A refusal at exactly the match is either late or a sign the
+            # follower lost its log; a probe from there tells which.
             progress.become_probe()
             progress.next = max(
                 progress.match + 1, min(message.conflict_index, message.rejected_index)
@@ -921,7 +925,9 @@ class Node:
             return
         if progress.state is _Replication.PROBE:
             progress.become_replicate()
-        elif progress.state is _Replication.SNAPSHOT and progress.match >= progress.pending_snapshot:
+        elif (
+            progress.state is _Replication.SNAPSHOT and progress.match >= progress.pending_snapshot
+        ):
             progress.become_probe()
         if self._maybe_commit():
             self._broadcast_append()

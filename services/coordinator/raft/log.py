@@ -26,7 +26,9 @@ class RaftLog:
             if entry.index <= self._snapshot_index:
                 continue  # covered by the snapshot
             if entry.index != expected:
-                raise ValueError(f"log entries are not contiguous: {entry.index} after {expected - 1}")
+                raise ValueError(
+                    f"log entries are not contiguous: {entry.index} after {expected - 1}"
+                )
             self._entries.append(entry)
             expected += 1
         if committed > self.last_index:

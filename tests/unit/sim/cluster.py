@@ -174,9 +174,13 @@ class Cluster:
                     and (message.sender, message.recipient) not in self.blocked
                     and not (self.drop is not None and self.drop(message))
                 ):
-                    recipient.step(message)
+                    recipient.step(self.transmit(message))
             if not busy:
                 return
+
+    def transmit(self, message: Message) -> Message:
+        """What the recipient gets for ``message``: the message itself, unless overridden."""
+        return message
 
     def _handle_ready(self, rid: str, node: Node) -> None:
         ready = node.ready()

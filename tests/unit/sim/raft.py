@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import random
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -164,8 +165,8 @@ class Simulation:
         self.max_commit = 0
         self.reads: dict[bytes, int] = {}
         self.proposals = 0
-        self.reads_answered = 0
         self.live_after = -1
+        self.stats: Counter[str] = Counter()  # what the run exercised
         for rid in self.ids:
             self._start(self.replicas[rid])
 
@@ -271,6 +272,7 @@ class Simulation:
             isolated = rng.sample(self.ids, rng.randint(1, len(self.ids) - 1))
         self.group = {rid: (1 if rid in isolated else 0) for rid in self.ids}
         self._log(f"partition {sorted(isolated)} from the rest")
+        self.stats["partitions"] += 1
 
     def _propose(self) -> None:
         up = self._up()
@@ -312,10 +314,12 @@ class Simulation:
         ):
             node.compact(applied, replica.machine.encode())
             self._log(f"{replica.id} compacted up to {applied}")
+            self.stats["compactions"] += 1
             self._drain(replica)
 
     def _crash(self, replica: _Replica, why: str) -> None:
         self._log(f"{replica.id} crashed ({why})")
+        self.stats[f"crashes {why}"] += 1
         replica.node = None
         replica.machine = _StateMachine()
 
@@ -337,6 +341,7 @@ class Simulation:
         if self.chaos and self.rng.random() < self.drop:
             return
         copies = 2 if self.chaos and self.rng.random() < self.duplicate else 1
+        self.stats["messages"] += 1
         for _ in range(copies):
             delay = self.rng.randint(1, self.max_delay)
             heapq.heappush(self.in_flight, _InFlight(self.now + delay, self.rng.random(), message))
@@ -419,6 +424,7 @@ class Simulation:
         if ready.snapshot is not None:
             replica.machine = _StateMachine.decode(ready.snapshot.data)
             self._check_snapshot(replica, ready.snapshot)
+            self.stats["snapshots installed"] += 1
         for entry in ready.committed_entries:
             machine = replica.machine
             if entry.index != machine.index + 1:
@@ -451,9 +457,10 @@ class Simulation:
                     f"{replica.id} answered a read at {read.index} but {needed} was committed "
                     "before the read was asked: a stale read"
                 )
-            self.reads_answered += 1
+            self.stats["reads answered"] += 1
         for context in ready.dropped_reads:
             self.reads.pop(context, None)
+            self.stats["reads dropped"] += 1
 
     # ------------------------------------------------------------------ checks
 
@@ -471,6 +478,7 @@ class Simulation:
                 terms = [entry.term for entry in node.entries(first, node.last_index + 1)]
                 self.leader_logs[node.term] = (node.first_index - 1, first, terms)
                 self._log(f"{replica.id} leads term {node.term}")
+                self.stats["leaders elected"] += 1
             if node.commit_index > self.max_commit:
                 for index in range(self.max_commit + 1, node.commit_index + 1):
                     term = node.term_at(index)

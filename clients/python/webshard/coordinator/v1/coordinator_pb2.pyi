@@ -542,6 +542,7 @@ class Placement(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     RUNTIME_FIELD_NUMBER: _builtins.int
     RECOVERY_STRATEGY_FIELD_NUMBER: _builtins.int
+    DEPLOY_ID_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """model is the model name."""
     sharding: _common_pb2.ShardingStrategy.ValueType
@@ -552,6 +553,8 @@ class Placement(_message.Message):
     """runtime is the runtime the model was deployed on."""
     recovery_strategy: _common_pb2.RecoveryStrategy.ValueType
     """recovery_strategy is the strategy that repairs this model's failures."""
+    deploy_id: _builtins.str
+    """deploy_id is the request_id of the deploy that produced this placement."""
     @_builtins.property
     def shards(self) -> _containers.RepeatedCompositeFieldContainer[Global___ShardPlacement]:
         """shards are the shards in chain order."""
@@ -565,10 +568,11 @@ class Placement(_message.Message):
         version: _builtins.int = ...,
         runtime: _common_pb2.Runtime.ValueType = ...,
         recovery_strategy: _common_pb2.RecoveryStrategy.ValueType = ...,
+        deploy_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "recovery_strategy", b"recovery_strategy", "runtime", b"runtime", "sharding", b"sharding", "shards", b"shards", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deploy_id", b"deploy_id", "model", b"model", "recovery_strategy", b"recovery_strategy", "runtime", b"runtime", "sharding", b"sharding", "shards", b"shards", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -588,6 +592,7 @@ class DeployModelRequest(_message.Message):
     RUNTIME_FIELD_NUMBER: _builtins.int
     EXECUTION_PROVIDER_FIELD_NUMBER: _builtins.int
     RECOVERY_STRATEGY_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """model is the model name, for example "minilm-l6"."""
     sharding: _common_pb2.ShardingStrategy.ValueType
@@ -604,6 +609,10 @@ class DeployModelRequest(_message.Message):
     """execution_provider pins a provider; unspecified lets each agent choose."""
     recovery_strategy: _common_pb2.RecoveryStrategy.ValueType
     """recovery_strategy is the strategy for this model's failures."""
+    request_id: _builtins.str
+    """request_id makes the deploy idempotent: a retry with the same id (after a
+    leader change, say) returns the placement it produced instead of deploying again.
+    """
     def __init__(
         self,
         *,
@@ -615,10 +624,11 @@ class DeployModelRequest(_message.Message):
         runtime: _common_pb2.Runtime.ValueType = ...,
         execution_provider: _common_pb2.ExecutionProvider.ValueType = ...,
         recovery_strategy: _common_pb2.RecoveryStrategy.ValueType = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["execution_provider", b"execution_provider", "model", b"model", "recovery_strategy", b"recovery_strategy", "replicas", b"replicas", "runtime", b"runtime", "shard_count", b"shard_count", "sharding", b"sharding", "standby_count", b"standby_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["execution_provider", b"execution_provider", "model", b"model", "recovery_strategy", b"recovery_strategy", "replicas", b"replicas", "request_id", b"request_id", "runtime", b"runtime", "shard_count", b"shard_count", "sharding", b"sharding", "standby_count", b"standby_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,145 @@
+"""The coordinator's replicated cluster state: what every replica applies from the Raft log.
+
+Commands are small JSON documents (protobuf messages inside are base64): an
+agent's registration or browser change, a model's placement, an undeploy.
+Applying them is deterministic, so every replica that applied the same log
+holds the same state. Liveness (heartbeats, open sessions) is not replicated:
+it is a fact about the leader's connections, and agents reattach to a new
+leader, which learns it again within a heartbeat.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from webshard.common.v1 import common_pb2
+from webshard.coordinator.v1 import coordinator_pb2 as pb
+
+DEPLOY_IDS_KEPT = 10_000
+"""Deploy request ids remembered for idempotent retries."""
+
+
+@dataclass
+class AgentEntry:
+    """An agent as the cluster knows it."""
+
+    agent_id: str
+    address: str
+    memory_budget_bytes: int
+    browsers: list[common_pb2.BrowserInfo]
+
+
+def _b64(message: pb.Placement | common_pb2.BrowserInfo) -> str:
+    return base64.b64encode(message.SerializeToString(deterministic=True)).decode()
+
+
+def agent_command(entry: AgentEntry) -> bytes:
+    """Register an agent or replace what is known of it."""
+    return json.dumps(
+        {
+            "op": "agent",
+            "agent_id": entry.agent_id,
+            "address": entry.address,
+            "memory_budget_bytes": entry.memory_budget_bytes,
+            "browsers": [_b64(b) for b in entry.browsers],
+        }
+    ).encode()
+
+
+def deploy_command(placement: pb.Placement) -> bytes:
+    """Set a model's placement (its version is assigned when applied)."""
+    return json.dumps({"op": "deploy", "placement": _b64(placement)}).encode()
+
+
+def undeploy_command(model: str) -> bytes:
+    """Remove a model."""
+    return json.dumps({"op": "undeploy", "model": model}).encode()
+
+
+@dataclass
+class ClusterState:
+    """Agents and placements, changed only by applying commands."""
+
+    agents: dict[str, AgentEntry] = field(default_factory=dict)
+    placements: dict[str, pb.Placement] = field(default_factory=dict)
+    deploy_ids: OrderedDict[str, str] = field(default_factory=OrderedDict)
+    """deploy request id -> model, oldest first."""
+    applied: int = 0
+    on_agent: Callable[[AgentEntry], None] | None = None
+    on_placement: Callable[[str, pb.Placement | None], None] | None = None
+
+    def apply(self, command: bytes) -> None:
+        """Apply one committed command."""
+        doc = json.loads(command)
+        op = doc["op"]
+        if op == "agent":
+            entry = AgentEntry(
+                agent_id=doc["agent_id"],
+                address=doc["address"],
+                memory_budget_bytes=doc["memory_budget_bytes"],
+                browsers=[
+                    common_pb2.BrowserInfo.FromString(base64.b64decode(b)) for b in doc["browsers"]
+                ],
+            )
+            self.agents[entry.agent_id] = entry
+            if self.on_agent is not None:
+                self.on_agent(entry)
+        elif op == "deploy":
+            placement = pb.Placement.FromString(base64.b64decode(doc["placement"]))
+            if placement.deploy_id and placement.deploy_id in self.deploy_ids:
+                return  # a retried deploy that already took effect
+            previous = self.placements.get(placement.model)
+            placement.version = (previous.version if previous else 0) + 1
+            self.placements[placement.model] = placement
+            if placement.deploy_id:
+                self.deploy_ids[placement.deploy_id] = placement.model
+                while len(self.deploy_ids) > DEPLOY_IDS_KEPT:
+                    self.deploy_ids.popitem(last=False)
+            if self.on_placement is not None:
+                self.on_placement(placement.model, placement)
+        elif op == "undeploy":
+            if self.placements.pop(doc["model"], None) is not None and self.on_placement:
+                self.on_placement(doc["model"], None)
+        else:
+            raise ValueError(f"unknown cluster-state command {op!r}")
+        self.applied += 1
+
+    def placement_for_deploy(self, deploy_id: str) -> pb.Placement | None:
+        """The current placement produced by deploy ``deploy_id``, if it took effect."""
+        model = self.deploy_ids.get(deploy_id)
+        placement = self.placements.get(model) if model else None
+        return placement if placement is not None and placement.deploy_id == deploy_id else None
+
+    def snapshot(self) -> bytes:
+        """The whole state, for log compaction."""
+        return json.dumps(
+            {
+                "agents": [json.loads(agent_command(a)) for a in self.agents.values()],
+                "placements": [_b64(p) for p in self.placements.values()],
+                "deploy_ids": list(self.deploy_ids.items()),
+                "applied": self.applied,
+            }
+        ).encode()
+
+    def restore(self, data: bytes) -> None:
+        """Replace the state with a snapshot's."""
+        doc = json.loads(data)
+        before = set(self.placements)
+        self.agents.clear()
+        self.placements.clear()
+        self.deploy_ids = OrderedDict((k, v) for k, v in doc["deploy_ids"])
+        for agent in doc["agents"]:
+            self.apply(json.dumps(agent).encode())
+        for raw in doc["placements"]:
+            placement = pb.Placement.FromString(base64.b64decode(raw))
+            self.placements[placement.model] = placement
+            if self.on_placement is not None:
+                self.on_placement(placement.model, placement)
+        for model in before - set(self.placements):
+            if self.on_placement is not None:
+                self.on_placement(model, None)
+        self.applied = doc["applied"]

@@ -1,0 +1,387 @@
+"""Drives the Raft core over gRPC: ticks, persistence, messages, proposals, reads.
+
+One asyncio task owns the ``Node`` (it is not thread-safe and must see its
+Readys in order). Everything else talks to that task through a queue:
+
+- the tick timer puts a tick every ``tick_s``;
+- RaftService calls put the request they received, tagged with a ``ref``; the
+  core's reply carries the same ``ref`` and becomes the call's response (a
+  request the core answers with nothing, such as a vote request inside a
+  leader's lease, ends the call with UNAVAILABLE, which the sender treats as a
+  lost message);
+- requests the core sends go out as RaftService calls in background tasks, and
+  their responses are stepped back in;
+- proposals resolve when their entry is applied; linearizable reads use
+  ReadIndex (the leader confirms it still leads with a heartbeat round, then
+  the read waits until that index is applied): no clock assumptions, at the
+  price of one round trip per read.
+
+Each Ready is persisted with fsync (in a worker thread) before its messages are
+sent, so no vote or acknowledgement is ever sent that the disk does not hold.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import random
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from opentelemetry import trace
+from webshard.coordinator.v1 import coordinator_pb2 as pb
+from webshard.coordinator.v1 import coordinator_pb2_grpc as pb_grpc
+
+from services.coordinator.raft import (
+    AppendEntries,
+    AppendEntriesResponse,
+    Config,
+    FileStorage,
+    InstallSnapshot,
+    InstallSnapshotResponse,
+    Message,
+    Node,
+    NotLeader,
+    Ready,
+    RequestVote,
+    RequestVoteResponse,
+    Role,
+    persist,
+    wire,
+)
+
+log = logging.getLogger(__name__)
+tracer = trace.get_tracer(__name__)
+
+Response = RequestVoteResponse | AppendEntriesResponse | InstallSnapshotResponse
+
+
+class NotLeaderError(Exception):
+    """This replica cannot take the write; ``leader_address`` is where to send it (if known)."""
+
+    def __init__(self, leader_id: str | None, leader_address: str | None) -> None:
+        where = (
+            f"the leader is {leader_id} at {leader_address}"
+            if leader_address
+            else ("no leader is elected yet; retry shortly")
+        )
+        super().__init__(f"this coordinator replica is not the leader: {where}")
+        self.leader_id = leader_id
+        self.leader_address = leader_address
+
+
+@dataclass
+class _Proposal:
+    term: int
+    future: asyncio.Future[None]
+
+
+@dataclass
+class StateMachine:
+    """What the replicated log drives: apply a command, take and restore snapshots."""
+
+    apply: Callable[[bytes], None]
+    snapshot: Callable[[], bytes]
+    restore: Callable[[bytes], None]
+
+
+class Replicator:
+    """A coordinator replica's Raft node, its storage and its connections to peers."""
+
+    def __init__(
+        self,
+        *,
+        replica_id: str,
+        peers: dict[str, str],
+        address: str,
+        storage: FileStorage,
+        state: StateMachine,
+        config: Config,
+        tick_s: float,
+        snapshot_every: int = 1000,
+        rpc_timeout_s: float = 1.0,
+    ) -> None:
+        self.replica_id = replica_id
+        self._addresses = {**peers, replica_id: address}
+        self._storage = storage
+        self._state = state
+        self._tick_s = tick_s
+        self._snapshot_every = snapshot_every
+        self._rpc_timeout = rpc_timeout_s
+        persisted = storage.load()
+        if persisted.snapshot is not None:
+            state.restore(persisted.snapshot.data)
+        self._node = Node(
+            replica_id, list(peers), storage, config, random.Random(hash(replica_id) ^ id(self))
+        )
+        # Everything the loop does arrives here: (kind, payload, future to answer).
+        self._events: asyncio.Queue[tuple[str, object, asyncio.Future[object] | None]] = (
+            asyncio.Queue()
+        )
+        self._refs = itertools.count(1)
+        self._waiting: dict[int, asyncio.Future[object]] = {}
+        self._proposals: dict[int, _Proposal] = {}
+        self._reads: dict[bytes, asyncio.Future[None]] = {}
+        self._read_ids = itertools.count(1)
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._applied_since_snapshot = 0
+        self.leader_changed = asyncio.Event()
+
+    # ------------------------------------------------------------------ status
+
+    @property
+    def role(self) -> Role:
+        """This replica's role now."""
+        return self._node.role
+
+    @property
+    def is_leader(self) -> bool:
+        """True while this replica leads."""
+        return self._node.role is Role.LEADER
+
+    @property
+    def term(self) -> int:
+        """The current term."""
+        return self._node.term
+
+    @property
+    def commit_index(self) -> int:
+        """The highest committed index this replica knows."""
+        return self._node.commit_index
+
+    @property
+    def leader_id(self) -> str | None:
+        """The leader as this replica knows it."""
+        return self._node.leader_id
+
+    def address_of(self, replica_id: str | None) -> str | None:
+        """A replica's gRPC address."""
+        return self._addresses.get(replica_id) if replica_id else None
+
+    def not_leader(self) -> NotLeaderError:
+        """The error a follower answers a write with."""
+        return NotLeaderError(self.leader_id, self.address_of(self.leader_id))
+
+    # ------------------------------------------------------------------ life cycle
+
+    async def start(self) -> None:
+        """Start the loop and the tick timer."""
+        self._spawn(self._loop())
+        self._spawn(self._ticker())
+
+    async def stop(self) -> None:
+        """Stop the loop, fail what waits on it, close the channels and the storage."""
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for waiting in self._waiting.values():
+            waiting.cancel()
+        for read in self._reads.values():
+            read.cancel()
+        for proposal in self._proposals.values():
+            if not proposal.future.done():
+                proposal.future.set_exception(self.not_leader())
+        for channel in self._channels.values():
+            await channel.close()
+        self._storage.close()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _ticker(self) -> None:
+        while True:
+            await asyncio.sleep(self._tick_s)
+            self._events.put_nowait(("tick", None, None))
+
+    # ------------------------------------------------------------------ client side
+
+    async def propose(self, command: bytes, timeout: float) -> None:
+        """Replicate ``command``; return once it is committed and applied here."""
+        future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        self._events.put_nowait(("propose", command, future))
+        applied = await asyncio.wait_for(future, timeout)
+        await asyncio.wait_for(applied, timeout)  # type: ignore[arg-type]
+
+    async def read_barrier(self, timeout: float) -> None:
+        """Wait until this replica, as leader, has applied everything committed before now."""
+        future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        self._events.put_nowait(("read", None, future))
+        applied = await asyncio.wait_for(future, timeout)
+        await asyncio.wait_for(applied, timeout)  # type: ignore[arg-type]
+
+    async def deliver(self, message: Message) -> Message | None:
+        """Step a message from a peer; return the core's reply to it, if any."""
+        future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        self._events.put_nowait(("step", message, future))
+        reply = await future
+        return reply  # type: ignore[return-value]
+
+    def new_ref(self) -> int:
+        """A reference that ties an incoming request to the reply it will get."""
+        return next(self._refs)
+
+    # ------------------------------------------------------------------ the loop
+
+    async def _loop(self) -> None:
+        node = self._node
+        while True:
+            kind, payload, future = await self._events.get()
+            try:
+                if kind == "tick":
+                    node.tick()
+                elif kind == "step-reply":
+                    node.step(payload)  # type: ignore[arg-type]
+                elif kind == "unreachable":
+                    node.report_unreachable(payload)  # type: ignore[arg-type]
+                elif kind == "step":
+                    message = payload
+                    assert future is not None
+                    self._waiting[message.ref] = future  # type: ignore[attr-defined]
+                    node.step(message)  # type: ignore[arg-type]
+                elif kind == "propose":
+                    assert future is not None
+                    try:
+                        index = node.propose(payload)  # type: ignore[arg-type]
+                    except NotLeader:
+                        future.set_exception(self.not_leader())
+                    else:
+                        applied: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                        self._proposals[index] = _Proposal(node.term, applied)
+                        future.set_result(applied)
+                elif kind == "read":
+                    assert future is not None
+                    if not self.is_leader:
+                        future.set_exception(self.not_leader())
+                    else:
+                        context = str(next(self._read_ids)).encode()
+                        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                        self._reads[context] = done
+                        node.read_index(context)
+                        future.set_result(done)
+                while node.has_ready():
+                    await self._handle(node.ready())
+            except (ValueError, NotLeader) as exc:
+                # A malformed or inapplicable message; the sender gets no reply.
+                log.warning("raft message rejected", extra={"error": str(exc)})
+            finally:
+                if kind == "step" and future is not None and not future.done():
+                    # The core answered nothing (for example a vote request during
+                    # a leader's lease): the call ends as if the message was lost.
+                    self._waiting.pop(payload.ref, None)  # type: ignore[attr-defined]
+                    future.set_result(None)
+
+    async def _handle(self, ready: Ready) -> None:
+        node = self._node
+        was_leader = self.leader_id
+        await asyncio.to_thread(persist, self._storage, ready)
+        for message in ready.messages:
+            waiting = (
+                self._waiting.pop(message.ref, None) if isinstance(message, Response) else None
+            )
+            if waiting is not None:
+                if not waiting.done():
+                    waiting.set_result(message)
+            elif isinstance(message, (RequestVote, AppendEntries, InstallSnapshot)):
+                self._spawn(self._send(message))
+        if ready.snapshot is not None:
+            self._state.restore(ready.snapshot.data)
+        for entry in ready.committed_entries:
+            if entry.command:
+                try:
+                    self._state.apply(entry.command)
+                except Exception:
+                    # A command that fails to apply fails the same way on every
+                    # replica; the log stays consistent.
+                    log.exception(
+                        "a replicated command failed to apply", extra={"index": entry.index}
+                    )
+            proposal = self._proposals.pop(entry.index, None)
+            if proposal is not None and not proposal.future.done():
+                if proposal.term == entry.term:
+                    proposal.future.set_result(None)
+                else:
+                    proposal.future.set_exception(self.not_leader())
+            self._applied_since_snapshot += 1
+        for read in ready.read_states:
+            done = self._reads.pop(read.context, None)
+            if done is not None and not done.done():
+                done.set_result(None)  # applied above: reads resolve after the entries
+        for context in ready.dropped_reads:
+            done = self._reads.pop(context, None)
+            if done is not None and not done.done():
+                done.set_exception(self.not_leader())
+        node.advance(ready)
+        # A proposal whose index was overwritten by another leader never applies.
+        if not self.is_leader:
+            for index, proposal in list(self._proposals.items()):
+                if not proposal.future.done():
+                    proposal.future.set_exception(self.not_leader())
+                del self._proposals[index]
+        if self._applied_since_snapshot >= self._snapshot_every:
+            self._applied_since_snapshot = 0
+            node.compact(node.applied_index, self._state.snapshot())
+        if self.leader_id != was_leader:
+            log.info(
+                "leader changed",
+                extra={"leader": self.leader_id, "term": self.term, "role": self.role.name},
+            )
+            self.leader_changed.set()
+            self.leader_changed = asyncio.Event()
+
+    # ------------------------------------------------------------------ transport
+
+    def _stub(self, peer: str) -> pb_grpc.RaftServiceAsyncStub:
+        channel = self._channels.get(peer)
+        if channel is None:
+            channel = grpc.aio.insecure_channel(
+                self._addresses[peer],
+                options=[
+                    ("grpc.initial_reconnect_backoff_ms", 50),
+                    ("grpc.max_reconnect_backoff_ms", 500),
+                    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+                    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+                ],
+            )
+            self._channels[peer] = channel
+        return pb_grpc.RaftServiceStub(channel)
+
+    async def _send(self, message: Message) -> None:
+        stub = self._stub(message.recipient)
+        reply: Message
+        try:
+            if isinstance(message, RequestVote):
+                vote = await stub.RequestVote(
+                    wire.request_vote_to_proto(message), timeout=self._rpc_timeout
+                )
+                reply = wire.vote_response_from_proto(vote, request=message)
+            elif isinstance(message, AppendEntries):
+                append = await stub.AppendEntries(
+                    wire.append_entries_to_proto(message), timeout=self._rpc_timeout
+                )
+                reply = wire.append_response_from_proto(append, request=message)
+            elif isinstance(message, InstallSnapshot):
+                chunks = list(wire.snapshot_chunks(message))
+
+                async def stream() -> AsyncIterator[pb.InstallSnapshotRequest]:
+                    for chunk in chunks:
+                        yield chunk
+
+                installed = await stub.InstallSnapshot(stream(), timeout=self._rpc_timeout * 10)
+                reply = wire.snapshot_response_from_proto(installed, request=message)
+            else:
+                return
+        except grpc.aio.AioRpcError:
+            # Lost message: Raft retries on its own schedule.
+            if not isinstance(message, RequestVote):
+                self._events.put_nowait(("unreachable", message.recipient, None))
+            return
+        self._events.put_nowait(("step-reply", reply, None))

@@ -33,6 +33,7 @@ from typing import Any
 
 import grpc
 from opentelemetry import trace
+from opentelemetry.instrumentation.grpc import aio_client_interceptors
 from webshard.coordinator.v1 import coordinator_pb2 as pb
 from webshard.coordinator.v1 import coordinator_pb2_grpc as pb_grpc
 
@@ -344,6 +345,7 @@ class Replicator:
         if channel is None:
             channel = grpc.aio.insecure_channel(
                 self._addresses[peer],
+                interceptors=aio_client_interceptors(),  # type: ignore[no-untyped-call]
                 options=[
                     ("grpc.initial_reconnect_backoff_ms", 50),
                     ("grpc.max_reconnect_backoff_ms", 500),

@@ -175,3 +175,63 @@ def test_a_killed_agent_is_replaced_by_the_next_replica(
     assert victim not in {hop.agent_id for hop in result.trail}
 
     cluster.restart(victim)
+
+
+def test_the_cli_deploys_and_infers(cluster: LocalCluster) -> None:
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cli = str(Path(sys.executable).parent / "webshard")
+    target = ",".join(cluster.coordinators())
+    deployed = subprocess.run(
+        [
+            cli,
+            "deploy",
+            "minilm-l6",
+            "--shards",
+            "2",
+            "--sharding",
+            "layer",
+            "--runtime",
+            "native",
+            "--target",
+            target,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert deployed.returncode == 0, deployed.stderr
+    assert "minilm-l6: 2 shard(s)" in deployed.stdout
+    answered = subprocess.run(
+        [
+            cli,
+            "infer",
+            "minilm-l6",
+            "--text",
+            "The cat sits on the mat.",
+            "--json",
+            "--target",
+            target,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert answered.returncode == 0, answered.stderr
+    doc = json.loads(answered.stdout)
+    [embedding] = doc["outputs"]["sentence_embedding"]
+    assert cosine(np.array(embedding), reference_embeddings([SENTENCES[0]])[0]) >= 0.99999
+    assert [hop["shard_index"] for hop in doc["trail"]] == [0, 1]
+    assert all(hop["agent_id"] and hop["execution_provider"] == "cpu" for hop in doc["trail"])
+
+    refused = subprocess.run(
+        [cli, "deploy", "no-such-model", "--target", target],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode == 1
+    assert "NOT_FOUND" in refused.stderr

@@ -9,6 +9,7 @@ webshard infer    run a request through a deployed model
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import signal
 import sys
@@ -144,7 +145,7 @@ def _infer(args: argparse.Namespace) -> int:
                 {
                     "request_id": result.request_id,
                     "outputs": {k: v.tolist() for k, v in result.outputs.items()},
-                    "trail": [vars(hop) for hop in result.trail],
+                    "trail": [dataclasses.asdict(hop) for hop in result.trail],
                     "total_ms": result.total_ms,
                     "recovered": result.recovered,
                 },

@@ -10,10 +10,10 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import grpc
 import psutil
 import pytest
-from webshard.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
+import webshard
+from webshard.errors import UnavailableError
 
 from tests.conftest import browser_processes, health_status, wait_for
 from tests.integration.test_services import GRPCURL, SERVICES
@@ -114,20 +114,17 @@ def test_up_serves_every_service_and_sigterm_leaves_no_process(up: Up) -> None:
     rows = json.loads(status.stdout)["processes"]
     assert {r["name"]: r["health"] for r in rows} == {n: "SERVING" for n in names}
 
-    # Every agent holds a session with some coordinator replica.
+    # The replicas elect a leader, and every agent holds its session with it.
     coordinators = [str(p["address"]) for p in procs if p["service"] == "coordinator"]
+    with webshard.Client(coordinators, timeout=10) as client:
 
-    def agents_registered() -> bool:
-        registered = []
-        for address in coordinators:
-            with grpc.insecure_channel(address) as channel:
-                reply = coordinator_pb2_grpc.CoordinatorServiceStub(channel).ListAgents(
-                    coordinator_pb2.ListAgentsRequest(), timeout=5
-                )
-            registered += [a.agent_id for a in reply.agents]
-        return sorted(registered) == ["agent-0", "agent-1"]
+        def agents_registered() -> bool:
+            try:
+                return sorted(a.agent_id for a in client.list_agents()) == ["agent-0", "agent-1"]
+            except UnavailableError:
+                return False  # no leader elected yet
 
-    wait_for(agents_registered, 30, "both agents to register")
+        wait_for(agents_registered, 30, "both agents to register with the leader")
 
     pids = [int(str(p["pid"])) for p in procs]
     assert browser_processes(up.data_dir), "each agent runs a headless Chromium"

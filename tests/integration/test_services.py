@@ -15,16 +15,16 @@ import grpc
 import pytest
 from webshard.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
 
-from tests.conftest import ServiceProcess
+from tests.conftest import ServiceProcess, wait_for
 
 GRPCURL = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
 
-# module, its API, one method a later release fills in (on that API or another), its body
+# module, its API, one method a later release fills in ("" when all are), the JSON body for it
 SERVICES = [
-    ("coordinator", "webshard.coordinator.v1.CoordinatorService", "RaftService/RequestVote", "{}"),
-    ("browser_agent", "webshard.browser_agent.v1.BrowserAgentService", "RevertFaultHook", "{}"),
-    ("fault_injector", "webshard.fault_injector.v1.FaultInjectorService", "RevertAll", "{}"),
-    ("recovery", "webshard.recovery.v1.RecoveryService", "ListBreakers", "{}"),
+    ("coordinator", "webshard.coordinator.v1.CoordinatorService", "", "{}"),
+    ("browser_agent", "webshard.browser_agent.v1.BrowserAgentService", "", "{}"),
+    ("fault_injector", "webshard.fault_injector.v1.FaultInjectorService", "", "{}"),
+    ("recovery", "webshard.recovery.v1.RecoveryService", "", "{}"),
     ("metrics", "webshard.metrics.v1.MetricsService", "GetReport", "{}"),
 ]
 
@@ -59,6 +59,10 @@ def test_service_serves_health_reflection_and_its_api(
     )
     assert json.loads(per_service.stdout) == {"status": "SERVING"}
 
+    if not method:
+        return
+    full_method = f"{api}/{method}"
+    assert method in described.stdout
     unfilled = grpcurl("-d", body, proc.address, full_method)
     assert unfilled.returncode != 0
     assert "Unimplemented" in unfilled.stderr
@@ -71,6 +75,13 @@ def test_sigterm_during_an_agent_session_ends_it_with_unavailable_and_exits_0(
     proc = start_service("coordinator", "--drain-grace-s", "3")
     with grpc.insecure_channel(proc.address) as channel:
         stub = coordinator_pb2_grpc.CoordinatorServiceStub(channel)
+
+        def leads() -> bool:
+            # A replica with no peers elects itself within an election timeout.
+            status = stub.ClusterStatus(coordinator_pb2.ClusterStatusRequest(), timeout=5)
+            return bool(status.leader_id == status.replica_id)
+
+        wait_for(leads, 10, "the single replica to lead")
         outbound: list[coordinator_pb2.AgentSessionRequest] = [
             coordinator_pb2.AgentSessionRequest(
                 registration=coordinator_pb2.AgentRegistration(
@@ -132,7 +143,6 @@ def test_an_agent_registers_with_the_coordinator(
         "--coordinators",
         coordinator.address,
     )
-    from tests.conftest import wait_for
 
     def registered() -> bool:
         with grpc.insecure_channel(coordinator.address) as channel:

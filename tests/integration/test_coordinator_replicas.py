@@ -25,6 +25,7 @@ from webshard.errors import RPCError
 from tests.conftest import free_port, wait_for
 
 MODELS = ["vit-tiny", "whisper-tiny-enc", "clip-tiny", "decoder-tiny"]
+REPLICAS = ("coordinator-0", "coordinator-1", "coordinator-2")
 
 
 def status(address: str) -> pb.ClusterStatusResponse | None:
@@ -41,7 +42,7 @@ def status(address: str) -> pb.ClusterStatusResponse | None:
 def leader(cluster: LocalCluster) -> str | None:
     """The name of the replica that says it leads, if exactly one does."""
     leaders = []
-    for name in ("coordinator-0", "coordinator-1", "coordinator-2"):
+    for name in REPLICAS:
         if cluster.popen(name).poll() is not None:
             continue
         view = status(cluster.address(name))
@@ -61,7 +62,7 @@ class LeaderWatch:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            for name in ("coordinator-0", "coordinator-1", "coordinator-2"):
+            for name in REPLICAS:
                 view = status(self.cluster.address(name))
                 if view is not None and view.replicas[0].role == pb.REPLICA_ROLE_LEADER:
                     self.claims[view.replicas[0].term].add(name)
@@ -163,7 +164,7 @@ def test_ten_leader_kills_under_writes_lose_no_acknowledged_write(cluster: Local
 def test_a_partitioned_minority_elects_nobody_and_catches_up(cluster: LocalCluster) -> None:
     first = leader(cluster)
     assert first is not None
-    followers = [n for n in ("coordinator-0", "coordinator-1", "coordinator-2") if n != first]
+    followers = [n for n in REPLICAS if n != first]
 
     # Cut the leader off from both followers: it must step down, and nobody leads.
     for name in followers:
@@ -194,12 +195,12 @@ def test_a_partitioned_minority_elects_nobody_and_catches_up(cluster: LocalClust
 
     # Heal; then cut off one replica, write to the majority, heal, and it catches up.
     wait_for(lambda: leader(cluster) is not None, 30, "a leader after healing")
-    minority = next(
-        n for n in ("coordinator-0", "coordinator-1", "coordinator-2") if n != leader(cluster)
-    )
+    minority = next(n for n in REPLICAS if n != leader(cluster))
     os.kill(cluster.popen(minority).pid, signal.SIGSTOP)
     try:
-        with webshard.Client(cluster.coordinators(), timeout=30) as client:
+        # The client is on the majority's side of the cut.
+        majority = [cluster.address(n) for n in REPLICAS if n != minority]
+        with webshard.Client(majority, timeout=30) as client:
             wait_for(
                 lambda: len(client.list_agents()) == 1, 30, "the agent to attach to the leader"
             )

@@ -1,17 +1,79 @@
-"""Wires the recovery servicer into the common bootstrap."""
+"""Wires the recovery service: breakers, the adaptive chooser, the actuator, the servicer."""
 
 from __future__ import annotations
+
+import logging
+import time
 
 from webshard.recovery.v1 import recovery_pb2_grpc as pb_grpc
 
 from services.common.server import BasicApp, Lifecycle
+from services.recovery.actuator import CoordinatorActuator
+from services.recovery.breakers import Breakers, Transition
+from services.recovery.recoveries import Recoveries
 from services.recovery.servicer import SERVICE, RecoveryServicer
 from services.recovery.settings import RecoverySettings
+from services.recovery.strategies import AdaptiveChooser
+
+log = logging.getLogger(__name__)
+
+
+def _log_transition(transition: Transition) -> None:
+    log.info(
+        "breaker transition",
+        extra={
+            "breaker": transition.key.target_id,
+            "scope": transition.key.scope.name.lower(),
+            "from": transition.from_state.label,
+            "to": transition.to_state.label,
+            "at": transition.at,
+            "reason": transition.reason,
+        },
+    )
 
 
 def make_app(settings: RecoverySettings, lifecycle: Lifecycle) -> BasicApp:
     """The recovery service."""
+    # Wall-clock time: reports carry their detection time from other processes.
+    clock = time.time
+    breakers = Breakers(settings.breaker_config(), clock)
+    breakers.add_listener(_log_transition)
+    actuator = CoordinatorActuator(
+        settings.coordinators,
+        verify_text=settings.verify_text,
+        # A little inside the action's deadline, so that the coordinator's own answer
+        # (UNAVAILABLE, NOT_FOUND) reaches the phase's detail before the deadline does.
+        timeout_s=settings.action_timeout_s * 0.9,
+    )
+    recoveries = Recoveries(
+        actuator=actuator,
+        placements=actuator,
+        breakers=breakers,
+        chooser=AdaptiveChooser(
+            min_trials=settings.adaptive_min_trials,
+            history=settings.adaptive_history,
+            seed=settings.adaptive_seed,
+        ),
+        config=settings.recoveries_config(),
+        clock=clock,
+    )
+
+    async def stop() -> None:
+        await recoveries.close()
+        await actuator.close()
+
     return BasicApp(
         service_names=(SERVICE,),
-        registrations=[(pb_grpc.add_RecoveryServiceServicer_to_server, RecoveryServicer())],
+        registrations=[
+            (
+                pb_grpc.add_RecoveryServiceServicer_to_server,
+                RecoveryServicer(
+                    recoveries=recoveries,
+                    breakers=breakers,
+                    lifecycle=lifecycle,
+                    list_limit=settings.list_limit,
+                ),
+            )
+        ],
+        on_stop=stop,
     )

@@ -1,22 +1,238 @@
-"""The recovery service's gRPC servicer."""
+"""The recovery service's gRPC servicer: checks requests, converts messages, nothing more."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
+import grpc
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
 from webshard.recovery.v1 import recovery_pb2 as pb
 from webshard.recovery.v1 import recovery_pb2_grpc as pb_grpc
 
-from services.common.server import unimplemented
+from services.common.server import Lifecycle
+from services.recovery.breakers import BreakerKey, Breakers, BreakerView
+from services.recovery.execution import PhaseRecord
+from services.recovery.recoveries import Recoveries, RecoveryRecord, WatchOverflow
+from services.recovery.strategies import Failure, FailureKind, FailureSource, Strategy
 
 SERVICE = pb.DESCRIPTOR.services_by_name["RecoveryService"].full_name
 
+Context = grpc.aio.ServicerContext[object, object]
+
+
+def _timestamp(seconds: float) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromNanoseconds(round(seconds * 1e9))
+    return stamp
+
+
+def _duration(seconds: float) -> Duration:
+    duration = Duration()
+    duration.FromNanoseconds(round(seconds * 1e9))
+    return duration
+
+
+def failure_from_proto(report: pb.FailureReport) -> Failure:
+    """The report as recovery's domain sees it; ValueError says what is wrong with it."""
+    if report.source not in {s.value for s in FailureSource}:
+        raise ValueError(
+            f"report.source must be data_path, heartbeat, page or agent (got {report.source})"
+        )
+    if report.kind not in {k.value for k in FailureKind}:
+        names = ", ".join(k.label for k in FailureKind)
+        raise ValueError(f"report.kind must be one of {names} (got {report.kind})")
+    if not report.agent_id:
+        raise ValueError("report.agent_id is empty; name the agent involved")
+    if "/" in report.agent_id or "/" in report.browser_id:
+        raise ValueError("report.agent_id and report.browser_id may not contain '/'")
+    if report.shard_index < -1:
+        raise ValueError(f"report.shard_index {report.shard_index} is below -1 (no shard)")
+    return Failure(
+        source=FailureSource(report.source),
+        kind=FailureKind(report.kind),
+        agent_id=report.agent_id,
+        browser_id=report.browser_id,
+        model=report.model,
+        shard_index=report.shard_index,
+        request_id=report.request_id,
+        fault_id=report.fault_id,
+        message=report.message,
+        detected_at=(
+            report.detected_at.ToNanoseconds() / 1e9 if report.HasField("detected_at") else None
+        ),
+    )
+
+
+def failure_to_proto(failure: Failure) -> pb.FailureReport:
+    """The report message of a failure."""
+    report = pb.FailureReport(
+        source=failure.source.value,  # type: ignore[arg-type]
+        kind=failure.kind.value,  # type: ignore[arg-type]
+        agent_id=failure.agent_id,
+        browser_id=failure.browser_id,
+        model=failure.model,
+        shard_index=failure.shard_index,
+        request_id=failure.request_id,
+        fault_id=failure.fault_id,
+        message=failure.message,
+    )
+    if failure.detected_at is not None:
+        report.detected_at.CopyFrom(_timestamp(failure.detected_at))
+    return report
+
+
+def phase_to_proto(phase: PhaseRecord) -> pb.RecoveryPhase:
+    """One phase message."""
+    return pb.RecoveryPhase(
+        name=phase.name,
+        level=phase.level.value if phase.level is not None else 0,  # type: ignore[arg-type]
+        started_at=_timestamp(phase.started_at),
+        duration=_duration(phase.duration_s),
+        ok=phase.ok,
+        detail=phase.detail,
+    )
+
+
+def recovery_to_proto(record: RecoveryRecord) -> pb.Recovery:
+    """One recovery message."""
+    message = pb.Recovery(
+        recovery_id=record.recovery_id,
+        report=failure_to_proto(record.failure),
+        strategy=record.strategy.value,  # type: ignore[arg-type]
+        state=record.state.value,  # type: ignore[arg-type]
+        phases=[phase_to_proto(p) for p in record.phases],
+        started_at=_timestamp(record.started_at),
+        trace_id=record.trace_id,
+        highest_level=(
+            record.highest_level.value  # type: ignore[arg-type]
+            if record.highest_level is not None
+            else 0
+        ),
+        detail=record.detail,
+    )
+    if record.finished_at is not None:
+        message.finished_at.CopyFrom(_timestamp(record.finished_at))
+        message.duration.CopyFrom(_duration(record.finished_at - record.started_at))
+    return message
+
+
+def breaker_to_proto(view: BreakerView) -> pb.Breaker:
+    """One breaker message."""
+    message = pb.Breaker(
+        scope=view.key.scope.value,  # type: ignore[arg-type]
+        target_id=view.key.target_id,
+        state=view.state.value,  # type: ignore[arg-type]
+        consecutive_failures=view.consecutive_failures,
+        failure_rate=view.failure_rate,
+    )
+    if view.changed_at is not None:
+        message.changed_at.CopyFrom(_timestamp(view.changed_at))
+    if view.next_probe_at is not None:
+        message.next_probe_at.CopyFrom(_timestamp(view.next_probe_at))
+    return message
+
 
 class RecoveryServicer(pb_grpc.RecoveryServiceServicer):
-    """Takes failure reports, runs recoveries, keeps breakers."""
+    """Takes failure reports, serves recoveries and breakers."""
 
-    ReportFailure = unimplemented(f"{SERVICE}/ReportFailure", "recovery strategies")
-    GetRecovery = unimplemented(f"{SERVICE}/GetRecovery", "recovery strategies")
-    ListRecoveries = unimplemented(f"{SERVICE}/ListRecoveries", "recovery strategies")
-    WatchRecoveries = unimplemented(f"{SERVICE}/WatchRecoveries", "recovery strategies")
-    GetBreaker = unimplemented(f"{SERVICE}/GetBreaker", "circuit breakers")
-    ListBreakers = unimplemented(f"{SERVICE}/ListBreakers", "circuit breakers")
-    ResetBreaker = unimplemented(f"{SERVICE}/ResetBreaker", "circuit breakers")
+    def __init__(
+        self,
+        *,
+        recoveries: Recoveries,
+        breakers: Breakers,
+        lifecycle: Lifecycle,
+        list_limit: int = 100,
+    ) -> None:
+        self._recoveries = recoveries
+        self._breakers = breakers
+        self._lifecycle = lifecycle
+        self._list_limit = list_limit
+
+    async def ReportFailure(
+        self, request: pb.ReportFailureRequest, context: Context
+    ) -> pb.ReportFailureResponse:
+        """Start a recovery, or join the one running for the same failure."""
+        if not request.HasField("report"):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "report is missing")
+        if request.strategy and request.strategy not in {s.value for s in Strategy}:
+            names = ", ".join(s.label for s in Strategy)
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"strategy {request.strategy} is unknown; leave it unset or use {names}",
+            )
+        try:
+            failure = failure_from_proto(request.report)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        strategy = Strategy(request.strategy) if request.strategy else None
+        record, joined = self._recoveries.report(failure, strategy)
+        return pb.ReportFailureResponse(recovery_id=record.recovery_id, deduplicated=joined)
+
+    async def GetRecovery(
+        self, request: pb.GetRecoveryRequest, context: Context
+    ) -> pb.GetRecoveryResponse:
+        """One recovery by id."""
+        if not request.recovery_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "recovery_id is empty")
+        record = self._recoveries.get(request.recovery_id)
+        if record is None:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"no recovery {request.recovery_id!r} (unknown, or older than the "
+                "recoveries kept; ListRecoveries shows those kept)",
+            )
+        return pb.GetRecoveryResponse(recovery=recovery_to_proto(record))
+
+    async def ListRecoveries(
+        self, request: pb.ListRecoveriesRequest, context: Context
+    ) -> pb.ListRecoveriesResponse:
+        """Recent recoveries, newest first."""
+        if request.limit < 0:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"limit {request.limit} is negative; 0 means the default of {self._list_limit}",
+            )
+        records = self._recoveries.list(request.limit or self._list_limit)
+        return pb.ListRecoveriesResponse(recoveries=[recovery_to_proto(r) for r in records])
+
+    async def WatchRecoveries(
+        self, request: pb.WatchRecoveriesRequest, context: Context
+    ) -> AsyncIterator[pb.WatchRecoveriesResponse]:
+        """Every change to every recovery until the client leaves or the server drains."""
+        watch = self._recoveries.watch(include_existing=request.include_existing)
+        try:
+            async for record in self._lifecycle.stream(watch, context):
+                yield pb.WatchRecoveriesResponse(recovery=recovery_to_proto(record))
+        except WatchOverflow as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        finally:
+            watch.close()
+
+    async def GetBreaker(
+        self, request: pb.GetBreakerRequest, context: Context
+    ) -> pb.GetBreakerResponse:
+        """One breaker; a target never seen has a closed one."""
+        key = await self._key(request.scope, request.target_id, context)
+        return pb.GetBreakerResponse(breaker=breaker_to_proto(self._breakers.get(key)))
+
+    async def ListBreakers(
+        self, request: pb.ListBreakersRequest, context: Context
+    ) -> pb.ListBreakersResponse:
+        """Every breaker that has seen an outcome."""
+        return pb.ListBreakersResponse(
+            breakers=[breaker_to_proto(view) for view in self._breakers.list()]
+        )
+
+    async def ResetBreaker(
+        self, request: pb.ResetBreakerRequest, context: Context
+    ) -> pb.ResetBreakerResponse:
+        """Close a breaker by hand."""
+        key = await self._key(request.scope, request.target_id, context)
+        return pb.ResetBreakerResponse(breaker=breaker_to_proto(self._breakers.reset(key)))
+
+    async def _key(self, scope: int, target_id: str, context: Context) -> BreakerKey:
+        try:
+            return BreakerKey.parse(scope, target_id)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))

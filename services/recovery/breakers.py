@@ -1,0 +1,353 @@
+"""Circuit breakers per agent and per browser.
+
+A breaker guards one target: an agent (``agent-1``) or one of its browsers
+(``agent-1/b0``). It is CLOSED while the target is trusted, OPEN for a while after
+the target failed too often, then HALF_OPEN, when a few probes decide whether it
+closes again or reopens. Recovery skips the levels that act in place on an open
+target; the fault-injector scales its faults to the state (DESIGN §6).
+
+Plain logic with an injected clock; no gRPC here. An OPEN breaker turns HALF_OPEN
+lazily, the first time anyone looks at it after its open duration; the transition
+is recorded at the moment the duration ended, not at the moment it was noticed.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+Clock = Callable[[], float]
+"""Seconds since the epoch; ``time.time`` in the service, a fake in tests."""
+
+
+class BreakerState(enum.IntEnum):
+    """A breaker's state; the numbers are webshard.common.v1.BreakerState's."""
+
+    CLOSED = 1
+    OPEN = 2
+    HALF_OPEN = 3
+
+    @property
+    def label(self) -> str:
+        """The state in lowercase, as logs and spans show it."""
+        return self.name.lower()
+
+
+class BreakerScope(enum.IntEnum):
+    """What a breaker guards; the numbers are webshard.recovery.v1.BreakerScope's."""
+
+    AGENT = 1
+    BROWSER = 2
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerKey:
+    """Names one breaker: its scope and its target id ("agent" or "agent/browser")."""
+
+    scope: BreakerScope
+    target_id: str
+
+    @classmethod
+    def agent(cls, agent_id: str) -> BreakerKey:
+        """The breaker of an agent."""
+        return cls(BreakerScope.AGENT, agent_id)
+
+    @classmethod
+    def browser(cls, agent_id: str, browser_id: str) -> BreakerKey:
+        """The breaker of one browser of an agent."""
+        return cls(BreakerScope.BROWSER, f"{agent_id}/{browser_id}")
+
+    @classmethod
+    def parse(cls, scope: int, target_id: str) -> BreakerKey:
+        """Check a scope and an id as a caller sent them; raise ValueError saying what is wrong."""
+        if scope not in {s.value for s in BreakerScope}:
+            raise ValueError("scope must be agent or browser")
+        if not target_id:
+            raise ValueError("target_id is empty; give an agent id or agent/browser")
+        parts = target_id.split("/")
+        if scope == BreakerScope.AGENT and len(parts) != 1:
+            raise ValueError(f"an agent breaker's id has no slash; {target_id!r} names a browser")
+        if scope == BreakerScope.BROWSER and (len(parts) != 2 or not all(parts)):
+            raise ValueError(f"a browser breaker's id is agent/browser, not {target_id!r}")
+        return cls(BreakerScope(scope), target_id)
+
+    def __str__(self) -> str:
+        return self.target_id
+
+
+@dataclass(frozen=True)
+class BreakerConfig:
+    """How every breaker decides; one configuration for all of them."""
+
+    enabled: bool = True
+    """False keeps every breaker CLOSED (outcomes are still counted), so a run with
+    breakers and a run without them can be measured side by side."""
+    window: int = 20
+    """The failure rate is taken over this many most recent outcomes."""
+    minimum_calls: int = 10
+    """The failure rate counts only once the window holds at least this many outcomes,
+    so two failures out of three calls do not open a breaker."""
+    failure_rate_threshold: float = 0.5
+    """A CLOSED breaker opens when the failure fraction over the window reaches this."""
+    consecutive_failures: int = 5
+    """A CLOSED breaker opens after this many failures in a row; 0 turns this rule off."""
+    open_duration_s: float = 30.0
+    """An OPEN breaker turns HALF_OPEN after this many seconds."""
+    half_open_probes: int = 3
+    """A HALF_OPEN breaker closes after this many successes in a row; any failure reopens it."""
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first value out of range."""
+        if self.window < 1:
+            raise ValueError(f"breaker window {self.window} must be at least 1")
+        if not 1 <= self.minimum_calls <= self.window:
+            raise ValueError(
+                f"breaker minimum calls {self.minimum_calls} must be within 1..window "
+                f"({self.window})"
+            )
+        if not 0 < self.failure_rate_threshold <= 1:
+            raise ValueError(
+                f"breaker failure rate threshold {self.failure_rate_threshold} "
+                "must be within (0, 1]"
+            )
+        if self.consecutive_failures < 0:
+            raise ValueError(
+                f"breaker consecutive failures {self.consecutive_failures} is negative"
+            )
+        if self.open_duration_s <= 0:
+            raise ValueError(f"breaker open duration {self.open_duration_s} s must be positive")
+        if self.half_open_probes < 1:
+            raise ValueError(f"breaker half-open probes {self.half_open_probes} must be >= 1")
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """One change of a breaker's state."""
+
+    key: BreakerKey
+    from_state: BreakerState
+    to_state: BreakerState
+    at: float
+    """When it changed, seconds since the epoch."""
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerView:
+    """A breaker as callers see it at one moment."""
+
+    key: BreakerKey
+    state: BreakerState
+    consecutive_failures: int
+    failure_rate: float
+    """Failure fraction over the window; 0 for an empty window."""
+    calls: int
+    """Outcomes in the window."""
+    changed_at: float | None
+    """When the state last changed; None when it never did."""
+    next_probe_at: float | None
+    """When an OPEN breaker turns HALF_OPEN; None in the other states."""
+
+
+class CircuitBreaker:
+    """One breaker. Not thread-safe; the service uses it from one event loop."""
+
+    def __init__(
+        self,
+        key: BreakerKey,
+        config: BreakerConfig,
+        clock: Clock,
+        emit: Callable[[Transition], None],
+    ) -> None:
+        self.key = key
+        self._config = config
+        self._clock = clock
+        self._emit = emit
+        self._state = BreakerState.CLOSED
+        self._outcomes: deque[bool] = deque(maxlen=config.window)
+        self._consecutive = 0
+        self._probe_successes = 0
+        self._changed_at: float | None = None
+        self._open_until: float | None = None
+
+    @property
+    def state(self) -> BreakerState:
+        """The state now (an OPEN breaker whose time is up has turned HALF_OPEN)."""
+        self._advance()
+        return self._state
+
+    @property
+    def failure_rate(self) -> float:
+        """Failure fraction over the window."""
+        if not self._outcomes:
+            return 0.0
+        return self._outcomes.count(False) / len(self._outcomes)
+
+    def allows(self) -> bool:
+        """Whether work may go to the target: CLOSED, or HALF_OPEN for a probe."""
+        return self.state != BreakerState.OPEN
+
+    def record(self, ok: bool, reason: str) -> None:
+        """Count one outcome and change state if a threshold says so.
+
+        While OPEN, outcomes are counted but change nothing: the open duration is a
+        promise to leave the target alone for that long.
+        """
+        self._advance()
+        self._outcomes.append(ok)
+        self._consecutive = 0 if ok else self._consecutive + 1
+        if not self._config.enabled:
+            return
+        config = self._config
+        if self._state == BreakerState.HALF_OPEN:
+            if not ok:
+                self._move(BreakerState.OPEN, self._clock(), f"a half-open probe failed: {reason}")
+                return
+            self._probe_successes += 1
+            if self._probe_successes >= config.half_open_probes:
+                self._move(
+                    BreakerState.CLOSED,
+                    self._clock(),
+                    f"{self._probe_successes} half-open probes succeeded",
+                )
+        elif self._state == BreakerState.CLOSED and not ok:
+            rate = self.failure_rate
+            if config.consecutive_failures and self._consecutive >= config.consecutive_failures:
+                self._move(
+                    BreakerState.OPEN,
+                    self._clock(),
+                    f"{self._consecutive} consecutive failures "
+                    f"(threshold {config.consecutive_failures}): {reason}",
+                )
+            elif (
+                len(self._outcomes) >= config.minimum_calls
+                and rate >= config.failure_rate_threshold
+            ):
+                self._move(
+                    BreakerState.OPEN,
+                    self._clock(),
+                    f"failure rate {rate:.0%} over the last {len(self._outcomes)} outcomes "
+                    f"(threshold {config.failure_rate_threshold:.0%}): {reason}",
+                )
+
+    def reset(self, reason: str) -> None:
+        """Close the breaker and forget its outcomes; recorded when it was not CLOSED."""
+        self._advance()
+        if self._state != BreakerState.CLOSED:
+            self._move(BreakerState.CLOSED, self._clock(), reason)
+        self._outcomes.clear()
+        self._consecutive = 0
+
+    def view(self) -> BreakerView:
+        """A snapshot of the breaker."""
+        state = self.state
+        return BreakerView(
+            key=self.key,
+            state=state,
+            consecutive_failures=self._consecutive,
+            failure_rate=self.failure_rate,
+            calls=len(self._outcomes),
+            changed_at=self._changed_at,
+            next_probe_at=self._open_until if state == BreakerState.OPEN else None,
+        )
+
+    def _advance(self) -> None:
+        if (
+            self._state == BreakerState.OPEN
+            and self._open_until is not None
+            and self._clock() >= self._open_until
+        ):
+            self._move(
+                BreakerState.HALF_OPEN,
+                self._open_until,
+                f"open for {self._config.open_duration_s:g} s; "
+                f"{self._config.half_open_probes} successful probes close it",
+            )
+
+    def _move(self, to_state: BreakerState, at: float, reason: str) -> None:
+        transition = Transition(self.key, self._state, to_state, at, reason)
+        self._state = to_state
+        self._changed_at = at
+        self._probe_successes = 0
+        if to_state == BreakerState.OPEN:
+            self._open_until = at + self._config.open_duration_s
+        else:
+            self._open_until = None
+        if to_state == BreakerState.CLOSED:
+            # A closed breaker starts afresh: the failures that opened it are history.
+            self._outcomes.clear()
+            self._consecutive = 0
+        self._emit(transition)
+
+
+class Breakers:
+    """Every breaker, created on first use, with the history of their transitions."""
+
+    def __init__(self, config: BreakerConfig, clock: Clock, *, history: int = 1000) -> None:
+        config.validate()
+        self.config = config
+        self._clock = clock
+        self._breakers: dict[BreakerKey, CircuitBreaker] = {}
+        self._history: deque[Transition] = deque(maxlen=history)
+        self._listeners: list[Callable[[Transition], None]] = []
+
+    def add_listener(self, listener: Callable[[Transition], None]) -> Callable[[], None]:
+        """Call ``listener`` with every transition from now on; returns a function that stops it."""
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener)
+
+    def transitions(self) -> list[Transition]:
+        """The most recent transitions, oldest first."""
+        return list(self._history)
+
+    def get(self, key: BreakerKey) -> BreakerView:
+        """The breaker's view; a target never seen has a CLOSED breaker (not stored)."""
+        breaker = self._breakers.get(key)
+        if breaker is None:
+            return BreakerView(key, BreakerState.CLOSED, 0, 0.0, 0, None, None)
+        return breaker.view()
+
+    def is_open(self, key: BreakerKey) -> bool:
+        """Whether the target's breaker is OPEN now."""
+        breaker = self._breakers.get(key)
+        return breaker is not None and not breaker.allows()
+
+    def record(self, key: BreakerKey, ok: bool, reason: str) -> None:
+        """Count one outcome for one breaker."""
+        self._breaker(key).record(ok, reason)
+
+    def record_target(self, agent_id: str, browser_id: str, ok: bool, reason: str) -> None:
+        """Count one outcome for an agent and, when named, its browser."""
+        if browser_id:
+            self.record(BreakerKey.browser(agent_id, browser_id), ok, reason)
+        self.record(BreakerKey.agent(agent_id), ok, reason)
+
+    def reset(self, key: BreakerKey, reason: str = "reset by hand") -> BreakerView:
+        """Close a breaker by hand; a target never seen stays unstored and CLOSED."""
+        breaker = self._breakers.get(key)
+        if breaker is None:
+            return self.get(key)
+        breaker.reset(reason)
+        return breaker.view()
+
+    def list(self) -> list[BreakerView]:
+        """Every breaker, agents first, then by id."""
+        return [self._breakers[key].view() for key in sorted(self._breakers, key=_order)]
+
+    def _breaker(self, key: BreakerKey) -> CircuitBreaker:
+        breaker = self._breakers.get(key)
+        if breaker is None:
+            breaker = CircuitBreaker(key, self.config, self._clock, self._emit)
+            self._breakers[key] = breaker
+        return breaker
+
+    def _emit(self, transition: Transition) -> None:
+        self._history.append(transition)
+        for listener in list(self._listeners):
+            listener(transition)
+
+
+def _order(key: BreakerKey) -> tuple[int, str]:
+    return (key.scope.value, key.target_id)

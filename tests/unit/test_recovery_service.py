@@ -1,0 +1,553 @@
+"""Recovery bookkeeping, its traces, the servicer over a real in-process gRPC server,
+and the coordinator actuator against a fake SDK client."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from webshard.aio import InferResult, ShardHop
+from webshard.common.v1 import common_pb2
+from webshard.coordinator.v1 import coordinator_pb2
+from webshard.errors import NotFoundError, UnavailableError
+from webshard.recovery.v1 import recovery_pb2 as pb
+from webshard.recovery.v1 import recovery_pb2_grpc as pb_grpc
+
+from services.common.server import Lifecycle
+from services.common.settings import SettingsError, load_settings
+from services.recovery.actuator import CoordinatorActuator, placement_from_proto
+from services.recovery.breakers import BreakerConfig, BreakerKey, Breakers, BreakerState
+from services.recovery.execution import ActionFailed, ActionUnavailable
+from services.recovery.recoveries import (
+    Recoveries,
+    RecoveriesConfig,
+    RecoveryRecord,
+    RecoveryState,
+    WatchOverflow,
+)
+from services.recovery.servicer import RecoveryServicer
+from services.recovery.settings import RecoverySettings
+from services.recovery.strategies import (
+    Action,
+    AdaptiveChooser,
+    FailureKind,
+    Level,
+    ModelPlacement,
+    Strategy,
+    Target,
+)
+from tests.unit.test_recovery_breakers import T0, FakeClock
+from tests.unit.test_recovery_strategies import FAIL, PLACEMENT, FakeActuator, failure
+
+
+@dataclass
+class FakePlacements:
+    """Placements by model; ``None`` for a model not deployed."""
+
+    placements: dict[str, ModelPlacement] = field(default_factory=dict)
+
+    async def placement(self, model: str) -> ModelPlacement | None:
+        return self.placements.get(model)
+
+
+@dataclass
+class Harness:
+    """Recoveries over a fake actuator and clock, with spans kept in memory."""
+
+    clock: FakeClock
+    actuator: FakeActuator
+    breakers: Breakers
+    recoveries: Recoveries
+    spans: InMemorySpanExporter
+
+
+@pytest.fixture
+async def harness() -> AsyncIterator[Harness]:
+    clock = FakeClock()
+    actuator = FakeActuator(clock)
+    breakers = Breakers(BreakerConfig(), clock)
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    recoveries = Recoveries(
+        actuator=actuator,
+        placements=FakePlacements({"minilm-l6": PLACEMENT}),
+        breakers=breakers,
+        chooser=AdaptiveChooser(min_trials=1),
+        config=RecoveriesConfig(default_strategy=Strategy.PROGRESSIVE, max_recoveries=5),
+        clock=clock,
+        tracer_provider=provider,
+        new_id=iter(f"r{i}" for i in range(1, 1000)).__next__,
+    )
+    yield Harness(clock, actuator, breakers, recoveries, exporter)
+    await recoveries.close()
+
+
+# ----------------------------------------------------------------------------- bookkeeping
+
+
+async def test_a_recovery_runs_from_detection_to_the_verify_that_passed(harness: Harness) -> None:
+    harness.clock.advance(0.5)  # the report arrives half a second after detection
+    record, joined = harness.recoveries.report(failure(FailureKind.SHARD_ERROR), Strategy.SIMPLE)
+    assert (record.recovery_id, joined, record.state) == ("r1", False, RecoveryState.RUNNING)
+    done = await harness.recoveries.wait("r1")
+    assert done.state == RecoveryState.SUCCEEDED
+    assert [p.name for p in done.phases] == ["detect", "plan", "replace", "verify"]
+    assert done.phases[0].duration_s == 0.5
+    assert done.started_at == T0
+    # detect 0.5 s, then replace and verify at 0.25 s each.
+    assert done.finished_at == T0 + 1.0
+    assert done.duration_s == 1.0
+    assert done.highest_level == Level.REPLACE_ON_STANDBY
+    assert done.detail.startswith("restored at replace_on_standby: verify done")
+    assert (done.strategy, done.chosen) == (Strategy.SIMPLE, Strategy.SIMPLE)
+    # The report counted as a failure; the passing verify as a success.
+    assert harness.breakers.get(BreakerKey.browser("agent-1", "b0")).calls == 2
+
+
+async def test_the_strategy_comes_from_the_request_then_the_model_then_the_default(
+    harness: Harness,
+) -> None:
+    # minilm-l6 was deployed with coordinated.
+    record, _ = harness.recoveries.report(failure(shard_index=0))
+    assert (await harness.recoveries.wait(record.recovery_id)).strategy == Strategy.COORDINATED
+    record, _ = harness.recoveries.report(failure(model="vit-tiny"))
+    assert (await harness.recoveries.wait(record.recovery_id)).strategy == Strategy.PROGRESSIVE
+    record, _ = harness.recoveries.report(failure(shard_index=2), Strategy.ADAPTIVE)
+    done = await harness.recoveries.wait(record.recovery_id)
+    assert done.strategy == Strategy.ADAPTIVE
+    assert done.chosen in AdaptiveChooser.CANDIDATES
+    assert done.phases[1].detail.startswith(f"adaptive chose {done.chosen.label} (exploring")
+    # Every finished recovery feeds adaptive's history.
+    stats = harness.recoveries.chooser.stats(FailureKind.RENDERER_CRASH)
+    assert sum(s.trials for s in stats.values()) == 3
+
+
+async def test_reports_of_one_failure_share_one_recovery_while_it_runs(harness: Harness) -> None:
+    harness.actuator.gate = asyncio.Event()
+    first, joined = harness.recoveries.report(failure())
+    assert not joined
+    second, joined = harness.recoveries.report(failure())
+    assert joined
+    assert second.recovery_id == first.recovery_id
+    assert second.reports == 2
+    # Another shard, or the same one detected outside the window, is another recovery.
+    other, joined = harness.recoveries.report(failure(shard_index=2))
+    assert not joined and other.recovery_id != first.recovery_id
+    late = dataclasses.replace(failure(), detected_at=T0 + 60)
+    assert not harness.recoveries.report(late)[1]
+    # A deduplicated report is not another failure for the breakers.
+    assert harness.breakers.get(BreakerKey.browser("agent-1", "b0")).calls == 3
+
+    harness.actuator.gate.set()
+    await harness.recoveries.wait(first.recovery_id)
+    # After it finished, the next report starts a new recovery.
+    again, joined = harness.recoveries.report(failure())
+    assert not joined and again.recovery_id not in (first.recovery_id, other.recovery_id)
+
+
+async def test_watch_sends_the_existing_then_every_change(harness: Harness) -> None:
+    record, _ = harness.recoveries.report(failure())
+    await harness.recoveries.wait(record.recovery_id)
+    watch = harness.recoveries.watch(include_existing=True)
+    existing = await anext(watch)
+    assert (existing.recovery_id, existing.state) == ("r1", RecoveryState.SUCCEEDED)
+
+    harness.recoveries.report(failure(shard_index=2))
+    changes: list[RecoveryRecord] = []
+    async with asyncio.timeout(5):
+        while not changes or changes[-1].state == RecoveryState.RUNNING:
+            changes.append(await anext(watch))
+    assert {c.recovery_id for c in changes} == {"r2"}
+    assert changes[0].phases == ()
+    # Created, planned, then one change per phase, then finished.
+    phases = len(changes[-1].phases)
+    assert [len(c.phases) for c in changes] == [0, 0, *range(1, phases + 1), phases]
+    assert changes[1].chosen == Strategy.COORDINATED
+    watch.close()
+
+
+async def test_a_watcher_that_falls_behind_is_told_so(harness: Harness) -> None:
+    small = Recoveries(
+        actuator=harness.actuator,
+        breakers=harness.breakers,
+        chooser=AdaptiveChooser(),
+        config=RecoveriesConfig(watch_buffer=2),
+        clock=harness.clock,
+    )
+    watch = small.watch()
+    record, _ = small.report(failure())
+    await small.wait(record.recovery_id)
+    with pytest.raises(WatchOverflow, match="more than 2 changes behind"):
+        await anext(watch)
+
+
+async def test_recent_recoveries_are_bounded_and_listed_newest_first(harness: Harness) -> None:
+    for shard in range(7):
+        record, _ = harness.recoveries.report(failure(shard_index=shard))
+        await harness.recoveries.wait(record.recovery_id)
+    listed = harness.recoveries.list(10)
+    assert [r.recovery_id for r in listed] == ["r7", "r6", "r5", "r4", "r3"]
+    assert [r.recovery_id for r in harness.recoveries.list(2)] == ["r7", "r6"]
+    assert harness.recoveries.get("r1") is None
+
+
+async def test_stopping_fails_the_running_recoveries(harness: Harness) -> None:
+    harness.actuator.gate = asyncio.Event()
+    watch = harness.recoveries.watch()
+    # One stopped in the middle of its verify, one before it began.
+    record, _ = harness.recoveries.report(failure(model="vit-tiny"))
+    async with asyncio.timeout(5):
+        while len((await anext(watch)).phases) < 3:  # detect, plan, retry
+            pass
+    unstarted, _ = harness.recoveries.report(failure(shard_index=2))
+    await harness.recoveries.close()
+    for recovery_id in (record.recovery_id, unstarted.recovery_id):
+        done = harness.recoveries.get(recovery_id)
+        assert done is not None and done.state == RecoveryState.FAILED
+        assert done.detail == "the recovery service stopped before the recovery finished"
+    # Every span ended, the interrupted verify's included.
+    names = [s.name for s in harness.spans.get_finished_spans()]
+    assert names.count("recovery") == 2
+    assert "verify" in names
+
+
+# ----------------------------------------------------------------------------- trace
+
+
+async def test_each_recovery_is_one_trace_with_a_span_per_phase(harness: Harness) -> None:
+    harness.actuator.script = {Action.RETRY_IN_PLACE: FAIL}
+    reported = dataclasses.replace(
+        failure(FailureKind.SHARD_ERROR, model="vit-tiny"), fault_id="fault-7"
+    )
+    harness.clock.advance(0.1)
+    record, _ = harness.recoveries.report(reported)
+    done = await harness.recoveries.wait(record.recovery_id)
+
+    spans = harness.spans.get_finished_spans()
+    [root] = [s for s in spans if s.name == "recovery"]
+    children = [s for s in spans if s is not root]
+    assert root.parent is None
+    assert format(root.context.trace_id, "032x") == done.trace_id
+    assert len(done.trace_id) == 32 and done.trace_id == done.trace_id.lower()
+    assert dict(root.attributes or {}) | {} == {
+        "fault.id": "fault-7",
+        "fault.kind": "shard_error",
+        "failure.source": "data_path",
+        "agent.id": "agent-1",
+        "browser.id": "b0",
+        "model.name": "vit-tiny",
+        "shard.index": 1,
+        "recovery.id": done.recovery_id,
+        "recovery.strategy": "progressive",
+        "recovery.strategy.chosen": "progressive",
+        "recovery.outcome": "succeeded",
+        "recovery.highest_level": "reconnect",
+    }
+    assert root.start_time == round(T0 * 1e9)
+    assert root.end_time == round(done.finished_at * 1e9)  # type: ignore[operator]
+    assert [s.name for s in children] == [p.name for p in done.phases]
+    assert [s.name for s in children] == ["detect", "plan", "retry", "reconnect", "verify"]
+    for span, phase in zip(children, done.phases, strict=True):
+        assert span.parent is not None and span.parent.span_id == root.context.span_id
+        assert span.context.trace_id == root.context.trace_id
+        assert span.start_time == round(phase.started_at * 1e9)
+        assert (span.attributes or {})["recovery.ok"] == phase.ok
+
+
+# ----------------------------------------------------------------------------- servicer
+
+
+@dataclass
+class Served:
+    stub: pb_grpc.RecoveryServiceStub
+    lifecycle: Lifecycle
+    harness: Harness
+
+
+@pytest.fixture
+async def served(harness: Harness) -> AsyncIterator[Served]:
+    lifecycle = Lifecycle()
+    server = grpc.aio.server()
+    pb_grpc.add_RecoveryServiceServicer_to_server(
+        RecoveryServicer(
+            recoveries=harness.recoveries,
+            breakers=harness.breakers,
+            lifecycle=lifecycle,
+            list_limit=3,
+        ),
+        server,
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        yield Served(pb_grpc.RecoveryServiceStub(channel), lifecycle, harness)
+    await server.stop(None)
+
+
+def report(**fields: Any) -> pb.FailureReport:
+    values: dict[str, Any] = {
+        "source": pb.FAILURE_SOURCE_PAGE,
+        "kind": pb.FAILURE_KIND_DEVICE_LOST,
+        "agent_id": "agent-1",
+        "browser_id": "b0",
+        "model": "minilm-l6",
+        "shard_index": 1,
+        "fault_id": "fault-1",
+        "detected_at": Timestamp(seconds=int(T0)),
+    }
+    values.update(fields)
+    return pb.FailureReport(**values)
+
+
+async def code_of(call: Any) -> grpc.StatusCode:
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await call
+    code: grpc.StatusCode = raised.value.code()
+    return code
+
+
+async def test_bad_input_gets_codes_that_say_what_is_wrong(served: Served) -> None:
+    stub = served.stub
+    invalid = grpc.StatusCode.INVALID_ARGUMENT
+    assert await code_of(stub.ReportFailure(pb.ReportFailureRequest())) == invalid
+    for bad in (
+        report(source=pb.FAILURE_SOURCE_UNSPECIFIED),
+        report(source=99),
+        report(kind=pb.FAILURE_KIND_UNSPECIFIED),
+        report(kind=42),
+        report(agent_id=""),
+        report(shard_index=-2),
+    ):
+        request = pb.ReportFailureRequest(report=bad)
+        assert await code_of(stub.ReportFailure(request)) == invalid, bad
+    request = pb.ReportFailureRequest(report=report(), strategy=17)  # type: ignore[arg-type]
+    assert await code_of(stub.ReportFailure(request)) == invalid
+    assert await code_of(stub.GetRecovery(pb.GetRecoveryRequest())) == invalid
+    missing = stub.GetRecovery(pb.GetRecoveryRequest(recovery_id="nope"))
+    assert await code_of(missing) == grpc.StatusCode.NOT_FOUND
+    assert await code_of(stub.ListRecoveries(pb.ListRecoveriesRequest(limit=-1))) == invalid
+    assert await code_of(stub.GetBreaker(pb.GetBreakerRequest(target_id="agent-1"))) == invalid
+    wrong_scope = pb.ResetBreakerRequest(scope=pb.BREAKER_SCOPE_BROWSER, target_id="agent-1")
+    assert await code_of(stub.ResetBreaker(wrong_scope)) == invalid
+
+
+async def test_report_get_list_and_breakers_over_grpc(served: Served) -> None:
+    stub = served.stub
+    # The fault-injector may ask about any target, seen or not.
+    unseen = await stub.GetBreaker(
+        pb.GetBreakerRequest(scope=pb.BREAKER_SCOPE_BROWSER, target_id="agent-9/b2")
+    )
+    assert unseen.breaker.state == common_pb2.BREAKER_STATE_CLOSED
+    assert unseen.breaker.target_id == "agent-9/b2"
+
+    first = await stub.ReportFailure(
+        pb.ReportFailureRequest(report=report(), strategy=common_pb2.RECOVERY_STRATEGY_SIMPLE)
+    )
+    assert not first.deduplicated
+    done = await served.harness.recoveries.wait(first.recovery_id)
+    got = (await stub.GetRecovery(pb.GetRecoveryRequest(recovery_id=done.recovery_id))).recovery
+    assert got.state == pb.RECOVERY_STATE_SUCCEEDED
+    assert got.strategy == common_pb2.RECOVERY_STRATEGY_SIMPLE
+    assert got.report.fault_id == "fault-1"
+    assert got.report.detected_at.seconds == int(T0)
+    assert [p.name for p in got.phases] == ["detect", "plan", "replace", "replace", "verify"]
+    assert got.phases[2].level == pb.ESCALATION_LEVEL_REPLACE_ON_STANDBY
+    assert got.highest_level == pb.ESCALATION_LEVEL_REPLACE_ON_STANDBY
+    assert got.started_at.seconds == int(T0)
+    assert got.duration.ToNanoseconds() == round(done.duration_s * 1e9)  # type: ignore[operator]
+    assert got.trace_id == done.trace_id
+
+    for shard in (0, 2, 3):
+        response = await stub.ReportFailure(
+            pb.ReportFailureRequest(report=report(shard_index=shard))
+        )
+        await served.harness.recoveries.wait(response.recovery_id)
+    listed = (await stub.ListRecoveries(pb.ListRecoveriesRequest())).recoveries
+    assert [r.report.shard_index for r in listed] == [3, 2, 0]  # the default limit is 3
+    two = (await stub.ListRecoveries(pb.ListRecoveriesRequest(limit=2))).recoveries
+    assert len(two) == 2
+
+    breakers = (await stub.ListBreakers(pb.ListBreakersRequest())).breakers
+    assert [(b.scope, b.target_id) for b in breakers] == [
+        (pb.BREAKER_SCOPE_AGENT, "agent-1"),
+        (pb.BREAKER_SCOPE_BROWSER, "agent-1/b0"),
+    ]
+    # Open one by hand, then reset it over gRPC; the reset is a recorded transition.
+    key = BreakerKey.agent("agent-1")
+    for _ in range(5):
+        served.harness.breakers.record(key, False, "test")
+    agent = await stub.GetBreaker(
+        pb.GetBreakerRequest(scope=pb.BREAKER_SCOPE_AGENT, target_id="agent-1")
+    )
+    assert agent.breaker.state == common_pb2.BREAKER_STATE_OPEN
+    assert agent.breaker.next_probe_at.seconds > 0
+    reset = await stub.ResetBreaker(
+        pb.ResetBreakerRequest(scope=pb.BREAKER_SCOPE_AGENT, target_id="agent-1")
+    )
+    assert reset.breaker.state == common_pb2.BREAKER_STATE_CLOSED
+    last = served.harness.breakers.transitions()[-1]
+    assert (last.to_state, last.reason) == (BreakerState.CLOSED, "reset by hand")
+
+
+async def test_a_second_report_of_a_running_recovery_is_deduplicated(served: Served) -> None:
+    served.harness.actuator.gate = asyncio.Event()
+    request = pb.ReportFailureRequest(report=report())
+    first = await served.stub.ReportFailure(request)
+    second = await served.stub.ReportFailure(request)
+    assert (second.recovery_id, second.deduplicated) == (first.recovery_id, True)
+    served.harness.actuator.gate.set()
+
+
+async def test_watch_streams_existing_then_changes_and_ends_on_drain(served: Served) -> None:
+    stub, recoveries = served.stub, served.harness.recoveries
+    record, _ = recoveries.report(failure())
+    await recoveries.wait(record.recovery_id)
+
+    call = stub.WatchRecoveries(pb.WatchRecoveriesRequest(include_existing=True))
+    async with asyncio.timeout(10):
+        existing = await call.read()
+        assert existing.recovery.recovery_id == record.recovery_id
+        assert existing.recovery.state == pb.RECOVERY_STATE_SUCCEEDED
+
+        response = await stub.ReportFailure(pb.ReportFailureRequest(report=report(shard_index=3)))
+        states = []
+        while not states or states[-1] == pb.RECOVERY_STATE_RUNNING:
+            change = await call.read()
+            assert change.recovery.recovery_id == response.recovery_id
+            states.append(change.recovery.state)
+        assert states[-1] == pb.RECOVERY_STATE_SUCCEEDED
+
+        served.lifecycle.draining.set()
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            await call.read()
+    assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+# ----------------------------------------------------------------------------- actuator
+
+
+@dataclass
+class FakeClient:
+    """Stands in for webshard.aio.Client: a placement and scripted inference answers."""
+
+    placement_proto: coordinator_pb2.Placement | None = None
+    answers: list[InferResult | Exception] = field(default_factory=list)
+    inferred: list[str] = field(default_factory=list)
+
+    async def placement(self, model: str, *, timeout: float | None = None) -> Any:
+        if self.placement_proto is None:
+            raise NotFoundError(f"{model} is not deployed")
+        return self.placement_proto
+
+    async def infer(self, model: str, *, timeout: float | None = None, **kw: Any) -> InferResult:
+        self.inferred.append(model)
+        answer = self.answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    async def close(self) -> None:
+        pass
+
+
+def answer(value: float) -> InferResult:
+    hops = [
+        ShardHop(0, "agent-2", "b0", "wasm", 1.0, 2.0, 1),
+        ShardHop(1, "agent-3", "b1", "wasm", 1.0, 2.0, 2),
+    ]
+    return InferResult("req", {"embedding": np.array([value, 1.0], np.float32)}, hops, 4.0, True)
+
+
+def coordinator_placement() -> coordinator_pb2.Placement:
+    replica = coordinator_pb2.ShardReplica
+    return coordinator_pb2.Placement(
+        model="minilm-l6",
+        recovery_strategy=common_pb2.RECOVERY_STRATEGY_PROGRESSIVE,
+        shards=[
+            coordinator_pb2.ShardPlacement(
+                shard=common_pb2.ShardSpec(index=0),
+                replicas=[replica(agent_id="agent-1", browser_id="b0", healthy=False)],
+            ),
+            coordinator_pb2.ShardPlacement(
+                shard=common_pb2.ShardSpec(index=1),
+                replicas=[
+                    replica(agent_id="agent-1", browser_id="b0", healthy=False),
+                    replica(agent_id="agent-3", browser_id="b1", healthy=True),
+                ],
+            ),
+        ],
+    )
+
+
+async def test_coordinator_actuator_verifies_with_an_inference() -> None:
+    client = FakeClient(answers=[answer(0.5), answer(float("nan")), UnavailableError("no leader")])
+    actuator = CoordinatorActuator([], client=client)  # type: ignore[arg-type]
+    target = Target("agent-1", "b0", "minilm-l6", 1)
+    passed = await actuator.verify(target)
+    assert passed.served_by == (("agent-2", "b0"), ("agent-3", "b1"))
+    assert (
+        passed.detail == "minilm-l6 answered in 4.0 ms; shards 0@agent-2/b0, 1@agent-3/b1 (2 tries)"
+    )
+    with pytest.raises(ActionFailed, match="non-finite values in embedding") as nan:
+        await actuator.verify(target)
+    assert nan.value.failed_on == (("agent-2", "b0"), ("agent-3", "b1"))
+    with pytest.raises(ActionFailed, match="minilm-l6 did not answer: UNAVAILABLE: no leader"):
+        await actuator.verify(target)
+    assert (await actuator.verify(Target("agent-1"))).detail.startswith("the report names no model")
+
+
+async def test_coordinator_actuator_replaces_only_onto_a_healthy_replica_elsewhere() -> None:
+    client = FakeClient(placement_proto=coordinator_placement())
+    actuator = CoordinatorActuator([], client=client)  # type: ignore[arg-type]
+    moved = await actuator.replace_on_standby(Target("agent-1", "b0", "minilm-l6", 1))
+    assert moved.detail == "the coordinator's pipeline routes shard 1 to agent-3/b1"
+    with pytest.raises(ActionFailed, match="shard 0 of minilm-l6 has no healthy replica off"):
+        await actuator.replace_on_standby(Target("agent-1", "b0", "minilm-l6", 0))
+    with pytest.raises(ActionUnavailable):
+        await actuator.replace_on_standby(Target("agent-1", "b0"))
+    assert (await actuator.retry_in_place(Target("agent-1", "b0", "minilm-l6", 0))).detail
+    for action in (actuator.reconnect, actuator.restart_browser, actuator.restart_agent):
+        with pytest.raises(ActionUnavailable, match="needs"):
+            await action(Target("agent-1", "b0"))
+    with pytest.raises(ActionUnavailable, match="PauseModel"):
+        await actuator.barrier(Target("agent-1", "b0", "minilm-l6"))
+
+    placement = placement_from_proto(coordinator_placement())
+    assert placement.strategy == Strategy.PROGRESSIVE
+    assert placement.shards_on(Target("agent-1", "b0")) == [0, 1]
+    client.placement_proto = None
+    assert await actuator.placement("minilm-l6") is None
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+def test_settings_reach_the_knobs_and_bad_values_stop_startup() -> None:
+    settings = load_settings(
+        RecoverySettings,
+        [],
+        env={
+            "WEBSHARD_DEFAULT_STRATEGY": "adaptive",
+            "WEBSHARD_BREAKERS_ENABLED": "off",
+            "WEBSHARD_BREAKER_OPEN_S": "5",
+            "WEBSHARD_BREAKER_HALF_OPEN_PROBES": "1",
+        },
+    )
+    breaker = settings.breaker_config()
+    assert (breaker.enabled, breaker.open_duration_s, breaker.half_open_probes) == (False, 5.0, 1)
+    assert settings.recoveries_config().default_strategy == Strategy.ADAPTIVE
+    with pytest.raises(SettingsError, match="unknown recovery strategy 'fastest'"):
+        load_settings(RecoverySettings, ["--default-strategy", "fastest"], env={})
+    with pytest.raises(SettingsError, match="minimum calls"):
+        load_settings(RecoverySettings, ["--breaker-minimum-calls", "50"], env={})

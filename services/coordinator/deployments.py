@@ -18,11 +18,13 @@ import grpc
 from webshard.browser_agent.v1 import browser_agent_pb2 as agent_pb
 from webshard.common.v1 import common_pb2
 from webshard.coordinator.v1 import coordinator_pb2 as pb
+from webshard.recovery.v1 import recovery_pb2
 
 from services.coordinator.links import AgentLink, HopError
 from services.coordinator.pipeline import FailureSink, HopRunner, Pipeline, Replica, Stage
 from services.coordinator.placement import PlacementError, Slot, candidates_from, place
 from services.coordinator.registry import AgentRegistry
+from services.coordinator.reports import FailureReporter, failure_kind
 from services.models import Shard, UnknownModel, cut_model, model_info
 
 log = logging.getLogger(__name__)
@@ -109,9 +111,11 @@ class Deployments:
         registry: AgentRegistry,
         cache_dir: Path | None,
         *,
+        reporter: FailureReporter,
         load_timeout_s: float = 120.0,
     ) -> None:
         self._registry = registry
+        self._reporter = reporter
         self._cache_dir = cache_dir
         self._load_timeout = load_timeout_s
         self._links: dict[str, AgentLink] = {}
@@ -139,7 +143,16 @@ class Deployments:
         return reply.outputs, reply.compute.ToNanoseconds() / 1e6
 
     def on_failure(self, stage: Stage, replica: Replica, error: HopError) -> None:
-        """Note a failed hop (recovery takes these reports once it is connected)."""
+        """Report a failed hop to recovery; the pipeline replays it on the next replica."""
+        self._reporter.report(
+            source=recovery_pb2.FAILURE_SOURCE_DATA_PATH,
+            kind=failure_kind(error.code),
+            agent_id=replica.agent_id,
+            browser_id=replica.browser_id,
+            model=self._model_of(replica),
+            shard_index=stage.index,
+            message=error.message,
+        )
         log.warning(
             "hop failed; replaying the shard on another replica",
             extra={
@@ -149,6 +162,33 @@ class Deployments:
                 "error": error.message,
             },
         )
+
+    def _model_of(self, replica: Replica) -> str:
+        for model, deployment in self.models.items():
+            if any(replica in stage.replicas for stage in deployment.pipeline.stages):
+                return model
+        return ""
+
+    def agent_lost(self, agent_id: str) -> None:
+        """An agent's session broke: stop routing to it, and report each shard replica it held."""
+        self.mark_agent(agent_id, healthy=False)
+        lost = [
+            (model, stage.index, replica.browser_id)
+            for model, deployment in sorted(self.models.items())
+            for stage in deployment.pipeline.stages
+            for replica in stage.replicas
+            if replica.agent_id == agent_id
+        ]
+        for model, shard_index, browser_id in lost or [("", -1, "")]:
+            self._reporter.report(
+                source=recovery_pb2.FAILURE_SOURCE_HEARTBEAT,
+                kind=recovery_pb2.FAILURE_KIND_AGENT_GONE,
+                agent_id=agent_id,
+                browser_id=browser_id,
+                model=model,
+                shard_index=shard_index,
+                message="the agent's session with the coordinator ended",
+            )
 
     def mark_agent(self, agent_id: str, healthy: bool) -> None:
         """Flag every replica on an agent (after its session ended or it re-registered)."""

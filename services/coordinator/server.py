@@ -15,6 +15,7 @@ from services.coordinator.consensus import Replicator, StateMachine
 from services.coordinator.deployments import Deployments
 from services.coordinator.raft import Config, FileStorage
 from services.coordinator.registry import AgentRegistry
+from services.coordinator.reports import FailureReporter
 from services.coordinator.servicer import (
     RAFT_SERVICE,
     SERVICE,
@@ -39,7 +40,10 @@ def make_app(settings: CoordinatorSettings, lifecycle: Lifecycle) -> BasicApp:
         )
     data_dir = Path(settings.data_dir or owned_dir or ".")
     registry = AgentRegistry(settings.heartbeat_timeout_s)
-    deployments = Deployments(registry, Path(settings.cache_dir) if settings.cache_dir else None)
+    reporter = FailureReporter(settings.recovery)
+    deployments = Deployments(
+        registry, Path(settings.cache_dir) if settings.cache_dir else None, reporter=reporter
+    )
 
     def on_agent(entry: AgentEntry) -> None:
         registry.upsert(entry.agent_id, entry.address, entry.memory_budget_bytes, entry.browsers)
@@ -61,6 +65,7 @@ def make_app(settings: CoordinatorSettings, lifecycle: Lifecycle) -> BasicApp:
 
     async def stop() -> None:
         await deployments.close()
+        await reporter.close()
         await replicator.stop()
         if owned_dir is not None:
             shutil.rmtree(owned_dir, ignore_errors=True)

@@ -193,8 +193,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
                     )
         finally:
             self._registry.disconnected(reg.agent_id, session)
-            if not any(r.agent_id == reg.agent_id for r in self._registry.agents()):
-                self._deployments.mark_agent(reg.agent_id, healthy=False)
+            gone = not any(r.agent_id == reg.agent_id for r in self._registry.agents())
+            # A session this leader ended (a drain, lost leadership) is not the agent failing.
+            if gone and self._replicator.is_leader and not self._lifecycle.draining.is_set():
+                self._deployments.agent_lost(reg.agent_id)
             log.info("agent session ended", extra={"agent_id": reg.agent_id})
 
     async def ListAgents(

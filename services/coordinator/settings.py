@@ -45,6 +45,9 @@ class CoordinatorSettings(ServerSettings):
         1000, "Applied entries between snapshots (which let the log be compacted)."
     )
     heartbeat_interval_s: float = setting(1.0, "How often agents must send a heartbeat.")
+    recovery: str = setting(
+        "", "The recovery service's address; failures the coordinator detects go there."
+    )
     cache_dir: str = setting(
         "", "Where cut shards are cached; empty uses $WEBSHARD_CACHE_DIR or ~/.cache/webshard."
     )

@@ -15,6 +15,7 @@ import pytest
 import webshard
 from webshard.cli.local import LocalCluster
 from webshard.errors import InvalidArgumentError, NotFoundError, RPCError
+from webshard.recovery.v1 import recovery_pb2
 
 from services.models import prepare_inputs, reference_session
 from tests.conftest import wait_for
@@ -173,6 +174,17 @@ def test_a_killed_agent_is_replaced_by_the_next_replica(
     replicas = {r.agent_id for r in placement.shards[1].replicas}
     assert answered in replicas
     assert victim not in {hop.agent_id for hop in result.trail}
+
+    # The coordinator handed the failure to recovery, which verified the model answers.
+    with webshard.RecoveryClient(cluster.address("recovery"), timeout=30) as recovery:
+
+        def recovered() -> bool:
+            return any(
+                r.report.agent_id == victim and r.state == recovery_pb2.RECOVERY_STATE_SUCCEEDED
+                for r in recovery.list_recoveries()
+            )
+
+        wait_for(recovered, 30, f"a successful recovery from the loss of {victim}")
 
     cluster.restart(victim)
 

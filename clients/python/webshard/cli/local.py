@@ -144,7 +144,9 @@ def plan(
             ],
         )
     add("fault-injector", "fault_injector", 0, ["--coordinators", coordinator_list])
-    add("recovery", "recovery", 0, ["--coordinators", coordinator_list])
+    recovery = add("recovery", "recovery", 0, ["--coordinators", coordinator_list])
+    for c in coordinators:
+        c.args += ["--recovery", recovery.address]
     http_port = _free_port(host) if auto_ports else DASHBOARD_PORT
     add(
         "metrics",

@@ -1,0 +1,89 @@
+"""Hands failures the coordinator detects to the recovery service.
+
+Reports go out in the background: the data path never waits for recovery, and
+a recovery service that is down costs a log line, not a request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+from webshard.aio import RecoveryClient
+from webshard.errors import RPCError
+from webshard.recovery.v1 import recovery_pb2
+
+log = logging.getLogger(__name__)
+
+Kind = recovery_pb2.FailureKind
+
+
+def failure_kind(code: grpc.StatusCode) -> recovery_pb2.FailureKind.ValueType:
+    """What a failed hop's status says about the failure."""
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return Kind.FAILURE_KIND_TIMEOUT
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+        return Kind.FAILURE_KIND_STREAM_BROKEN
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return Kind.FAILURE_KIND_OUT_OF_MEMORY
+    return Kind.FAILURE_KIND_SHARD_ERROR
+
+
+class FailureReporter:
+    """Sends FailureReports to recovery, if an address is configured."""
+
+    def __init__(self, address: str, timeout_s: float = 2.0) -> None:
+        self._client = RecoveryClient(address, timeout=timeout_s) if address else None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def report(
+        self,
+        *,
+        source: recovery_pb2.FailureSource.ValueType,
+        kind: recovery_pb2.FailureKind.ValueType,
+        agent_id: str,
+        browser_id: str = "",
+        model: str = "",
+        shard_index: int = -1,
+        request_id: str = "",
+        message: str = "",
+    ) -> None:
+        """Queue one report; returns at once."""
+        if self._client is None:
+            return
+        detected = Timestamp()
+        detected.FromNanoseconds(time.time_ns())
+        report = recovery_pb2.FailureReport(
+            source=source,
+            kind=kind,
+            agent_id=agent_id,
+            browser_id=browser_id,
+            model=model,
+            shard_index=shard_index,
+            request_id=request_id,
+            message=message,
+            detected_at=detected,
+        )
+        task = asyncio.get_running_loop().create_task(self._send(report))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, report: recovery_pb2.FailureReport) -> None:
+        assert self._client is not None
+        try:
+            await self._client.report_failure(report)
+        except RPCError as exc:
+            log.warning(
+                "recovery did not take a failure report",
+                extra={"agent_id": report.agent_id, "code": exc.code.name, "error": exc.message},
+            )
+
+    async def close(self) -> None:
+        """Wait briefly for reports in flight, then close the channel."""
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=2)
+        if self._client is not None:
+            await self._client.close()

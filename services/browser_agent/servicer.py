@@ -1,4 +1,4 @@
-"""The browser agent's gRPC servicer: shard load, run and unload, status."""
+"""The browser agent's gRPC servicer: shard load, run and unload, status, fault hooks."""
 
 from __future__ import annotations
 
@@ -13,11 +13,12 @@ from webshard.browser_agent.v1 import browser_agent_pb2_grpc as pb_grpc
 from webshard.tensors import decode_tensor, encode_tensor
 
 from services.browser_agent.agent import ShardHost
+from services.browser_agent.hooks import FaultHooks, HookError, HookRequest
 from services.browser_agent.runtime import ShardRuntimeError
 from services.browser_agent.session import CoordinatorSession
 from services.browser_agent.settings import AgentSettings
 from services.browser_agent.store import ShardStore, StoreError, check_sha256
-from services.common.server import Lifecycle, unimplemented
+from services.common.server import Lifecycle
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ class BrowserAgentServicer(pb_grpc.BrowserAgentServiceServicer):
         self._store = store
         self._host = host
         self._lifecycle = lifecycle
+        self._hooks = FaultHooks(host, session)
 
     async def LoadShard(
         self, request_iterator: AsyncIterator[pb.LoadShardRequest], context: Context
@@ -121,6 +123,8 @@ class BrowserAgentServicer(pb_grpc.BrowserAgentServiceServicer):
         running: set[asyncio.Task[None]] = set()
 
         async def one(request: pb.RunShardRequest) -> None:
+            if not await self._hooks.data_path.deliver():
+                return  # an injected partition: the activation is lost and gets no answer
             reply = pb.RunShardResponse(sequence=request.sequence, request_id=request.request_id)
             try:
                 inputs = {t.name: decode_tensor(t) for t in request.inputs}
@@ -146,6 +150,8 @@ class BrowserAgentServicer(pb_grpc.BrowserAgentServiceServicer):
                     task.add_done_callback(running.discard)
                 if running:
                     await asyncio.gather(*running)
+                # An injected partition loses the end of the stream too, while it lasts.
+                await self._hooks.data_path.wait_open()
             finally:
                 await replies.put(None)
 
@@ -181,5 +187,37 @@ class BrowserAgentServicer(pb_grpc.BrowserAgentServiceServicer):
             coordinator_address=self._session.attached_to,
         )
 
-    ApplyFaultHook = unimplemented(f"{SERVICE}/ApplyFaultHook", "fault hooks")
-    RevertFaultHook = unimplemented(f"{SERVICE}/RevertFaultHook", "fault hooks")
+    async def ApplyFaultHook(
+        self, request: pb.ApplyFaultHookRequest, context: Context
+    ) -> pb.ApplyFaultHookResponse:
+        """Perform a fault hook for real and record it under the request's fault id."""
+        hook = HookRequest(
+            fault_id=request.fault_id,
+            hook=request.hook,
+            browser_id=request.browser_id,
+            shard_handle=request.shard_handle,
+            memory_bytes=request.memory_bytes,
+            duration_s=request.duration.ToNanoseconds() / 1e9,
+            delay_s=request.delay.ToNanoseconds() / 1e9,
+            data_path_only=request.data_path_only,
+        )
+        try:
+            result = await self._hooks.apply(hook)
+        except HookError as exc:
+            await context.abort(grpc.StatusCode[exc.code], str(exc))
+        return pb.ApplyFaultHookResponse(
+            browser_id=result.browser_id, detail=result.detail, revertible=result.revertible
+        )
+
+    async def RevertFaultHook(
+        self, request: pb.RevertFaultHookRequest, context: Context
+    ) -> pb.RevertFaultHookResponse:
+        """Undo what a fault's hooks did; reverted is false when nothing was in force."""
+        if not request.fault_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "fault_id must not be empty")
+        try:
+            reverted = await self._hooks.revert(request.fault_id)
+        except (HookError, ShardRuntimeError) as exc:
+            code = exc.code if isinstance(exc, HookError) else status_code(exc).name
+            await context.abort(grpc.StatusCode[code], f"revert of {request.fault_id}: {exc}")
+        return pb.RevertFaultHookResponse(reverted=reverted)

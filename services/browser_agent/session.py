@@ -3,6 +3,10 @@
 The session runs for the agent's whole life. When a stream breaks, or a replica
 tells the agent to reattach elsewhere, it reconnects with a capped exponential
 backoff, trying the replica it was pointed at first and then every known one.
+
+Fault hooks act on it through ``cut`` (the stream breaks as a lost connection
+would) and ``link`` (latency on every message, or a partition that cuts the
+stream and keeps it from reopening).
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from webshard.common.v1 import common_pb2
 from webshard.coordinator.v1 import coordinator_pb2 as pb
 from webshard.coordinator.v1 import coordinator_pb2_grpc as pb_grpc
+
+from services.browser_agent.hooks import Link
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +49,33 @@ class CoordinatorSession:
         self._next: str | None = None
         self.attached_to = ""
         self.attached = asyncio.Event()
+        self.link = Link()
+        """Conditions fault hooks put on the session's traffic."""
+        self._call: (
+            grpc.aio.StreamStreamCall[pb.AgentSessionRequest, pb.AgentSessionResponse] | None
+        ) = None
+        self._cut = False
+
+    def cut(self) -> bool:
+        """Break the open session stream now, as a lost connection would.
+
+        The session reconnects by itself, to the same replica first. Returns False
+        when no stream was open.
+        """
+        call = self._call
+        if call is None or call.done():
+            return False
+        self._cut = True
+        call.cancel()
+        return True
 
     async def run(self) -> None:
         """Keep a session open until cancelled."""
         backoff = 0.05
         index = 0
         while True:
+            # A partition refuses new sessions as it drops the traffic of the open one.
+            await self.link.wait_open()
             target = self._next or self._coordinators[index % len(self._coordinators)]
             self._next = None
             index += 1
@@ -64,7 +91,16 @@ class CoordinatorSession:
                         "details": exc.details(),
                     },
                 )
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if not self._cut or (task is not None and task.cancelling()):
+                    raise
+                # cut() cancelled the call, not this task: reconnect at once, to the same replica.
+                log.info("coordinator session cut by a fault hook", extra={"coordinator": target})
+                self._next = target
             finally:
+                self._call = None
+                self._cut = False
                 self.attached.clear()
                 self.attached_to = ""
             if self._next is None:
@@ -74,6 +110,7 @@ class CoordinatorSession:
     async def _session(self, target: str) -> None:
         async with grpc.aio.insecure_channel(target) as channel:
             call = pb_grpc.CoordinatorServiceStub(channel).AgentSession()
+            self._call = call
             browsers = self._browsers()
             await call.write(
                 pb.AgentSessionRequest(
@@ -100,6 +137,7 @@ class CoordinatorSession:
                     message = await call.read()
                     if not isinstance(message, pb.AgentSessionResponse):
                         return  # the coordinator closed the stream
+                    await self.link.hold()
                     if message.HasField("reattach"):
                         self._next = message.reattach.leader_address or None
                         log.info("reattaching", extra={"leader": message.reattach.leader_address})
@@ -122,6 +160,8 @@ class CoordinatorSession:
             sent = Timestamp()
             sent.FromNanoseconds(time.time_ns())
             browsers = self._browsers()
+            # Injected latency holds each message; heartbeats then come that much apart more.
+            await self.link.hold()
             await call.write(
                 pb.AgentSessionRequest(
                     heartbeat=pb.AgentHeartbeat(

@@ -132,6 +132,13 @@ async def serve(
     started: Callable[[str], None] | None = None,
 ) -> int:
     """Run a service until SIGTERM or SIGINT, then shut down gracefully; return the exit code."""
+    # Signals are caught from the start: a SIGTERM while the service is still
+    # starting stops it gracefully once the start is done, never by the default
+    # action (which would exit without draining or cleaning up).
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
     lifecycle = Lifecycle()
     try:
         app = make_app(lifecycle)
@@ -184,10 +191,6 @@ async def serve(
     if started is not None:
         started(f"{settings.host}:{bound}")
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
     await stop.wait()
 
     log.info("shutting down", extra={"grace_s": settings.drain_grace_s})

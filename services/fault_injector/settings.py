@@ -16,13 +16,39 @@ class FaultInjectorSettings(ServerSettings):
     coordinators: list[str] = setting(
         ["127.0.0.1:50051"], "Coordinator replica addresses, comma-separated."
     )
+    recovery: str = setting(
+        "127.0.0.1:50054",
+        "The recovery service's address, asked for breaker states before each injection.",
+    )
     max_duration_s: float = setting(600.0, "The longest duration a fault may ask for.")
     fault_token: str = setting(
         "", "When set, every call must carry 'authorization: Bearer <token>' metadata."
     )
+    cluster_state: str = setting(
+        "",
+        "A local cluster's state file (<data_dir>/cluster.json): maps coordinator replicas "
+        "to their processes, for leader_loss.",
+    )
+    pod_namespace: str = setting(
+        "", "In Kubernetes: this pod's namespace (leader_loss deletes coordinator pods there)."
+    )
+    memory_pressure_cap_mb: int = setting(
+        1024,
+        "memory_pressure allocates its share (25/50/90 %) of the agent's memory budget or "
+        "of this cap, whichever is smaller, in MiB.",
+    )
+    agent_timeout_s: float = setting(
+        30.0, "Deadline of each fault hook call to an agent, in seconds."
+    )
 
     def validate(self) -> None:
-        """Check the duration cap."""
+        """Check the duration cap, the memory cap and the deadlines."""
         super().validate()
         if self.max_duration_s <= 0:
             raise SettingsError("max duration must be positive")
+        if not self.coordinators:
+            raise SettingsError("at least one coordinator address is needed")
+        if self.memory_pressure_cap_mb < 1:
+            raise SettingsError("the memory pressure cap must be at least 1 MiB")
+        if self.agent_timeout_s <= 0:
+            raise SettingsError("the agent call deadline must be positive")

@@ -143,10 +143,11 @@ def plan(
                 str(data_dir / f"agent-{i}"),
             ],
         )
-    add("fault-injector", "fault_injector", 0, ["--coordinators", coordinator_list])
+    injector = add("fault-injector", "fault_injector", 0, ["--coordinators", coordinator_list])
     recovery = add("recovery", "recovery", 0, ["--coordinators", coordinator_list])
     for c in coordinators:
         c.args += ["--recovery", recovery.address]
+    injector.args += ["--recovery", recovery.address, "--cluster-state", str(data_dir / STATE_FILE)]
     http_port = _free_port(host) if auto_ports else DASHBOARD_PORT
     add(
         "metrics",

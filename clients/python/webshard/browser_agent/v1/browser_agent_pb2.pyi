@@ -43,6 +43,14 @@ class _FaultHookEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FaultHook.V
     """FAULT_HOOK_LOSE_DEVICE destroys the page's WebGPU device (device.lost)."""
     FAULT_HOOK_ALLOCATE_MEMORY: _FaultHook.ValueType  # 7
     """FAULT_HOOK_ALLOCATE_MEMORY allocates real memory in the page."""
+    FAULT_HOOK_DELAY: _FaultHook.ValueType  # 8
+    """FAULT_HOOK_DELAY holds every RunShard activation and every session message
+    of the agent for `delay` (latency on the path to the coordinator), until reverted.
+    """
+    FAULT_HOOK_DROP: _FaultHook.ValueType  # 9
+    """FAULT_HOOK_DROP leaves every RunShard activation of the agent unanswered and
+    cuts its session stream and refuses to reopen it (a partition), until reverted.
+    """
 
 class FaultHook(_FaultHook, metaclass=_FaultHookEnumTypeWrapper):
     """FaultHook is a local action that performs a fault for real."""
@@ -63,6 +71,14 @@ FAULT_HOOK_LOSE_DEVICE: FaultHook.ValueType  # 6
 """FAULT_HOOK_LOSE_DEVICE destroys the page's WebGPU device (device.lost)."""
 FAULT_HOOK_ALLOCATE_MEMORY: FaultHook.ValueType  # 7
 """FAULT_HOOK_ALLOCATE_MEMORY allocates real memory in the page."""
+FAULT_HOOK_DELAY: FaultHook.ValueType  # 8
+"""FAULT_HOOK_DELAY holds every RunShard activation and every session message
+of the agent for `delay` (latency on the path to the coordinator), until reverted.
+"""
+FAULT_HOOK_DROP: FaultHook.ValueType  # 9
+"""FAULT_HOOK_DROP leaves every RunShard activation of the agent unanswered and
+cuts its session stream and refuses to reopen it (a partition), until reverted.
+"""
 Global___FaultHook: _TypeAlias = FaultHook  # noqa: Y015
 
 @_typing.final
@@ -378,6 +394,8 @@ class ApplyFaultHookRequest(_message.Message):
     SHARD_HANDLE_FIELD_NUMBER: _builtins.int
     MEMORY_BYTES_FIELD_NUMBER: _builtins.int
     DURATION_FIELD_NUMBER: _builtins.int
+    DELAY_FIELD_NUMBER: _builtins.int
+    DATA_PATH_ONLY_FIELD_NUMBER: _builtins.int
     fault_id: _builtins.str
     """fault_id is the injector's fault id, recorded with every effect."""
     hook: Global___FaultHook.ValueType
@@ -388,9 +406,17 @@ class ApplyFaultHookRequest(_message.Message):
     """shard_handle is the target shard, for hooks that act on a shard."""
     memory_bytes: _builtins.int
     """memory_bytes is how much to allocate, for FAULT_HOOK_ALLOCATE_MEMORY."""
+    data_path_only: _builtins.bool
+    """data_path_only limits FAULT_HOOK_DELAY and FAULT_HOOK_DROP to RunShard
+    activations and leaves the session stream alone.
+    """
     @_builtins.property
     def duration(self) -> _duration_pb2.Duration:
         """duration is how long the effect lasts before the agent reverts it by itself."""
+
+    @_builtins.property
+    def delay(self) -> _duration_pb2.Duration:
+        """delay is the latency added to each message, for FAULT_HOOK_DELAY."""
 
     def __init__(
         self,
@@ -401,10 +427,12 @@ class ApplyFaultHookRequest(_message.Message):
         shard_handle: _builtins.str = ...,
         memory_bytes: _builtins.int = ...,
         duration: _duration_pb2.Duration | None = ...,
+        delay: _duration_pb2.Duration | None = ...,
+        data_path_only: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["delay", b"delay", "duration", b"duration"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["browser_id", b"browser_id", "duration", b"duration", "fault_id", b"fault_id", "hook", b"hook", "memory_bytes", b"memory_bytes", "shard_handle", b"shard_handle"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["browser_id", b"browser_id", "data_path_only", b"data_path_only", "delay", b"delay", "duration", b"duration", "fault_id", b"fault_id", "hook", b"hook", "memory_bytes", b"memory_bytes", "shard_handle", b"shard_handle"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,327 @@
+"""The agent's fault hooks over fake browsers, and the session's cut and partition over an
+in-process coordinator (real gRPC on loopback, no browser)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+import pytest
+from webshard.browser_agent.v1 import browser_agent_pb2 as agent_pb
+from webshard.common.v1 import common_pb2
+from webshard.coordinator.v1 import coordinator_pb2 as coord_pb
+from webshard.coordinator.v1 import coordinator_pb2_grpc as coord_grpc
+
+from services.browser_agent.agent import LoadedEntry, ShardHost
+from services.browser_agent.hooks import FaultHooks, HookError, HookRequest, Link
+from services.browser_agent.runtime import LoadResult
+from services.browser_agent.session import CoordinatorSession
+
+H = agent_pb.FaultHook
+READY = common_pb2.BROWSER_STATE_READY
+EP = common_pb2.ExecutionProvider
+
+
+class FakeBrowser:
+    """A browser runtime that records the fault methods called on it."""
+
+    def __init__(self, browser_id: str, provider: int = EP.EXECUTION_PROVIDER_WASM) -> None:
+        self.runtime_id = browser_id
+        self.state: int = READY
+        self.pid: int | None = os.getpid()  # a process that exists, never signalled
+        self.provider = provider
+        self.handles: list[str] = []
+        self.calls: list[tuple[str, object]] = []
+        self.held = 0
+
+    def info(self) -> common_pb2.BrowserInfo:
+        return common_pb2.BrowserInfo(
+            browser_id=self.runtime_id,
+            state=self.state,
+            shards=[
+                common_pb2.LoadedShard(handle=h, execution_provider=self.provider)
+                for h in self.handles
+            ],
+        )
+
+    async def crash_page(self) -> None:
+        self.calls.append(("crash_page", None))
+        self.state = common_pb2.BROWSER_STATE_FAILED
+
+    async def kill(self) -> None:
+        self.calls.append(("kill", self.pid))
+        self.state = common_pb2.BROWSER_STATE_FAILED
+
+    async def set_offline(self, offline: bool) -> None:
+        self.calls.append(("set_offline", offline))
+
+    async def allocate_memory(self, size_bytes: int) -> int:
+        self.calls.append(("allocate_memory", size_bytes))
+        self.held += size_bytes
+        return self.held
+
+    async def release_memory(self) -> int:
+        self.calls.append(("release_memory", self.held))
+        released, self.held = self.held, 0
+        return released
+
+    async def fail_session(self, handle: str) -> None:
+        self.calls.append(("fail_session", handle))
+
+    async def lose_device(self) -> None:
+        self.calls.append(("lose_device", None))
+
+    async def load(self, sha256: str, path: str, provider: int) -> LoadResult:
+        raise NotImplementedError
+
+    async def run(self, handle: str, inputs: object) -> object:
+        raise NotImplementedError
+
+    async def unload(self, handle: str) -> None:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        return None
+
+
+class FakeNative:
+    """The native runtime: it has none of the browser's fault methods."""
+
+    runtime_id = "native"
+    state = READY
+
+    def info(self) -> common_pb2.BrowserInfo:
+        return common_pb2.BrowserInfo(browser_id="native", runtime=common_pb2.RUNTIME_NATIVE)
+
+
+class FakeSession:
+    def __init__(self) -> None:
+        self.link = Link()
+        self.cuts = 0
+
+    def cut(self) -> bool:
+        self.cuts += 1
+        return True
+
+
+def hooks_with(*browsers: FakeBrowser) -> tuple[FaultHooks, FakeSession, ShardHost]:
+    host = ShardHost(FakeNative(), lambda: list(browsers))
+    for browser in browsers:
+        for handle in browser.handles:
+            host._loaded[handle] = LoadedEntry(  # the host's own bookkeeping, as load() fills it
+                spec=common_pb2.ShardSpec(),
+                runtime=browser,
+                result=LoadResult(handle, browser.provider, "", 0.0),
+            )
+    session = FakeSession()
+    return FaultHooks(host, session), session, host
+
+
+def request(hook: int, **fields: object) -> HookRequest:
+    return HookRequest(fault_id=str(fields.pop("fault_id", "f-1")), hook=hook, **fields)
+
+
+async def refused(hooks: FaultHooks, req: HookRequest) -> HookError:
+    with pytest.raises(HookError) as caught:
+        await hooks.apply(req)
+    return caught.value
+
+
+async def test_bad_input_is_refused_with_the_right_code() -> None:
+    hooks, _, _ = hooks_with(FakeBrowser("browser-0"))
+    assert (await refused(hooks, request(99, browser_id="browser-0"))).code == "INVALID_ARGUMENT"
+    assert (await refused(hooks, request(0, browser_id="browser-0"))).code == "INVALID_ARGUMENT"
+    zero = request(H.FAULT_HOOK_ALLOCATE_MEMORY, browser_id="browser-0", memory_bytes=0)
+    assert (await refused(hooks, zero)).code == "INVALID_ARGUMENT"
+    assert (await refused(hooks, request(H.FAULT_HOOK_DELAY))).code == "INVALID_ARGUMENT"
+    nameless = request(H.FAULT_HOOK_KILL_BROWSER)
+    assert "browser_id or a shard_handle" in (await refused(hooks, nameless)).args[0]
+    unknown = await refused(hooks, request(H.FAULT_HOOK_KILL_BROWSER, browser_id="browser-7"))
+    assert unknown.code == "NOT_FOUND" and "browser-0" in unknown.args[0]
+    handle = await refused(hooks, request(H.FAULT_HOOK_FAIL_SESSION, shard_handle="nope"))
+    assert handle.code == "NOT_FOUND"
+    native = await refused(hooks, request(H.FAULT_HOOK_CRASH_PAGE, browser_id="native"))
+    assert native.code == "FAILED_PRECONDITION"
+    no_fault = await refused(hooks, request(H.FAULT_HOOK_CUT_SESSION, fault_id=""))
+    assert no_fault.code == "INVALID_ARGUMENT"
+
+
+async def test_lose_device_needs_a_webgpu_shard() -> None:
+    wasm, gpu = FakeBrowser("browser-0"), FakeBrowser("browser-1", EP.EXECUTION_PROVIDER_WEBGPU)
+    wasm.handles, gpu.handles = ["w"], ["g"]
+    hooks, _, _ = hooks_with(wasm, gpu)
+    lose = await refused(hooks, request(H.FAULT_HOOK_LOSE_DEVICE, browser_id="browser-0"))
+    assert lose.code == "FAILED_PRECONDITION" and "webgpu" in lose.args[0]
+    result = await hooks.apply(request(H.FAULT_HOOK_LOSE_DEVICE, shard_handle="g"))
+    assert result.browser_id == "browser-1" and not result.revertible
+    assert gpu.calls == [("lose_device", None)]
+
+
+async def test_kill_and_crash_are_not_revertible_and_leave_the_browser_failed() -> None:
+    first, second = FakeBrowser("browser-0"), FakeBrowser("browser-1")
+    hooks, _, _ = hooks_with(first, second)
+    killed = await hooks.apply(request(H.FAULT_HOOK_KILL_BROWSER, browser_id="browser-0"))
+    assert not killed.revertible and f"pid {os.getpid()}" in killed.detail
+    assert first.calls == [("kill", os.getpid())]
+    await hooks.apply(request(H.FAULT_HOOK_CRASH_PAGE, browser_id="browser-1", fault_id="f-2"))
+    assert second.calls == [("crash_page", None)]
+    # Nothing to undo; the browsers stay FAILED until recovery replaces them.
+    assert await hooks.revert("f-1") is False
+    assert first.state == common_pb2.BROWSER_STATE_FAILED
+    again = await refused(hooks, request(H.FAULT_HOOK_CRASH_PAGE, browser_id="browser-1"))
+    assert again.code == "FAILED_PRECONDITION"
+    exited = await asyncio.create_subprocess_exec("true")
+    await exited.wait()
+    first.pid = exited.pid  # the browser's process is gone: there is nothing left to kill
+    dead = await refused(hooks, request(H.FAULT_HOOK_KILL_BROWSER, browser_id="browser-0"))
+    assert dead.code == "FAILED_PRECONDITION" and "exited" in dead.args[0]
+
+
+async def test_fail_session_fails_one_handle_or_every_session_of_the_browser() -> None:
+    browser = FakeBrowser("browser-0")
+    browser.handles = ["a", "b"]
+    hooks, _, _ = hooks_with(browser)
+    await hooks.apply(request(H.FAULT_HOOK_FAIL_SESSION, shard_handle="b"))
+    await hooks.apply(request(H.FAULT_HOOK_FAIL_SESSION, browser_id="browser-0", fault_id="f-2"))
+    assert browser.calls == [("fail_session", "b"), ("fail_session", "a"), ("fail_session", "b")]
+
+
+async def test_offline_and_memory_are_held_per_fault_and_reverted_by_fault_id() -> None:
+    browser = FakeBrowser("browser-0")
+    hooks, _, _ = hooks_with(browser)
+    off = await hooks.apply(request(H.FAULT_HOOK_OFFLINE, browser_id="browser-0", fault_id="a"))
+    assert off.revertible
+    await hooks.apply(request(H.FAULT_HOOK_OFFLINE, browser_id="browser-0", fault_id="b"))
+    await hooks.apply(
+        request(
+            H.FAULT_HOOK_ALLOCATE_MEMORY, browser_id="browser-0", memory_bytes=100, fault_id="a"
+        )
+    )
+    await hooks.apply(
+        request(H.FAULT_HOOK_ALLOCATE_MEMORY, browser_id="browser-0", memory_bytes=30, fault_id="b")
+    )
+    # A retried apply does not stack.
+    await hooks.apply(
+        request(H.FAULT_HOOK_ALLOCATE_MEMORY, browser_id="browser-0", memory_bytes=30, fault_id="b")
+    )
+    assert browser.held == 130
+    assert await hooks.revert("a") is True
+    # Fault b still holds the page offline and its own 30 bytes.
+    assert ("set_offline", False) not in browser.calls
+    assert browser.held == 30
+    assert await hooks.revert("b") is True
+    assert browser.calls[-2:] == [("set_offline", False), ("release_memory", 30)]
+    assert browser.held == 0
+    assert await hooks.revert("b") is False
+
+
+async def test_a_duration_makes_the_agent_revert_by_itself() -> None:
+    browser = FakeBrowser("browser-0")
+    hooks, _, _ = hooks_with(browser)
+    await hooks.apply(request(H.FAULT_HOOK_OFFLINE, browser_id="browser-0", duration_s=0.05))
+    await until(lambda: ("set_offline", False) in browser.calls, "the agent's own revert")
+    assert hooks.active() == []
+
+
+async def test_delay_and_drop_set_the_data_path_and_the_session_link() -> None:
+    hooks, session, _ = hooks_with(FakeBrowser("browser-0"))
+    await hooks.apply(request(H.FAULT_HOOK_DELAY, delay_s=0.2, fault_id="d"))
+    assert hooks.data_path.delay_s == 0.2 and session.link.delay_s == 0.2
+    await hooks.apply(request(H.FAULT_HOOK_DROP, data_path_only=True, fault_id="grey"))
+    assert hooks.data_path.dropped and not session.link.dropped and session.cuts == 0
+    await hooks.apply(request(H.FAULT_HOOK_DROP, fault_id="p"))
+    assert session.link.dropped and session.cuts == 1
+    await hooks.revert("p")
+    assert hooks.data_path.dropped and not session.link.dropped  # "grey" still drops
+    await hooks.revert("grey")
+    await hooks.revert("d")
+    assert not hooks.data_path.dropped and hooks.data_path.delay_s == 0
+    assert session.link.delay_s == 0
+
+
+async def test_a_link_delivers_after_its_delay_and_loses_what_is_in_flight() -> None:
+    link = Link()
+    assert await link.deliver()
+    link.delay("slow", 0.05)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    assert await link.deliver()
+    assert loop.time() - started >= 0.05
+    in_flight = asyncio.create_task(link.deliver())
+    await asyncio.sleep(0)
+    link.drop("cut")
+    assert await in_flight is False
+
+
+class FakeCoordinator(coord_grpc.CoordinatorServiceServicer):
+    """Accepts every agent session and keeps it open; counts them."""
+
+    def __init__(self) -> None:
+        self.sessions = 0
+        self.open = 0
+
+    async def AgentSession(
+        self,
+        request_iterator: AsyncIterator[coord_pb.AgentSessionRequest],
+        context: grpc.aio.ServicerContext[object, object],
+    ) -> AsyncIterator[coord_pb.AgentSessionResponse]:
+        self.sessions += 1
+        self.open += 1
+        try:
+            first = await anext(aiter(request_iterator))
+            assert first.HasField("registration")
+            accepted = coord_pb.SessionAccepted(coordinator_id="c0")
+            accepted.heartbeat_interval.FromMilliseconds(50)
+            yield coord_pb.AgentSessionResponse(accepted=accepted)
+            async for _ in request_iterator:
+                pass
+        finally:
+            self.open -= 1
+
+
+async def until(condition: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+    """Wait for ``condition`` with a deadline, yielding to the event loop meanwhile."""
+    try:
+        async with asyncio.timeout(timeout):
+            # Polled: the conditions are other components' states, with no event to await.
+            while not condition():  # noqa: ASYNC110
+                await asyncio.sleep(0.005)
+    except TimeoutError:
+        pytest.fail(f"timed out after {timeout} s waiting for {what}")
+
+
+async def test_the_session_reconnects_after_a_cut_and_stays_away_during_a_partition() -> None:
+    coordinator = FakeCoordinator()
+    server = grpc.aio.server()
+    coord_grpc.add_CoordinatorServiceServicer_to_server(coordinator, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    session = CoordinatorSession(
+        agent_id="agent-x",
+        address="127.0.0.1:1",
+        coordinators=[f"127.0.0.1:{port}"],
+        memory_budget_bytes=1,
+        browsers=list,
+        max_backoff_s=0.1,
+    )
+    task = asyncio.create_task(session.run())
+    try:
+        await until(session.attached.is_set, "the first session")
+        assert session.cut() is True
+        await until(lambda: coordinator.sessions == 2 and session.attached.is_set(), "reconnect")
+        assert not task.done()  # a cut is not a cancellation of the session task
+        session.link.drop("p")
+        assert session.cut() is True
+        await until(lambda: coordinator.open == 0, "the cut")
+        await asyncio.sleep(0.3)  # many backoffs' worth: the partition must refuse them all
+        assert coordinator.sessions == 2 and not session.attached.is_set()
+        session.link.clear("p")
+        await until(lambda: coordinator.sessions == 3 and session.attached.is_set(), "heal")
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await server.stop(0)
+    assert session.cut() is False

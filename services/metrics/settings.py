@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from services.common.settings import ServerSettings, setting
+from services.common.settings import ServerSettings, SettingsError, setting
 
 DEFAULT_PORT = 50055
 
@@ -15,3 +15,22 @@ class MetricsSettings(ServerSettings):
 
     db_path: str = setting("", "DuckDB file; empty puts metrics.duckdb in the data directory.")
     http_port: int = setting(8080, "Port of the HTTP dashboard.")
+    retention_days: float = setting(
+        30.0, "Days events are kept; older rows are dropped at start and every hour."
+    )
+    ingest_batch_events: int = setting(
+        10_000, "Events an ingest stream commits in one transaction, at most."
+    )
+    ingest_flush_ms: float = setting(
+        50.0, "Longest an ingested event waits for its batch to fill before it is committed."
+    )
+
+    def validate(self) -> None:
+        """Raise SettingsError when a value is out of range."""
+        super().validate()
+        if self.retention_days <= 0:
+            raise SettingsError(f"retention {self.retention_days} days is not positive")
+        if self.ingest_batch_events < 1:
+            raise SettingsError(f"ingest batch of {self.ingest_batch_events} events is below 1")
+        if self.ingest_flush_ms <= 0:
+            raise SettingsError(f"ingest flush interval {self.ingest_flush_ms} ms is not positive")

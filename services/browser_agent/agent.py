@@ -123,6 +123,10 @@ class ShardHost:
         del self._loaded[handle]
         return entry
 
+    def shards_on(self, runtime_id: str) -> list[common_pb2.ShardSpec]:
+        """The shards loaded in one runtime."""
+        return [e.spec for e in self._loaded.values() if e.runtime.runtime_id == runtime_id]
+
     def forget(self, runtime: ShardRuntime) -> list[LoadedEntry]:
         """Drop every shard a dead runtime held and return them."""
         lost = [e for e in self._loaded.values() if e.runtime is runtime]

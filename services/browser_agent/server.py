@@ -9,8 +9,10 @@ import tempfile
 from pathlib import Path
 
 from webshard.browser_agent.v1 import browser_agent_pb2_grpc as pb_grpc
+from webshard.recovery.v1 import recovery_pb2
 
 from services.browser_agent.agent import ShardHost
+from services.browser_agent.browser.events import BrowserEventKind
 from services.browser_agent.browser.options import BrowserOptions
 from services.browser_agent.browser.pool import BrowserPool
 from services.browser_agent.native import NativeRuntime
@@ -18,7 +20,15 @@ from services.browser_agent.servicer import SERVICE, BrowserAgentServicer
 from services.browser_agent.session import CoordinatorSession
 from services.browser_agent.settings import DEFAULT_PORT, AgentSettings
 from services.browser_agent.store import ShardStore
+from services.common.failures import FailureReporter
 from services.common.server import BasicApp, Lifecycle
+
+BROWSER_FAILURES = {
+    BrowserEventKind.PROCESS_EXITED: recovery_pb2.FAILURE_KIND_RENDERER_CRASH,
+    BrowserEventKind.PAGE_CRASHED: recovery_pb2.FAILURE_KIND_RENDERER_CRASH,
+    BrowserEventKind.DEVICE_LOST: recovery_pb2.FAILURE_KIND_DEVICE_LOST,
+    BrowserEventKind.PAGE_DISCONNECTED: recovery_pb2.FAILURE_KIND_STREAM_BROKEN,
+}
 
 
 def make_app(settings: AgentSettings, lifecycle: Lifecycle) -> BasicApp:
@@ -47,12 +57,37 @@ def make_app(settings: AgentSettings, lifecycle: Lifecycle) -> BasicApp:
         max_backoff_s=settings.reconnect_max_backoff_s,
     )
     tasks: list[asyncio.Task[None]] = []
+    reporter = FailureReporter(settings.recovery)
+
+    async def report_browser_failures() -> None:
+        # The page and the browser's supervisor see crashes and lost devices
+        # before any request does; recovery hears of them at once.
+        while True:
+            event = await pool.events.get()
+            kind = BROWSER_FAILURES.get(event.kind)
+            if kind is None:
+                continue
+            for spec in host.shards_on(
+                event.browser_id
+            ):  # a standby holds none: the pool replaces it
+                reporter.report(
+                    source=recovery_pb2.FAILURE_SOURCE_AGENT
+                    if event.kind == BrowserEventKind.PROCESS_EXITED
+                    else recovery_pb2.FAILURE_SOURCE_PAGE,
+                    kind=kind,
+                    agent_id=settings.agent_id,
+                    browser_id=event.browser_id,
+                    model=spec.model,
+                    shard_index=spec.index,
+                    message=event.message,
+                )
 
     async def start() -> None:
         # Browsers first: the agent reports SERVING, and registers, with its
         # browsers launched and their capabilities known.
         await pool.start()
         tasks.append(asyncio.create_task(session.run(), name="coordinator-session"))
+        tasks.append(asyncio.create_task(report_browser_failures(), name="browser-failures"))
 
     async def stop() -> None:
         for task in tasks:
@@ -62,6 +97,7 @@ def make_app(settings: AgentSettings, lifecycle: Lifecycle) -> BasicApp:
         for runtime in host.runtimes():
             await runtime.close()
         await pool.close()
+        await reporter.close()
         if owned_dir is not None:
             shutil.rmtree(owned_dir, ignore_errors=True)
 

@@ -25,6 +25,9 @@ class AgentSettings(ServerSettings):
     reconnect_max_backoff_s: float = setting(
         2.0, "Longest wait between attempts to reopen the coordinator session."
     )
+    recovery: str = setting(
+        "", "The recovery service's address; browser crashes and lost devices are reported there."
+    )
     browsers: int = setting(1, "Headless Chromium instances hosting shards; 0 runs none.")
     standby_browsers: int = setting(
         0, "Pre-launched browsers with the runtime loaded, ready to take over a failed one."

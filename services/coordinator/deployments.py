@@ -20,11 +20,11 @@ from webshard.common.v1 import common_pb2
 from webshard.coordinator.v1 import coordinator_pb2 as pb
 from webshard.recovery.v1 import recovery_pb2
 
+from services.common.failures import FailureReporter, failure_kind
 from services.coordinator.links import AgentLink, HopError
 from services.coordinator.pipeline import FailureSink, HopRunner, Pipeline, Replica, Stage
 from services.coordinator.placement import PlacementError, Slot, candidates_from, place
 from services.coordinator.registry import AgentRegistry
-from services.coordinator.reports import FailureReporter, failure_kind
 from services.models import Shard, UnknownModel, cut_model, model_info
 
 log = logging.getLogger(__name__)

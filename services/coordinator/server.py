@@ -9,13 +9,13 @@ from pathlib import Path
 
 from webshard.coordinator.v1 import coordinator_pb2_grpc as pb_grpc
 
+from services.common.failures import FailureReporter
 from services.common.server import BasicApp, Lifecycle
 from services.coordinator.cluster_state import AgentEntry, ClusterState
 from services.coordinator.consensus import Replicator, StateMachine
 from services.coordinator.deployments import Deployments
 from services.coordinator.raft import Config, FileStorage
 from services.coordinator.registry import AgentRegistry
-from services.coordinator.reports import FailureReporter
 from services.coordinator.servicer import (
     RAFT_SERVICE,
     SERVICE,

@@ -145,8 +145,9 @@ def plan(
         )
     injector = add("fault-injector", "fault_injector", 0, ["--coordinators", coordinator_list])
     recovery = add("recovery", "recovery", 0, ["--coordinators", coordinator_list])
-    for c in coordinators:
-        c.args += ["--recovery", recovery.address]
+    for proc in procs:
+        if proc.service in ("coordinator", "browser_agent"):
+            proc.args += ["--recovery", recovery.address]
     injector.args += ["--recovery", recovery.address, "--cluster-state", str(data_dir / STATE_FILE)]
     http_port = _free_port(host) if auto_ports else DASHBOARD_PORT
     add(

@@ -1,4 +1,4 @@
-"""Hands failures the coordinator detects to the recovery service.
+"""Hands detected failures to the recovery service (from the coordinator and the agents).
 
 Reports go out in the background: the data path never waits for recovery, and
 a recovery service that is down costs a log line, not a request.

@@ -1,0 +1,113 @@
+"""A fault injected with grpcurl into a running local cluster, and the recovery it causes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+import webshard
+from webshard.cli.local import LocalCluster
+from webshard.common.v1 import common_pb2
+from webshard.recovery.v1 import recovery_pb2
+
+from tests.conftest import wait_for
+from tests.integration.test_inference import cosine, reference_embeddings
+from tests.integration.test_services import GRPCURL
+
+pytestmark = pytest.mark.browser
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    local = LocalCluster(
+        agents=2,
+        data_dir=tmp_path_factory.mktemp("cluster"),
+        auto_ports=True,
+        extra_args={"browser_agent": ["--browsers", "1", "--native", "false"]},
+    )
+    local.start(timeout=240)
+    try:
+        with webshard.Client(local.coordinators(), timeout=60) as client:
+            wait_for(lambda: len(client.list_agents()) == 2, 60, "both agents to attach")
+        yield local
+    finally:
+        local.stop()
+
+
+def test_grpcurl_browser_crash_is_recovered_and_answers_stay_correct(cluster: LocalCluster) -> None:
+    sentence = "Recovery must be measured, not assumed."
+    [expected] = reference_embeddings([sentence])
+    with webshard.Client(cluster.coordinators(), timeout=120) as client:
+        client.deploy(
+            "minilm-l6", sharding="layer", shards=2, replicas=2, runtime="browser", ep="wasm"
+        )
+        before = client.infer("minilm-l6", texts=[sentence])
+        assert cosine(before.outputs["sentence_embedding"][0], expected) >= 0.99999
+
+        spec = {
+            "spec": {
+                "kind": "FAULT_KIND_BROWSER_CRASH",
+                "intensity": "INTENSITY_MODERATE",
+                "target": {
+                    "kind": "TARGET_KIND_BROWSER",
+                    "ids": ["agent-0/browser-0"],
+                    "mode": "SELECTOR_MODE_ALL",
+                },
+                "duration": "10s",
+            }
+        }
+        injected = subprocess.run(
+            [
+                GRPCURL,
+                "-plaintext",
+                "-d",
+                json.dumps(spec),
+                cluster.address("fault-injector"),
+                "webshard.fault_injector.v1.FaultInjectorService/InjectFault",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert injected.returncode == 0, injected.stderr
+        assert json.loads(injected.stdout)["fault"]["state"] == "FAULT_STATE_ACTIVE"
+
+        # Requests keep answering correctly across the fault, from the other replicas.
+        for _ in range(5):
+            result = client.infer("minilm-l6", texts=[sentence])
+            assert cosine(result.outputs["sentence_embedding"][0], expected) >= 0.99999
+
+    with webshard.RecoveryClient(cluster.address("recovery"), timeout=60) as recovery:
+        seen: list[recovery_pb2.Recovery] = []
+
+        def recovered() -> bool:
+            seen[:] = [
+                r
+                for r in recovery.list_recoveries()
+                if r.report.agent_id == "agent-0" and r.report.browser_id == "browser-0"
+            ]
+            return any(r.state == recovery_pb2.RECOVERY_STATE_SUCCEEDED for r in seen)
+
+        wait_for(recovered, 60, "recovery of agent-0/browser-0 to succeed")
+        [done] = [r for r in seen if r.state == recovery_pb2.RECOVERY_STATE_SUCCEEDED][:1]
+        assert done.report.kind == recovery_pb2.FAILURE_KIND_RENDERER_CRASH
+        assert done.trace_id
+        assert [p.name for p in done.phases][-1] == "verify"
+        assert done.duration.ToMilliseconds() >= 0
+
+    # The crash was real: the agent reports the browser failed (its process tree is gone).
+    status = subprocess.run(
+        [
+            GRPCURL,
+            "-plaintext",
+            cluster.address("agent-0"),
+            "webshard.browser_agent.v1.BrowserAgentService/GetStatus",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    [browser] = [b for b in json.loads(status.stdout)["browsers"] if b["browserId"] == "browser-0"]
+    assert browser["state"] == common_pb2.BrowserState.Name(common_pb2.BROWSER_STATE_FAILED)

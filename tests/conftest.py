@@ -15,7 +15,9 @@ from pathlib import Path
 import grpc
 import psutil
 import pytest
+import webshard
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from webshard.cli.local import LocalCluster
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,6 +62,25 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout} s waiting for {what}")
         time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def browser_cluster(data_dir: Path, agents: int) -> Iterator[LocalCluster]:
+    """A local cluster whose agents each run one headless Chromium (no native runtime),
+    started with every agent attached to the leader, and stopped afterwards."""
+    local = LocalCluster(
+        agents=agents,
+        data_dir=data_dir,
+        auto_ports=True,
+        extra_args={"browser_agent": ["--browsers", "1", "--native", "false"]},
+    )
+    local.start(timeout=240)
+    try:
+        with webshard.Client(local.coordinators(), timeout=60) as client:
+            wait_for(lambda: len(client.list_agents()) == agents, 60, f"{agents} agents to attach")
+        yield local
+    finally:
+        local.stop()
 
 
 class ServiceProcess:

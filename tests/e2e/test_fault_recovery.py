@@ -12,7 +12,7 @@ from webshard.cli.local import LocalCluster
 from webshard.common.v1 import common_pb2
 from webshard.recovery.v1 import recovery_pb2
 
-from tests.conftest import wait_for
+from tests.conftest import browser_cluster, wait_for
 from tests.integration.test_inference import cosine, reference_embeddings
 from tests.integration.test_services import GRPCURL
 
@@ -21,19 +21,8 @@ pytestmark = pytest.mark.browser
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    local = LocalCluster(
-        agents=2,
-        data_dir=tmp_path_factory.mktemp("cluster"),
-        auto_ports=True,
-        extra_args={"browser_agent": ["--browsers", "1", "--native", "false"]},
-    )
-    local.start(timeout=240)
-    try:
-        with webshard.Client(local.coordinators(), timeout=60) as client:
-            wait_for(lambda: len(client.list_agents()) == 2, 60, "both agents to attach")
+    with browser_cluster(tmp_path_factory.mktemp("cluster"), agents=2) as local:
         yield local
-    finally:
-        local.stop()
 
 
 def test_grpcurl_browser_crash_is_recovered_and_answers_stay_correct(cluster: LocalCluster) -> None:

@@ -9,7 +9,7 @@ import pytest
 import webshard
 from webshard.cli.local import LocalCluster
 
-from tests.conftest import wait_for
+from tests.conftest import browser_cluster
 from tests.integration.test_inference import SENTENCES, cosine, reference_embeddings
 
 pytestmark = pytest.mark.browser
@@ -17,19 +17,8 @@ pytestmark = pytest.mark.browser
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    local = LocalCluster(
-        agents=3,
-        data_dir=tmp_path_factory.mktemp("cluster"),
-        auto_ports=True,
-        extra_args={"browser_agent": ["--browsers", "1", "--native", "false"]},
-    )
-    local.start(timeout=240)
-    try:
-        with webshard.Client(local.coordinators(), timeout=60) as client:
-            wait_for(lambda: len(client.list_agents()) == 3, 60, "three agents to register")
+    with browser_cluster(tmp_path_factory.mktemp("cluster"), agents=3) as local:
         yield local
-    finally:
-        local.stop()
 
 
 def test_minilm_in_three_browsers_on_wasm_matches_native(cluster: LocalCluster) -> None:

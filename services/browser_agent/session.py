@@ -96,7 +96,10 @@ class CoordinatorSession:
                 if not self._cut or (task is not None and task.cancelling()):
                     raise
                 # cut() cancelled the call, not this task: reconnect at once, to the same replica.
-                log.info("coordinator session cut by a fault hook", extra={"coordinator": target})
+                log.info(
+                    "coordinator session cut (by a fault hook, or its heartbeats failed)",
+                    extra={"coordinator": target},
+                )
                 self._next = target
             finally:
                 self._call = None
@@ -132,6 +135,18 @@ class CoordinatorSession:
             self.attached.set()
             log.info("attached to coordinator", extra={"coordinator": target})
             heartbeats = asyncio.create_task(self._heartbeat(call, interval, browsers))
+
+            def end_session_if_heartbeats_fail(task: asyncio.Task[None]) -> None:
+                # A session without heartbeats looks dead to the coordinator while
+                # this side waits on it forever: end it, so the agent reconnects.
+                if not task.cancelled() and task.exception() is not None:
+                    log.error(
+                        "heartbeats failed; reopening the session",
+                        extra={"error": repr(task.exception())},
+                    )
+                    self.cut()
+
+            heartbeats.add_done_callback(end_session_if_heartbeats_fail)
             try:
                 while True:
                     message = await call.read()

@@ -325,3 +325,38 @@ async def test_the_session_reconnects_after_a_cut_and_stays_away_during_a_partit
             await task
         await server.stop(0)
     assert session.cut() is False
+
+
+async def test_a_session_whose_heartbeats_fail_is_reopened() -> None:
+    coordinator = FakeCoordinator()
+    server = grpc.aio.server()
+    coord_grpc.add_CoordinatorServiceServicer_to_server(coordinator, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    calls = 0
+
+    def browsers() -> list[common_pb2.BrowserInfo]:
+        # The first heartbeat of the first session cannot read the browsers.
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise RuntimeError("browser state unreadable")
+        return []
+
+    session = CoordinatorSession(
+        agent_id="agent-x",
+        address="127.0.0.1:1",
+        coordinators=[f"127.0.0.1:{port}"],
+        memory_budget_bytes=1,
+        browsers=browsers,
+        max_backoff_s=0.1,
+    )
+    task = asyncio.create_task(session.run())
+    try:
+        await until(lambda: coordinator.sessions == 2 and session.attached.is_set(), "reopen")
+        assert not task.done()
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await server.stop(0)

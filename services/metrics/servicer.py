@@ -21,9 +21,10 @@ from webshard.common.v1 import common_pb2
 from webshard.metrics.v1 import metrics_pb2 as pb
 from webshard.metrics.v1 import metrics_pb2_grpc as pb_grpc
 
-from services.common.server import Lifecycle, unimplemented
+from services.common.server import Lifecycle
+from services.metrics import reports
 from services.metrics.events import EventBuffer, InvalidEvent, time_us
-from services.metrics.store import MetricsStore, QueryError
+from services.metrics.store import EVENT_TIME, MetricsStore, QueryError
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +181,36 @@ class MetricsServicer(pb_grpc.MetricsServiceServicer):
             response.points.add(at=at, value=point.value)
         return response
 
-    GetReport = unimplemented(f"{SERVICE}/GetReport", "reports: JSON, Markdown, HTML and JUnit XML")
+    async def GetReport(
+        self, request: pb.GetReportRequest, context: Context
+    ) -> pb.GetReportResponse:
+        """A report in JSON, Markdown or JUnit XML."""
+        if request.format == pb.REPORT_FORMAT_HTML:
+            await context.abort(
+                grpc.StatusCode.UNIMPLEMENTED,
+                f"{SERVICE}/GetReport is not implemented in this version of webshard for HTML "
+                "(charts); JSON, Markdown and JUnit XML are",
+            )
+        if request.format == pb.REPORT_FORMAT_UNSPECIFIED:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "format must be REPORT_FORMAT_JSON, REPORT_FORMAT_MARKDOWN "
+                "or REPORT_FORMAT_JUNIT_XML",
+            )
+        summary = await self.run(
+            self._store.recovery_summary, list(reports.CELL), run_id=request.run_id
+        )
+        if request.format == pb.REPORT_FORMAT_JSON:
+            tables = {
+                table: await self.run(self._store.rows, table, run_id=request.run_id)
+                for table in EVENT_TIME
+            }
+            content, kind = reports.render_json(request.run_id, summary, tables), "application/json"
+        elif request.format == pb.REPORT_FORMAT_MARKDOWN:
+            content, kind = reports.render_markdown(request.run_id, summary), "text/markdown"
+        else:
+            content, kind = reports.render_junit(request.run_id, summary), "application/xml"
+        return pb.GetReportResponse(content=content, content_type=kind)
 
 
 def _write(store: MetricsStore, count: int, batches: Any) -> int:

@@ -68,6 +68,9 @@ EVENT_TIME = {
 }
 """The column retention and time filters read, per table."""
 
+RUN_TABLES = ("faults", "recoveries", "recovery_phases", "requests")
+"""Tables whose rows carry the campaign run they belong to."""
+
 GROUP_FIELDS = (
     "scenario",
     "strategy",
@@ -253,6 +256,20 @@ class MetricsStore:
                 )
             )
         return result
+
+    def rows(self, table: str, *, run_id: str = "") -> list[dict[str, Any]]:
+        """Every row of ``table`` (of one run, for tables that record runs), oldest first."""
+        if table not in EVENT_TIME:
+            raise QueryError(f"no table {table!r}; tables: {', '.join(EVENT_TIME)}")
+        has_run = table in RUN_TABLES
+        where, params = _filters(EVENT_TIME[table], run_id if has_run else "", None, None)
+        cursor = self._db.execute(
+            f"SELECT * EXCLUDE (ingested_at) FROM {table} {where} "
+            f"ORDER BY {EVENT_TIME[table]} NULLS LAST",
+            params,
+        )
+        names = [column[0] for column in cursor.description or []]
+        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
     def time_series(
         self,

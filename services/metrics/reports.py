@@ -1,0 +1,108 @@
+"""Reports over the stored events: JSON (everything), Markdown, JUnit XML.
+
+Every report is built from the same figures: recoveries grouped by scenario and
+strategy (count, success rate, p50/p95/max recovery time). JSON carries the raw
+rows too, with a schema version a reader can check. JUnit XML has one test case
+per scenario and strategy, failing when any recovery in it failed, so any CI
+system can show a campaign's outcome.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+from xml.etree import ElementTree
+
+from services.metrics.store import SummaryRow
+
+SCHEMA_VERSION = 1
+"""Bumped whenever a field of the JSON report changes meaning or goes away."""
+
+CELL = ("scenario", "strategy")
+
+
+def _cell(row: SummaryRow) -> tuple[str, str]:
+    return row.group.get("scenario", ""), row.group.get("strategy", "")
+
+
+def _summary(row: SummaryRow) -> dict[str, Any]:
+    return {
+        "scenario": row.group.get("scenario", ""),
+        "strategy": row.group.get("strategy", ""),
+        "count": row.count,
+        "success_rate": row.success_rate,
+        "p50_ms": row.p50_ms,
+        "p95_ms": row.p95_ms,
+        "max_ms": row.max_ms,
+    }
+
+
+def render_json(
+    run_id: str, summary: Sequence[SummaryRow], tables: Mapping[str, list[dict[str, Any]]]
+) -> bytes:
+    """Everything: the summary by scenario and strategy, and every stored row."""
+    doc = {
+        "schema_version": SCHEMA_VERSION,
+        "generated_at": dt.datetime.now(dt.UTC).isoformat(),
+        "run_id": run_id,
+        "summary": [_summary(row) for row in summary],
+        "tables": tables,
+    }
+    return json.dumps(doc, indent=2, default=str).encode()
+
+
+def render_markdown(run_id: str, summary: Sequence[SummaryRow]) -> bytes:
+    """The table of recoveries by scenario and strategy."""
+    lines = [
+        f"# webshard recovery report{f' — run {run_id}' if run_id else ''}",
+        "",
+        "| scenario | strategy | recoveries | success rate | p50 ms | p95 ms | max ms |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in summary:
+        scenario, strategy = _cell(row)
+        lines.append(
+            f"| {scenario} | {strategy} | {row.count} | {row.success_rate:.1%} | "
+            f"{row.p50_ms:.1f} | {row.p95_ms:.1f} | {row.max_ms:.1f} |"
+        )
+    if not summary:
+        lines.append("| (no recoveries recorded) | | | | | | |")
+    return ("\n".join(lines) + "\n").encode()
+
+
+def render_junit(run_id: str, summary: Sequence[SummaryRow]) -> bytes:
+    """One test case per scenario and strategy; a failure when any of its recoveries failed."""
+    failures = sum(1 for row in summary if row.success_rate < 1.0)
+    suite = ElementTree.Element(
+        "testsuite",
+        name=f"webshard recovery{f' {run_id}' if run_id else ''}",
+        tests=str(len(summary)),
+        failures=str(failures),
+        errors="0",
+        time=f"{sum(row.p50_ms * row.count for row in summary) / 1000:.3f}",
+    )
+    for row in summary:
+        scenario, strategy = _cell(row)
+        case = ElementTree.SubElement(
+            suite,
+            "testcase",
+            classname=f"webshard.recovery.{scenario}",
+            name=strategy,
+            time=f"{row.p50_ms / 1000:.3f}",
+        )
+        ElementTree.SubElement(case, "system-out").text = (
+            f"recoveries={row.count} success_rate={row.success_rate:.4f} "
+            f"p50_ms={row.p50_ms:.1f} p95_ms={row.p95_ms:.1f} max_ms={row.max_ms:.1f}"
+        )
+        if row.success_rate < 1.0:
+            failed = round(row.count * (1.0 - row.success_rate))
+            ElementTree.SubElement(
+                case,
+                "failure",
+                message=f"{failed} of {row.count} recoveries failed",
+                type="RecoveryFailed",
+            )
+    xml: bytes = ElementTree.tostring(suite, encoding="utf-8", xml_declaration=True)
+    return xml

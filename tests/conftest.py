@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -53,6 +54,17 @@ def browser_processes(data_dir: Path) -> list[psutil.Process]:
         if str(data_dir) in cmdline and proc.info["name"] in ("chromium", "chromedriver", "chrome"):
             found.append(proc)
     return found
+
+
+async def until(condition: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+    """Wait for ``condition`` with a deadline, yielding to the event loop meanwhile."""
+    try:
+        async with asyncio.timeout(timeout):
+            # Polled: the conditions are other components' states, with no event to await.
+            while not condition():  # noqa: ASYNC110
+                await asyncio.sleep(0.005)
+    except TimeoutError:
+        pytest.fail(f"timed out after {timeout} s waiting for {what}")
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:

@@ -14,6 +14,7 @@ from webshard.browser_agent.v1 import browser_agent_pb2_grpc as pb_grpc
 from webshard.common.v1 import common_pb2
 from webshard.tensors import decode_tensor, encode_tensor
 
+from services.coordinator.deployments import spec_of
 from services.models import NativeRunner, cut_model, example_inputs
 from services.models.sharding import Shard
 from tests.conftest import ServiceProcess, browser_processes, health_status, wait_for
@@ -24,17 +25,10 @@ CHUNK = 1024 * 1024
 
 
 def upload(shard: Shard, provider: int) -> Iterator[pb.LoadShardRequest]:
-    spec = common_pb2.ShardSpec(
-        model=shard.model,
-        index=shard.index,
-        sha256=shard.sha256,
-        size_bytes=shard.size_bytes,
-        input_names=list(shard.input_names),
-        output_names=list(shard.output_names),
-    )
+    """The LoadShard stream the coordinator would send for a layer-cut shard."""
     yield pb.LoadShardRequest(
         header=pb.LoadShardHeader(
-            shard=spec,
+            shard=spec_of(shard, common_pb2.SHARDING_STRATEGY_LAYER),
             runtime=common_pb2.RUNTIME_BROWSER,
             execution_provider=provider,  # type: ignore[arg-type]
         )

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
@@ -18,6 +18,7 @@ from services.browser_agent.agent import LoadedEntry, ShardHost
 from services.browser_agent.hooks import FaultHooks, HookError, HookRequest, Link
 from services.browser_agent.runtime import LoadResult
 from services.browser_agent.session import CoordinatorSession
+from tests.conftest import until
 
 H = agent_pb.FaultHook
 READY = common_pb2.BROWSER_STATE_READY
@@ -279,17 +280,6 @@ class FakeCoordinator(coord_grpc.CoordinatorServiceServicer):
                 pass
         finally:
             self.open -= 1
-
-
-async def until(condition: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
-    """Wait for ``condition`` with a deadline, yielding to the event loop meanwhile."""
-    try:
-        async with asyncio.timeout(timeout):
-            # Polled: the conditions are other components' states, with no event to await.
-            while not condition():  # noqa: ASYNC110
-                await asyncio.sleep(0.005)
-    except TimeoutError:
-        pytest.fail(f"timed out after {timeout} s waiting for {what}")
 
 
 async def test_the_session_reconnects_after_a_cut_and_stays_away_during_a_partition() -> None:

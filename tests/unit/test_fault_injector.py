@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
@@ -26,6 +26,7 @@ from services.fault_injector.injector import (
 )
 from services.fault_injector.spec import FaultError, Limits, Refusal, validate
 from services.fault_injector.targets import ClusterView
+from tests.conftest import until
 from tests.unit.test_fault_targets import cluster_view
 
 K = common_pb2.FaultKind
@@ -166,17 +167,6 @@ def fault_spec(
     spec.target.CopyFrom(pb.TargetSelector(kind=target_kind, ids=list(ids), mode=mode))
     spec.duration.FromNanoseconds(round(duration_s * 1e9))
     return spec
-
-
-async def until(condition: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
-    """Wait for ``condition`` with a deadline, yielding to the event loop meanwhile."""
-    try:
-        async with asyncio.timeout(timeout):
-            # Polled: the conditions are other components' states, with no event to await.
-            while not condition():  # noqa: ASYNC110
-                await asyncio.sleep(0.005)
-    except TimeoutError:
-        pytest.fail(f"timed out after {timeout} s waiting for {what}")
 
 
 async def test_inject_applies_the_hook_and_reverts_when_the_duration_ends(rig: Rig) -> None:

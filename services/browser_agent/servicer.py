@@ -7,7 +7,6 @@ import logging
 from collections.abc import AsyncIterator
 
 import grpc
-from google.protobuf.duration_pb2 import Duration
 from webshard.browser_agent.v1 import browser_agent_pb2 as pb
 from webshard.browser_agent.v1 import browser_agent_pb2_grpc as pb_grpc
 from webshard.tensors import decode_tensor, encode_tensor
@@ -18,18 +17,13 @@ from services.browser_agent.runtime import ShardRuntimeError
 from services.browser_agent.session import CoordinatorSession
 from services.browser_agent.settings import AgentSettings
 from services.browser_agent.store import ShardStore, StoreError, check_sha256
+from services.common.durations import duration
 from services.common.server import Lifecycle
 
 log = logging.getLogger(__name__)
 
 SERVICE = pb.DESCRIPTOR.services_by_name["BrowserAgentService"].full_name
 Context = grpc.aio.ServicerContext[object, object]
-
-
-def _duration(ms: float) -> Duration:
-    value = Duration()
-    value.FromNanoseconds(int(ms * 1e6))
-    return value
 
 
 def status_code(error: ShardRuntimeError) -> grpc.StatusCode:
@@ -112,7 +106,7 @@ class BrowserAgentServicer(pb_grpc.BrowserAgentServiceServicer):
             shard=entry.to_proto(),
             browser_id=target.runtime_id,
             cached=cached,
-            load_time=_duration(entry.result.load_ms),
+            load_time=duration(entry.result.load_ms / 1000),
         )
 
     async def RunShard(
@@ -137,7 +131,7 @@ class BrowserAgentServicer(pb_grpc.BrowserAgentServiceServicer):
                 reply.error_message = str(exc)
             else:
                 reply.outputs.extend(encode_tensor(n, v) for n, v in result.outputs.items())
-                reply.compute.CopyFrom(_duration(result.compute_ms))
+                reply.compute.CopyFrom(duration(result.compute_ms / 1000))
                 reply.browser_id = entry.runtime.runtime_id
                 reply.execution_provider = entry.result.execution_provider  # type: ignore[assignment]
             await replies.put(reply)

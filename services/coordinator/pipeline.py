@@ -16,10 +16,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import grpc
-from google.protobuf.duration_pb2 import Duration
 from webshard.common.v1 import common_pb2
 from webshard.coordinator.v1 import coordinator_pb2 as pb
 
+from services.common.durations import duration
 from services.coordinator.links import HopError
 
 log = logging.getLogger(__name__)
@@ -63,12 +63,6 @@ HopRunner = Callable[
 ]
 # Told about every failed hop: (stage, replica, error).
 FailureSink = Callable[[Stage, Replica, HopError], None]
-
-
-def _duration(seconds: float) -> Duration:
-    value = Duration()
-    value.FromNanoseconds(int(seconds * 1e9))
-    return value
 
 
 @dataclass
@@ -121,8 +115,8 @@ class Pipeline:
                         agent_id=replica.agent_id,
                         browser_id=replica.browser_id,
                         execution_provider=replica.execution_provider,  # type: ignore[arg-type]
-                        compute=_duration(compute_ms / 1000),
-                        hop=_duration(time.monotonic() - hop_started),
+                        compute=duration(compute_ms / 1000),
+                        hop=duration(time.monotonic() - hop_started),
                         attempts=attempt,
                     )
                 )
@@ -140,7 +134,7 @@ class Pipeline:
             request_id=request_id,
             outputs=[tensors[name] for name in self.outputs],
             trail=trail,
-            total=_duration(time.monotonic() - started),
+            total=duration(time.monotonic() - started),
             recovered=recovered,
         )
 

@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 import grpc
-from google.protobuf.duration_pb2 import Duration
 from opentelemetry.instrumentation.grpc import aio_client_interceptors
 from webshard.browser_agent.v1 import browser_agent_pb2 as agent_pb
 from webshard.browser_agent.v1 import browser_agent_pb2_grpc as agent_grpc
 
+from services.common.durations import duration
 from services.fault_injector.actions import AgentAction
 from services.fault_injector.injector import ActionError
-
-
-def _duration(seconds: float) -> Duration:
-    value = Duration()
-    value.FromNanoseconds(round(seconds * 1e9))
-    return value
 
 
 class GrpcAgentHooks:
@@ -44,11 +38,11 @@ class GrpcAgentHooks:
             browser_id=action.browser_id,
             shard_handle=action.shard_handle,
             memory_bytes=action.memory_bytes,
-            duration=_duration(duration_s),
+            duration=duration(duration_s),
             data_path_only=action.data_path_only,
         )
         if action.delay_s:
-            request.delay.CopyFrom(_duration(action.delay_s))
+            request.delay.CopyFrom(duration(action.delay_s))
         try:
             response = await self._stub(action.address).ApplyFaultHook(
                 request, timeout=self._timeout

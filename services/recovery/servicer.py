@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import grpc
-from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 from webshard.recovery.v1 import recovery_pb2 as pb
 from webshard.recovery.v1 import recovery_pb2_grpc as pb_grpc
 
+from services.common.durations import duration
 from services.common.server import Lifecycle
 from services.recovery.breakers import BreakerKey, Breakers, BreakerView
 from services.recovery.execution import PhaseRecord
@@ -25,12 +25,6 @@ def _timestamp(seconds: float) -> Timestamp:
     stamp = Timestamp()
     stamp.FromNanoseconds(round(seconds * 1e9))
     return stamp
-
-
-def _duration(seconds: float) -> Duration:
-    duration = Duration()
-    duration.FromNanoseconds(round(seconds * 1e9))
-    return duration
 
 
 def failure_from_proto(report: pb.FailureReport) -> Failure:
@@ -88,7 +82,7 @@ def phase_to_proto(phase: PhaseRecord) -> pb.RecoveryPhase:
         name=phase.name,
         level=phase.level.value if phase.level is not None else 0,  # type: ignore[arg-type]
         started_at=_timestamp(phase.started_at),
-        duration=_duration(phase.duration_s),
+        duration=duration(phase.duration_s),
         ok=phase.ok,
         detail=phase.detail,
     )
@@ -113,7 +107,7 @@ def recovery_to_proto(record: RecoveryRecord) -> pb.Recovery:
     )
     if record.finished_at is not None:
         message.finished_at.CopyFrom(_timestamp(record.finished_at))
-        message.duration.CopyFrom(_duration(record.finished_at - record.started_at))
+        message.duration.CopyFrom(duration(record.finished_at - record.started_at))
     return message
 
 

@@ -1,10 +1,11 @@
-"""Reports over the stored events: JSON (everything), Markdown, JUnit XML.
+"""Reports over the stored events: JSON (everything), Markdown, HTML, JUnit XML.
 
 Every report is built from the same figures: recoveries grouped by scenario and
 strategy (count, success rate, p50/p95/max recovery time). JSON carries the raw
-rows too, with a schema version a reader can check. JUnit XML has one test case
-per scenario and strategy, failing when any recovery in it failed, so any CI
-system can show a campaign's outcome.
+rows too, with a schema version a reader can check. HTML draws charts from the
+rows as well (see ``html_report``). JUnit XML has one test case per scenario and
+strategy, failing when any recovery in it failed, so any CI system can show a
+campaign's outcome.
 """
 
 from __future__ import annotations
@@ -15,12 +16,16 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 from xml.etree import ElementTree
 
+from services.metrics import html_report
 from services.metrics.store import SummaryRow
 
 SCHEMA_VERSION = 1
 """Bumped whenever a field of the JSON report changes meaning or goes away."""
 
 CELL = ("scenario", "strategy")
+
+HTML_TABLES = html_report.TABLES
+"""The tables ``render_html`` reads."""
 
 
 def _cell(row: SummaryRow) -> tuple[str, str]:
@@ -70,6 +75,17 @@ def render_markdown(run_id: str, summary: Sequence[SummaryRow]) -> bytes:
     if not summary:
         lines.append("| (no recoveries recorded) | | | | | | |")
     return ("\n".join(lines) + "\n").encode()
+
+
+def render_html(
+    run_id: str, summary: Sequence[SummaryRow], tables: Mapping[str, list[dict[str, Any]]]
+) -> bytes:
+    """One self-contained HTML page: the Markdown table, then charts as inline SVG.
+
+    ``tables`` needs the rows of ``HTML_TABLES`` (as ``MetricsStore.rows`` gives
+    them); a table left out is drawn as empty.
+    """
+    return html_report.render_html(run_id, summary, tables)
 
 
 def render_junit(run_id: str, summary: Sequence[SummaryRow]) -> bytes:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -184,33 +184,32 @@ class MetricsServicer(pb_grpc.MetricsServiceServicer):
     async def GetReport(
         self, request: pb.GetReportRequest, context: Context
     ) -> pb.GetReportResponse:
-        """A report in JSON, Markdown or JUnit XML."""
-        if request.format == pb.REPORT_FORMAT_HTML:
-            await context.abort(
-                grpc.StatusCode.UNIMPLEMENTED,
-                f"{SERVICE}/GetReport is not implemented in this version of webshard for HTML "
-                "(charts); JSON, Markdown and JUnit XML are",
-            )
+        """A report in JSON, Markdown, HTML (with charts) or JUnit XML."""
         if request.format == pb.REPORT_FORMAT_UNSPECIFIED:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                "format must be REPORT_FORMAT_JSON, REPORT_FORMAT_MARKDOWN "
-                "or REPORT_FORMAT_JUNIT_XML",
+                "format must be REPORT_FORMAT_JSON, REPORT_FORMAT_MARKDOWN, "
+                "REPORT_FORMAT_HTML or REPORT_FORMAT_JUNIT_XML",
             )
         summary = await self.run(
             self._store.recovery_summary, list(reports.CELL), run_id=request.run_id
         )
         if request.format == pb.REPORT_FORMAT_JSON:
-            tables = {
-                table: await self.run(self._store.rows, table, run_id=request.run_id)
-                for table in EVENT_TIME
-            }
+            tables = await self._tables(EVENT_TIME, request.run_id)
             content, kind = reports.render_json(request.run_id, summary, tables), "application/json"
         elif request.format == pb.REPORT_FORMAT_MARKDOWN:
             content, kind = reports.render_markdown(request.run_id, summary), "text/markdown"
+        elif request.format == pb.REPORT_FORMAT_HTML:
+            tables = await self._tables(reports.HTML_TABLES, request.run_id)
+            content = await asyncio.to_thread(reports.render_html, request.run_id, summary, tables)
+            kind = "text/html; charset=utf-8"
         else:
             content, kind = reports.render_junit(request.run_id, summary), "application/xml"
         return pb.GetReportResponse(content=content, content_type=kind)
+
+    async def _tables(self, names: Iterable[str], run_id: str) -> dict[str, list[dict[str, Any]]]:
+        """Each table in ``names``: its rows (of ``run_id``'s run, where a table records runs)."""
+        return {table: await self.run(self._store.rows, table, run_id=run_id) for table in names}
 
 
 def _write(store: MetricsStore, count: int, batches: Any) -> int:

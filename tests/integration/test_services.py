@@ -25,12 +25,7 @@ SERVICES = [
     ("browser_agent", "webshard.browser_agent.v1.BrowserAgentService", "", "{}"),
     ("fault_injector", "webshard.fault_injector.v1.FaultInjectorService", "", "{}"),
     ("recovery", "webshard.recovery.v1.RecoveryService", "", "{}"),
-    (
-        "metrics",
-        "webshard.metrics.v1.MetricsService",
-        "GetReport",
-        '{"format": "REPORT_FORMAT_HTML"}',
-    ),
+    ("metrics", "webshard.metrics.v1.MetricsService", "", "{}"),
 ]
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from webshard.metrics.v1 import metrics_pb2_grpc as pb_grpc
 
 from services.common.server import BasicApp, Lifecycle
+from services.metrics.dashboard import ClusterSources, Dashboard, RequestStats, request_stats
 from services.metrics.servicer import SERVICE, MetricsServicer
 from services.metrics.settings import MetricsSettings
 from services.metrics.store import MetricsStore
@@ -49,6 +50,21 @@ def make_app(settings: MetricsSettings, lifecycle: Lifecycle) -> BasicApp:
         flush_s=settings.ingest_flush_ms / 1000,
     )
     tasks: list[asyncio.Task[None]] = []
+    dashboard: Dashboard | None = None
+    sources: ClusterSources | None = None
+    if settings.http_port:
+
+        async def requests() -> RequestStats:
+            return await servicer.run(request_stats, store)
+
+        sources = ClusterSources(
+            coordinators=settings.coordinators,
+            recovery=settings.recovery,
+            fault_injector=settings.fault_injector,
+            fault_token=settings.fault_token,
+            requests=requests,
+        )
+        dashboard = Dashboard(sources, host=settings.host, port=settings.http_port)
 
     async def retain() -> None:
         while True:
@@ -62,8 +78,21 @@ def make_app(settings: MetricsSettings, lifecycle: Lifecycle) -> BasicApp:
 
     async def start() -> None:
         tasks.append(asyncio.create_task(retain()))
+        if dashboard is not None:
+            try:
+                await dashboard.start()
+            except OSError as exc:
+                # The events matter more than the page: the service keeps ingesting.
+                log.error(
+                    "the dashboard cannot listen; the service runs without it",
+                    extra={"address": f"{settings.host}:{settings.http_port}", "error": str(exc)},
+                )
 
     async def stop() -> None:
+        if dashboard is not None:
+            await dashboard.stop()
+        if sources is not None:
+            await sources.close()
         for task in tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -60,6 +60,8 @@ def _up(args: argparse.Namespace) -> int:
     width = max(len(p.name) for p in cluster.processes)
     for proc in cluster.processes:
         print(f"  {proc.name:<{width}}  {proc.address:<21}  pid {proc.pid:<7}  SERVING")
+    if url := cluster.dashboard_url():
+        print(f"dashboard: {url}")
     print(f"logs: {cluster.data_dir / 'logs'}", flush=True)
     if args.once:
         print("all processes SERVING; stopping (--once)", flush=True)

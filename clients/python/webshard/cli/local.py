@@ -14,6 +14,7 @@ services with it.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import signal
@@ -150,11 +151,27 @@ def plan(
             proc.args += ["--recovery", recovery.address]
     injector.args += ["--recovery", recovery.address, "--cluster-state", str(data_dir / STATE_FILE)]
     http_port = _free_port(host) if auto_ports else DASHBOARD_PORT
+    if not auto_ports and _port_in_use(host, http_port):
+        raise ClusterError(
+            f"port {http_port} on {host} (the dashboard) is in use; "
+            "use --ports auto to pick free ports"
+        )
     add(
         "metrics",
         "metrics",
         0,
-        ["--data-dir", str(data_dir / "metrics"), "--http-port", str(http_port)],
+        [
+            "--data-dir",
+            str(data_dir / "metrics"),
+            "--http-port",
+            str(http_port),
+            "--coordinators",
+            coordinator_list,
+            "--recovery",
+            recovery.address,
+            "--fault-injector",
+            injector.address,
+        ],
     )
     for proc in procs:
         proc.args += (extra_args or {}).get(proc.service, [])
@@ -202,6 +219,19 @@ class LocalCluster:
     def coordinators(self) -> list[str]:
         """The coordinator replicas' addresses."""
         return [p.address for p in self.processes if p.service == "coordinator"]
+
+    def dashboard_url(self) -> str | None:
+        """The metrics service's dashboard page, or None when it is turned off."""
+        metrics = next((p for p in self.processes if p.service == "metrics"), None)
+        if metrics is None:
+            return None
+        ports = [v for f, v in itertools.pairwise(metrics.args) if f == "--http-port"]
+        if not ports or int(ports[-1]) == 0:
+            return None
+        host = metrics.address.rsplit(":", 1)[0]
+        if host in ("0.0.0.0", "::", "[::]"):
+            host = "127.0.0.1"
+        return f"http://{host}:{int(ports[-1])}/"
 
     def start(self, *, timeout: float = 60.0) -> None:
         """Start every process and wait until each is SERVING; stop them all on failure."""
@@ -303,7 +333,11 @@ class LocalCluster:
             self.state_file.unlink()
 
     def _write_state(self) -> None:
-        state = {"pid": os.getpid(), "processes": [asdict(p) for p in self.processes]}
+        state = {
+            "pid": os.getpid(),
+            "dashboard": self.dashboard_url(),
+            "processes": [asdict(p) for p in self.processes],
+        }
         tmp = self.state_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=2))
         tmp.replace(self.state_file)

@@ -5,8 +5,11 @@ Plain logic over the runtimes and the shard store; the servicer maps it to gRPC.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 from webshard.common.v1 import common_pb2
 
@@ -49,16 +52,64 @@ class LoadedEntry:
         )
 
 
+class Pool(Protocol):
+    """What the host needs of the browser pool (``browser.pool.BrowserPool``)."""
+
+    def is_standby(self, browser_id: str) -> bool:
+        """True when ``browser_id`` is a standby ready to be promoted."""
+        ...
+
+    async def promote_standby(self, browser_id: str = "") -> ShardRuntime:
+        """Put a standby into service; raise a ShardRuntimeError when none is ready."""
+        ...
+
+    async def launch_active(self) -> ShardRuntime:
+        """Launch a browser straight into service."""
+        ...
+
+    async def retire(self, browser_id: str) -> None:
+        """Close a browser and launch a standby in its place."""
+        ...
+
+
+@runtime_checkable
+class Connectable(Protocol):
+    """A runtime with a connection that can drop (a browser's page socket)."""
+
+    @property
+    def connected(self) -> bool:
+        """True while the runtime is reachable."""
+        ...
+
+
+@dataclass
+class Restarted:
+    """A browser replaced by a fresh one, and its shards as reloaded there."""
+
+    runtime: ShardRuntime
+    reloaded: list[tuple[str, LoadedEntry]]
+    """(previous handle, new entry) per shard."""
+    from_standby: bool
+
+
 class ShardHost:
-    """Loads shards into runtimes and runs them by handle."""
+    """Loads shards into runtimes and runs them by handle.
+
+    With a ``pool``, a load may name a standby (it is promoted first), a browser
+    can be restarted (a standby, else a cold launch, takes its place and its
+    shards), and a dead browser is retired (its shards forgotten, a standby
+    launched in its place).
+    """
 
     def __init__(
         self,
         native: ShardRuntime | None,
         browsers: Callable[[], Sequence[ShardRuntime]] = tuple,
+        pool: Pool | None = None,
     ) -> None:
         self._native = native
         self._browsers = browsers  # the pool's current list: it changes on crashes
+        self._pool = pool
         self._loaded: dict[str, LoadedEntry] = {}
 
     def runtimes(self) -> list[ShardRuntime]:
@@ -94,6 +145,75 @@ class ShardHost:
             raise Unavailable("this agent has no ready browser to load a shard into")
         # The browser holding the fewest shards takes the next one.
         return min(ready, key=lambda b: sum(e.runtime is b for e in self._loaded.values()))
+
+    async def target(self, runtime: int, browser_id: str) -> ShardRuntime:
+        """Like ``choose``, promoting ``browser_id`` first when it names a ready standby."""
+        if browser_id and self._pool is not None and self._pool.is_standby(browser_id):
+            await self._pool.promote_standby(browser_id)
+        return self.choose(runtime, browser_id)
+
+    def browser(self, browser_id: str) -> ShardRuntime:
+        """The active browser called ``browser_id``; NotFound otherwise."""
+        for candidate in self._browsers():
+            if candidate.runtime_id == browser_id:
+                return candidate
+        raise NotFound(f"this agent has no active browser {browser_id!r}")
+
+    async def restart(self, browser_id: str, path_of: Callable[[str], str]) -> Restarted:
+        """Close a browser and reload its shards in a standby (or a fresh launch).
+
+        ``path_of`` maps a shard's sha256 to its file in the store.
+        """
+        if self._pool is None:
+            raise Unavailable("this agent has no browser pool")
+        old = self.browser(browser_id)
+        lost = self.forget(old)
+        await self._pool.retire(browser_id)
+        try:
+            fresh, from_standby = await self._pool.promote_standby(), True
+        except ShardRuntimeError:
+            fresh, from_standby = await self._pool.launch_active(), False
+        reloaded = [
+            (
+                entry.result.handle,
+                await self.load(
+                    entry.spec,
+                    path_of(entry.spec.sha256),
+                    fresh,
+                    entry.result.execution_provider,
+                ),
+            )
+            for entry in lost
+        ]
+        return Restarted(fresh, reloaded, from_standby)
+
+    async def retire_failed(self, browser_id: str) -> list[LoadedEntry]:
+        """Forget a dead browser's shards and launch a standby in its place."""
+        lost = [e for e in self._loaded.values() if e.runtime.runtime_id == browser_id]
+        for entry in lost:
+            del self._loaded[entry.result.handle]
+        if self._pool is not None:
+            await self._pool.retire(browser_id)
+        return lost
+
+    async def wait_connected(self, browser_id: str, timeout_s: float) -> float:
+        """Wait until the browser's page is connected; the seconds waited.
+
+        Raises NotFound for an unknown browser and Unavailable when the page stays
+        disconnected past ``timeout_s``.
+        """
+        runtime = self.browser(browser_id)
+        started = time.monotonic()
+        while isinstance(runtime, Connectable) and not runtime.connected:
+            if runtime.info().state == common_pb2.BROWSER_STATE_FAILED:
+                raise Unavailable(f"browser {browser_id} has failed; it cannot reconnect")
+            waited = time.monotonic() - started
+            if waited >= timeout_s:
+                raise Unavailable(
+                    f"browser {browser_id}'s page is still disconnected after {waited:.1f} s"
+                )
+            await asyncio.sleep(0.02)
+        return time.monotonic() - started
 
     async def load(
         self, spec: common_pb2.ShardSpec, path: str, target: ShardRuntime, provider: int

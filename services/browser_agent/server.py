@@ -9,12 +9,14 @@ import tempfile
 from pathlib import Path
 
 from webshard.browser_agent.v1 import browser_agent_pb2_grpc as pb_grpc
+from webshard.common.v1 import common_pb2
 from webshard.recovery.v1 import recovery_pb2
 
 from services.browser_agent.agent import ShardHost
 from services.browser_agent.browser.events import BrowserEventKind
 from services.browser_agent.browser.options import BrowserOptions
 from services.browser_agent.browser.pool import BrowserPool
+from services.browser_agent.memory import MemoryWatch, Sample
 from services.browser_agent.native import NativeRuntime
 from services.browser_agent.servicer import SERVICE, BrowserAgentServicer
 from services.browser_agent.session import CoordinatorSession
@@ -29,6 +31,7 @@ BROWSER_FAILURES = {
     BrowserEventKind.DEVICE_LOST: recovery_pb2.FAILURE_KIND_DEVICE_LOST,
     BrowserEventKind.PAGE_DISCONNECTED: recovery_pb2.FAILURE_KIND_STREAM_BROKEN,
 }
+BROWSERS_GONE = frozenset({BrowserEventKind.PROCESS_EXITED, BrowserEventKind.PAGE_CRASHED})
 
 
 def make_app(settings: AgentSettings, lifecycle: Lifecycle) -> BasicApp:
@@ -46,7 +49,7 @@ def make_app(settings: AgentSettings, lifecycle: Lifecycle) -> BasicApp:
         options=BrowserOptions(temp_root=str(data_dir / "browsers")),
     )
     host = ShardHost(
-        NativeRuntime(settings.native_threads) if settings.native else None, pool.active
+        NativeRuntime(settings.native_threads) if settings.native else None, pool.active, pool
     )
     session = CoordinatorSession(
         agent_id=settings.agent_id,
@@ -67,9 +70,8 @@ def make_app(settings: AgentSettings, lifecycle: Lifecycle) -> BasicApp:
             kind = BROWSER_FAILURES.get(event.kind)
             if kind is None:
                 continue
-            for spec in host.shards_on(
-                event.browser_id
-            ):  # a standby holds none: the pool replaces it
+            specs = host.shards_on(event.browser_id)  # a standby holds none: the pool replaces it
+            for spec in specs:
                 reporter.report(
                     source=recovery_pb2.FAILURE_SOURCE_AGENT
                     if event.kind == BrowserEventKind.PROCESS_EXITED
@@ -81,6 +83,38 @@ def make_app(settings: AgentSettings, lifecycle: Lifecycle) -> BasicApp:
                     shard_index=spec.index,
                     message=event.message,
                 )
+            if specs and event.kind in BROWSERS_GONE:
+                # Its shards are lost with it; a standby launches in its place, so the
+                # agent keeps its capacity for the replicas recovery moves.
+                await host.retire_failed(event.browser_id)
+
+    async def watch_memory() -> None:
+        # A page that outgrows its size after loading (a leak, a huge allocation) is
+        # reported before the machine runs out: recovery moves its shards elsewhere.
+        watch = MemoryWatch(settings.browser_memory_headroom_mb * 1024 * 1024)
+        while True:
+            await asyncio.sleep(settings.memory_check_ms / 1000)
+            infos = await asyncio.to_thread(lambda: [b.info() for b in pool.active()])
+            samples = [
+                Sample(
+                    info.browser_id,
+                    frozenset(spec.sha256 for spec in host.shards_on(info.browser_id)),
+                    info.memory_bytes,
+                )
+                for info in infos
+                if info.state == common_pb2.BROWSER_STATE_READY
+            ]
+            for pressure in watch.observe(samples):
+                for spec in host.shards_on(pressure.browser_id):
+                    reporter.report(
+                        source=recovery_pb2.FAILURE_SOURCE_AGENT,
+                        kind=recovery_pb2.FAILURE_KIND_OUT_OF_MEMORY,
+                        agent_id=settings.agent_id,
+                        browser_id=pressure.browser_id,
+                        model=spec.model,
+                        shard_index=spec.index,
+                        message=pressure.message,
+                    )
 
     async def start() -> None:
         # Browsers first: the agent reports SERVING, and registers, with its
@@ -88,6 +122,7 @@ def make_app(settings: AgentSettings, lifecycle: Lifecycle) -> BasicApp:
         await pool.start()
         tasks.append(asyncio.create_task(session.run(), name="coordinator-session"))
         tasks.append(asyncio.create_task(report_browser_failures(), name="browser-failures"))
+        tasks.append(asyncio.create_task(watch_memory(), name="memory-watch"))
 
     async def stop() -> None:
         for task in tasks:

@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["BrowserAgentService"].full_name
 Context = grpc.aio.ServicerContext[object, object]
 
+DEFAULT_RECONNECT_WAIT_S = 2.0
+
 
 def status_code(error: ShardRuntimeError) -> grpc.StatusCode:
     """The gRPC status a runtime error maps to."""
@@ -63,7 +65,7 @@ class BrowserAgentServicer(pb_grpc.BrowserAgentServiceServicer):
         spec = header.shard
         try:
             check_sha256(spec.sha256)
-            target = self._host.choose(header.runtime, header.browser_id)
+            target = await self._host.target(header.runtime, header.browser_id)
         except StoreError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except ShardRuntimeError as exc:
@@ -180,6 +182,45 @@ class BrowserAgentServicer(pb_grpc.BrowserAgentServiceServicer):
             cached_shard_sha256=self._store.hashes(),
             coordinator_address=self._session.attached_to,
         )
+
+    async def RestartBrowser(
+        self, request: pb.RestartBrowserRequest, context: Context
+    ) -> pb.RestartBrowserResponse:
+        """Close a browser, put a standby (or a fresh launch) in its place, reload its shards."""
+        try:
+            restarted = await self._host.restart(
+                request.browser_id, lambda sha256: str(self._store.path(sha256))
+            )
+        except ShardRuntimeError as exc:
+            await context.abort(status_code(exc), f"restart of {request.browser_id}: {exc}")
+        log.info(
+            "browser restarted",
+            extra={
+                "browser_id": request.browser_id,
+                "replacement": restarted.runtime.runtime_id,
+                "from_standby": restarted.from_standby,
+                "shards": len(restarted.reloaded),
+            },
+        )
+        return pb.RestartBrowserResponse(
+            browser_id=restarted.runtime.runtime_id,
+            shards=[
+                pb.ReloadedShard(previous_handle=handle, shard=entry.to_proto())
+                for handle, entry in restarted.reloaded
+            ],
+            from_standby=restarted.from_standby,
+        )
+
+    async def ReconnectBrowser(
+        self, request: pb.ReconnectBrowserRequest, context: Context
+    ) -> pb.ReconnectBrowserResponse:
+        """Wait until the browser's page is connected to the agent again."""
+        timeout_s = request.timeout.ToNanoseconds() / 1e9 or DEFAULT_RECONNECT_WAIT_S
+        try:
+            waited = await self._host.wait_connected(request.browser_id, timeout_s)
+        except ShardRuntimeError as exc:
+            await context.abort(status_code(exc), str(exc))
+        return pb.ReconnectBrowserResponse(waited=duration(waited))
 
     async def ApplyFaultHook(
         self, request: pb.ApplyFaultHookRequest, context: Context

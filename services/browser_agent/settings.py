@@ -35,6 +35,12 @@ class AgentSettings(ServerSettings):
     native: bool = setting(True, "Also offer the native runtime (Python onnxruntime on the CPU).")
     native_threads: int = setting(1, "onnxruntime intra-op threads per native shard session.")
     max_shard_mb: int = setting(2048, "Largest shard the agent accepts, in MiB.")
+    browser_memory_headroom_mb: int = setting(
+        384,
+        "A browser holding shards whose process tree grows this many MiB past its size "
+        "after its last load is reported out of memory, so recovery moves its shards.",
+    )
+    memory_check_ms: float = setting(250.0, "How often the browsers' memory is sampled.")
 
     def validate(self) -> None:
         """Check the agent's identity and coordinators."""
@@ -49,5 +55,7 @@ class AgentSettings(ServerSettings):
             raise SettingsError("browser counts must not be negative")
         if self.browsers == 0 and not self.native:
             raise SettingsError("an agent needs browsers or the native runtime (or both)")
+        if self.browser_memory_headroom_mb < 1 or self.memory_check_ms <= 0:
+            raise SettingsError("the memory headroom and check interval must be positive")
         if self.native_threads < 1 or self.max_shard_mb < 1:
             raise SettingsError("native threads and the shard size limit must be positive")

@@ -55,6 +55,11 @@ def deploy_command(placement: pb.Placement) -> bytes:
     return json.dumps({"op": "deploy", "placement": _b64(placement)}).encode()
 
 
+def placement_command(placement: pb.Placement) -> bytes:
+    """Replace a deployed model's placement (a replica moved by recovery)."""
+    return json.dumps({"op": "placement", "placement": _b64(placement)}).encode()
+
+
 def undeploy_command(model: str) -> bytes:
     """Remove a model."""
     return json.dumps({"op": "undeploy", "model": model}).encode()
@@ -99,6 +104,15 @@ class ClusterState:
                 self.deploy_ids[placement.deploy_id] = placement.model
                 while len(self.deploy_ids) > DEPLOY_IDS_KEPT:
                     self.deploy_ids.popitem(last=False)
+            if self.on_placement is not None:
+                self.on_placement(placement.model, placement)
+        elif op == "placement":
+            placement = pb.Placement.FromString(base64.b64decode(doc["placement"]))
+            previous = self.placements.get(placement.model)
+            if previous is None:
+                return  # undeployed meanwhile: nothing to move
+            placement.version = previous.version + 1
+            self.placements[placement.model] = placement
             if self.on_placement is not None:
                 self.on_placement(placement.model, placement)
         elif op == "undeploy":

@@ -29,6 +29,9 @@ from services.models import Shard, UnknownModel, cut_model, model_info
 
 log = logging.getLogger(__name__)
 
+NATIVE_RUNTIME_ID = "native"
+"""The browser id an agent's native runtime reports."""
+
 STRATEGY_NAMES = {
     common_pb2.SHARDING_STRATEGY_LAYER: "layer",
     common_pb2.SHARDING_STRATEGY_ATTENTION_FEEDFORWARD: "attention_feedforward",
@@ -43,6 +46,16 @@ class DeployError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+@dataclass(frozen=True)
+class Replacement:
+    """A shard's replica loaded elsewhere, and the placement that moves it there."""
+
+    placement: pb.Placement
+    replica: pb.ShardReplica
+    replaced: pb.ShardReplica
+    from_standby: bool
 
 
 @dataclass
@@ -119,6 +132,7 @@ class Deployments:
         self._cache_dir = cache_dir
         self._load_timeout = load_timeout_s
         self._links: dict[str, AgentLink] = {}
+        self._background: set[asyncio.Task[None]] = set()
         self.models: dict[str, Deployment] = {}
         """Deployed models, as the replicated log has applied them."""
 
@@ -208,11 +222,157 @@ class Deployments:
         return used
 
     def apply_placement(self, model: str, placement: pb.Placement | None) -> None:
-        """Serve ``placement`` for ``model`` (None removes it): called as the log applies."""
+        """Serve ``placement`` for ``model`` (None removes it): called as the log applies.
+
+        Replicas the previous placement also had keep the health it had seen.
+        """
+        previous = self.models.pop(model, None)
         if placement is None:
-            self.models.pop(model, None)
-        else:
-            self.models[model] = deployment_of(placement, self.run_hop, self.on_failure)
+            return
+        deployment = deployment_of(placement, self.run_hop, self.on_failure)
+        if previous is not None:
+            health = {
+                (r.agent_id, r.browser_id, r.handle): r.healthy
+                for stage in previous.pipeline.stages
+                for r in stage.replicas
+            }
+            for stage in deployment.pipeline.stages:
+                for r in stage.replicas:
+                    r.healthy = health.get((r.agent_id, r.browser_id, r.handle), True)
+        self.models[model] = deployment
+
+    async def prepare_replacement(
+        self, model: str, shard_index: int, agent_id: str, browser_id: str
+    ) -> Replacement | None:
+        """Load a shard's replica off a failed browser (or agent) elsewhere.
+
+        Returns the placement to commit, or None when no replica of the shard is on
+        the failed browser any more (moved already). The destination is, in order of
+        preference, an idle ready browser, a warm standby, the least loaded ready
+        browser; on another agent before the failed one's; never a browser that
+        already holds the shard. Raises DeployError when none can take it.
+        """
+        current = self.placement(model)
+        shard = next((s for s in current.shards if s.shard.index == shard_index), None)
+        if shard is None:
+            raise DeployError(grpc.StatusCode.NOT_FOUND, f"{model} has no shard {shard_index}")
+        failed = [
+            r for r in shard.replicas if r.agent_id == agent_id and browser_id in ("", r.browser_id)
+        ]
+        if not failed:
+            return None
+        old = failed[0]
+        holding = {(r.agent_id, r.browser_id) for r in shard.replicas}
+        native = old.browser_id == NATIVE_RUNTIME_ID
+        destination = self._destination(native, holding, old, whole_agent=not browser_id)
+        if destination is None:
+            raise DeployError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"no ready browser or standby can take shard {shard_index} of {model} "
+                f"off {agent_id}/{browser_id or '*'}",
+            )
+        dest_agent, dest_browser, standby = destination
+        paths = await self._shard_paths(current)
+        loaded = await self.link(dest_agent).load(
+            shard.shard,
+            paths[shard_index],
+            runtime=common_pb2.RUNTIME_NATIVE if native else common_pb2.RUNTIME_BROWSER,
+            provider=old.execution_provider,
+            browser_id=dest_browser,
+            timeout=self._load_timeout,
+        )
+        replica = pb.ShardReplica(
+            agent_id=dest_agent,
+            browser_id=loaded.browser_id,
+            handle=loaded.shard.handle,
+            execution_provider=loaded.shard.execution_provider,
+            execution_provider_reason=loaded.shard.execution_provider_reason,
+            healthy=True,
+        )
+        placement = pb.Placement()
+        placement.CopyFrom(self.models[model].placement)
+        for candidate in placement.shards:
+            if candidate.shard.index == shard_index:
+                kept = [r for r in candidate.replicas if r.handle != old.handle]
+                del candidate.replicas[:]
+                candidate.replicas.extend([*kept, replica])
+        return Replacement(placement, replica, old, standby)
+
+    def _destination(
+        self,
+        native: bool,
+        holding: set[tuple[str, str]],
+        old: pb.ShardReplica,
+        *,
+        whole_agent: bool,
+    ) -> tuple[str, str, bool] | None:
+        load: dict[tuple[str, str], int] = {}
+        for deployment in self.models.values():
+            for shard in deployment.placement.shards:
+                for r in shard.replicas:
+                    load[(r.agent_id, r.browser_id)] = load.get((r.agent_id, r.browser_id), 0) + 1
+        ranked = []
+        for record in self._registry.agents():
+            if whole_agent and record.agent_id == old.agent_id:
+                continue
+            for browser in record.browsers:
+                key = (record.agent_id, browser.browser_id)
+                if key in holding or key == (old.agent_id, old.browser_id):
+                    continue
+                if native:
+                    if browser.runtime != common_pb2.RUNTIME_NATIVE:
+                        continue
+                    rank = 0
+                elif browser.runtime == common_pb2.RUNTIME_NATIVE:
+                    continue
+                elif browser.state == common_pb2.BROWSER_STATE_READY:
+                    rank = 0 if load.get(key, 0) == 0 else 2
+                elif browser.state == common_pb2.BROWSER_STATE_STANDBY:
+                    rank = 1
+                else:
+                    continue
+                same_agent = record.agent_id == old.agent_id
+                ranked.append((rank, same_agent, load.get(key, 0), key, rank == 1))
+        if not ranked:
+            return None
+        _, _, _, (agent_id, browser_id), standby = min(ranked)
+        return agent_id, browser_id, standby
+
+    async def _shard_paths(self, placement: pb.Placement) -> dict[int, Path]:
+        """Each shard's file, as the placement cut them (from the cache: no work twice)."""
+        strategy = STRATEGY_NAMES[placement.sharding]
+        shards = await asyncio.to_thread(
+            cut_model, placement.model, strategy, len(placement.shards), self._cache_dir
+        )
+        return {s.index: s.path for s in shards}
+
+    async def restart_browser(
+        self, agent_id: str, browser_id: str, timeout: float
+    ) -> tuple[agent_pb.RestartBrowserResponse, list[pb.Placement]]:
+        """Have the agent restart a browser; return its answer and the placements to commit."""
+        reply = await self.link(agent_id).restart_browser(browser_id, timeout)
+        moved = {s.previous_handle: s.shard for s in reply.shards}
+        changed = []
+        for deployment in self.models.values():
+            placement = pb.Placement()
+            placement.CopyFrom(deployment.placement)
+            touched = False
+            for shard in placement.shards:
+                for r in shard.replicas:
+                    if r.agent_id == agent_id and r.handle in moved:
+                        loaded = moved[r.handle]
+                        r.browser_id = reply.browser_id
+                        r.handle = loaded.handle
+                        r.execution_provider = loaded.execution_provider
+                        r.execution_provider_reason = loaded.execution_provider_reason
+                        touched = True
+            if touched:
+                changed.append(placement)
+        return reply, changed
+
+    async def reconnect(self, agent_id: str, browser_id: str, wait_s: float) -> float:
+        """Reopen the activation stream to an agent and wait for a browser's page."""
+        return await self.link(agent_id).reconnect(browser_id, wait_s)
 
     async def prepare(self, request: pb.DeployModelRequest) -> pb.Placement:
         """Cut, place and load a model; return its placement, not yet committed.
@@ -315,6 +475,20 @@ class Deployments:
                 except HopError:
                     continue
                 await link.unload(replica.handle, timeout=10)
+
+    async def unload(self, replica: pb.ShardReplica) -> None:
+        """Unload one replica; an agent that is gone is not an error here."""
+        try:
+            link = self.link(replica.agent_id)
+        except HopError:
+            return
+        await link.unload(replica.handle, timeout=10)
+
+    def unload_later(self, replica: pb.ShardReplica) -> None:
+        """Unload a replica that no longer serves, in the background (its agent may be gone)."""
+        task = asyncio.get_running_loop().create_task(self.unload(replica))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _load(
         self, spec: common_pb2.ShardSpec, path: Path, slot: Slot, request: pb.DeployModelRequest

@@ -22,6 +22,8 @@ from webshard.browser_agent.v1 import browser_agent_pb2 as agent_pb
 from webshard.browser_agent.v1 import browser_agent_pb2_grpc as agent_grpc
 from webshard.common.v1 import common_pb2
 
+from services.common.durations import duration
+
 log = logging.getLogger(__name__)
 
 CHUNK_BYTES = 1024 * 1024
@@ -192,6 +194,34 @@ class AgentLink:
             await self._stub.UnloadShard(
                 agent_pb.UnloadShardRequest(handle=handle), timeout=timeout
             )
+
+    async def restart_browser(
+        self, browser_id: str, timeout: float
+    ) -> agent_pb.RestartBrowserResponse:
+        """Have the agent replace a browser and reload its shards; raise HopError on failure."""
+        try:
+            return await self._stub.RestartBrowser(
+                agent_pb.RestartBrowserRequest(browser_id=browser_id), timeout=timeout
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise HopError(self.agent_id, exc.code(), exc.details() or "") from exc
+
+    async def reconnect(self, browser_id: str, wait_s: float) -> float:
+        """Reopen the RunShard stream and wait for ``browser_id``'s page; the seconds waited."""
+        async with self._open_lock:
+            if self._call is not None:
+                self._call.cancel()
+                self._call = None
+        if not browser_id:
+            return 0.0
+        try:
+            reply = await self._stub.ReconnectBrowser(
+                agent_pb.ReconnectBrowserRequest(browser_id=browser_id, timeout=duration(wait_s)),
+                timeout=wait_s + 5,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise HopError(self.agent_id, exc.code(), exc.details() or "") from exc
+        return reply.waited.ToNanoseconds() / 1e9
 
     async def close(self) -> None:
         """Close the stream and the channel."""

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -76,15 +76,29 @@ class Pipeline:
     outputs: Sequence[str] = field(default_factory=list)
 
     async def run(
-        self, request_id: str, inputs: Sequence[common_pb2.Tensor], deadline: float
+        self,
+        request_id: str,
+        inputs: Sequence[common_pb2.Tensor],
+        deadline: float,
+        pins: Mapping[int, Pin] | None = None,
     ) -> pb.InferResponse:
-        """Run every stage in order; replay a failed stage on its next replica."""
+        """Run every stage in order; replay a failed stage on its next replica.
+
+        A pinned stage runs on its pinned replica only: a failure there ends the
+        request (a probe of that replica), and is not reported as a failure.
+        """
         started = time.monotonic()
         tensors = {t.name: t for t in inputs}
         trail: list[common_pb2.ShardTiming] = []
         recovered = False
         for stage in self.stages:
             feeds = [tensors[name] for name in stage.input_names]
+            pin = (pins or {}).get(stage.index)
+            if pin is not None:
+                probed, timing = await self._probe(stage, pin, request_id, feeds, deadline)
+                tensors.update(probed)
+                trail.append(timing)
+                continue
             # Healthy replicas first, in placement order; the others as a last resort.
             order = sorted(stage.replicas, key=lambda r: not r.healthy)
             errors: list[str] = []
@@ -109,17 +123,7 @@ class Pipeline:
                 replica.healthy = True
                 for tensor in outputs:
                     tensors[tensor.name] = tensor
-                trail.append(
-                    common_pb2.ShardTiming(
-                        shard_index=stage.index,
-                        agent_id=replica.agent_id,
-                        browser_id=replica.browser_id,
-                        execution_provider=replica.execution_provider,  # type: ignore[arg-type]
-                        compute=duration(compute_ms / 1000),
-                        hop=duration(time.monotonic() - hop_started),
-                        attempts=attempt,
-                    )
-                )
+                trail.append(_timing(stage, replica, compute_ms, hop_started, attempt))
                 break
             else:
                 raise InferError(
@@ -137,6 +141,67 @@ class Pipeline:
             total=duration(time.monotonic() - started),
             recovered=recovered,
         )
+
+    async def _probe(
+        self,
+        stage: Stage,
+        pin: Pin,
+        request_id: str,
+        feeds: Sequence[common_pb2.Tensor],
+        deadline: float,
+    ) -> tuple[dict[str, common_pb2.Tensor], common_pb2.ShardTiming]:
+        replica = next((r for r in stage.replicas if pin.matches(r)), None)
+        if replica is None:
+            raise InferError(
+                grpc.StatusCode.NOT_FOUND,
+                f"shard {stage.index} of {self.model} has no replica on {pin}",
+            )
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise InferError(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"deadline passed before shard {stage.index} could run",
+            )
+        hop_started = time.monotonic()
+        try:
+            outputs, compute_ms = await self.run_hop(replica, request_id, feeds, remaining)
+        except HopError as exc:
+            replica.healthy = False
+            raise InferError(
+                exc.code, f"shard {stage.index} on {pin} (pinned): {exc.message}"
+            ) from exc
+        replica.healthy = True
+        timing = _timing(stage, replica, compute_ms, hop_started, 1)
+        return {tensor.name: tensor for tensor in outputs}, timing
+
+
+@dataclass(frozen=True)
+class Pin:
+    """A shard routed to one replica: on ``agent_id``, in ``browser_id`` (any when empty)."""
+
+    agent_id: str
+    browser_id: str = ""
+
+    def matches(self, replica: Replica) -> bool:
+        """True when ``replica`` is the pinned one."""
+        return replica.agent_id == self.agent_id and self.browser_id in ("", replica.browser_id)
+
+    def __str__(self) -> str:
+        return f"{self.agent_id}/{self.browser_id or '*'}"
+
+
+def _timing(
+    stage: Stage, replica: Replica, compute_ms: float, hop_started: float, attempt: int
+) -> common_pb2.ShardTiming:
+    return common_pb2.ShardTiming(
+        shard_index=stage.index,
+        agent_id=replica.agent_id,
+        browser_id=replica.browser_id,
+        execution_provider=replica.execution_provider,  # type: ignore[arg-type]
+        compute=duration(compute_ms / 1000),
+        hop=duration(time.monotonic() - hop_started),
+        attempts=attempt,
+    )
 
 
 class RequestLedger:

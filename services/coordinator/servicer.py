@@ -15,17 +15,21 @@ from webshard.coordinator.v1 import coordinator_pb2 as pb
 from webshard.coordinator.v1 import coordinator_pb2_grpc as pb_grpc
 from webshard.tensors import decode_tensor, encode_tensor
 
+from services.common.durations import duration
 from services.common.server import Lifecycle
+from services.coordinator.barriers import BarrierError, ModelBarriers
 from services.coordinator.cluster_state import (
     AgentEntry,
     ClusterState,
     agent_command,
     deploy_command,
+    placement_command,
     undeploy_command,
 )
 from services.coordinator.consensus import NotLeaderError, Replicator
 from services.coordinator.deployments import DeployError, Deployments
-from services.coordinator.pipeline import InferError, RequestLedger
+from services.coordinator.links import HopError
+from services.coordinator.pipeline import InferError, Pin, RequestLedger
 from services.coordinator.raft import (
     AppendEntriesResponse,
     InstallSnapshot,
@@ -42,6 +46,8 @@ log = logging.getLogger(__name__)
 
 Context = grpc.aio.ServicerContext[object, object]
 SERVICE = pb.DESCRIPTOR.services_by_name["CoordinatorService"].full_name
+DEFAULT_RECONNECT_WAIT_S = 2.0
+DEFAULT_MAX_PAUSE_S = 10.0
 RAFT_SERVICE = pb.DESCRIPTOR.services_by_name["RaftService"].full_name
 
 
@@ -95,7 +101,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         self._replicator = replicator
         self._lifecycle = lifecycle
         self._ledger = RequestLedger()
-        self._writes = asyncio.Lock()  # deploys and undeploys one at a time
+        self._writes = asyncio.Lock()  # deploys, undeploys and moves one at a time
+        self._barriers = ModelBarriers()
 
     async def _not_leader(self, context: Context, error: NotLeaderError | None = None) -> None:
         """End a call this replica cannot serve, pointing at the leader when it knows one."""
@@ -296,6 +303,134 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         except DeployError as exc:
             await context.abort(exc.code, exc.message)
 
+    async def ReplaceShard(
+        self, request: pb.ReplaceShardRequest, context: Context
+    ) -> pb.ReplaceShardResponse:
+        """Load a replica off a failed browser elsewhere, commit, then unload the old one."""
+        if not self._replicator.is_leader:
+            await self._not_leader(context)
+        if not request.model or not request.agent_id or request.shard_index < 0:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "ReplaceShard needs a model, a shard_index >= 0 and the failed agent_id",
+            )
+        async with self._writes:
+            try:
+                replacement = await self._deployments.prepare_replacement(
+                    request.model, request.shard_index, request.agent_id, request.browser_id
+                )
+            except DeployError as exc:
+                await context.abort(exc.code, exc.message)
+            except HopError as exc:
+                await context.abort(
+                    exc.code, f"loading the replacement on {exc.agent_id} failed: {exc.message}"
+                )
+            if replacement is None:  # moved already: a retry, or another recovery did it
+                return pb.ReplaceShardResponse(placement=self._deployments.placement(request.model))
+            try:
+                await self._commit(placement_command(replacement.placement), context)
+            except BaseException:
+                await self._deployments.unload(replacement.replica)
+                raise
+        self._deployments.unload_later(replacement.replaced)
+        log.info(
+            "shard replaced",
+            extra={
+                "model": request.model,
+                "shard": request.shard_index,
+                "from": f"{replacement.replaced.agent_id}/{replacement.replaced.browser_id}",
+                "to": f"{replacement.replica.agent_id}/{replacement.replica.browser_id}",
+                "from_standby": replacement.from_standby,
+            },
+        )
+        return pb.ReplaceShardResponse(
+            replica=replacement.replica,
+            placement=self._deployments.placement(request.model),
+            from_standby=replacement.from_standby,
+        )
+
+    async def RestartBrowser(
+        self, request: pb.RestartBrowserRequest, context: Context
+    ) -> pb.RestartBrowserResponse:
+        """Have the agent restart a browser, then commit the placements that follow it."""
+        if not self._replicator.is_leader:
+            await self._not_leader(context)
+        if not request.agent_id or not request.browser_id:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "RestartBrowser needs an agent_id and a browser_id",
+            )
+        async with self._writes:
+            try:
+                reply, placements = await self._deployments.restart_browser(
+                    request.agent_id, request.browser_id, self._settings.propose_timeout_s + 60
+                )
+            except HopError as exc:
+                await context.abort(
+                    exc.code, f"restarting {request.agent_id}/{request.browser_id}: {exc.message}"
+                )
+            for placement in placements:
+                await self._commit(placement_command(placement), context)
+        return pb.RestartBrowserResponse(
+            browser_id=reply.browser_id,
+            moved_shards=len(reply.shards),
+            from_standby=reply.from_standby,
+        )
+
+    async def ReconnectAgent(
+        self, request: pb.ReconnectAgentRequest, context: Context
+    ) -> pb.ReconnectAgentResponse:
+        """Reopen the activation stream to an agent; wait for a browser's page to connect."""
+        if not self._replicator.is_leader:
+            await self._not_leader(context)
+        if not request.agent_id:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "ReconnectAgent needs an agent_id"
+            )
+        wait_s = request.timeout.ToNanoseconds() / 1e9 or DEFAULT_RECONNECT_WAIT_S
+        try:
+            waited = await self._deployments.reconnect(request.agent_id, request.browser_id, wait_s)
+        except HopError as exc:
+            await context.abort(exc.code, exc.message)
+        page = (
+            f"; {request.browser_id}'s page connected after {waited * 1000:.0f} ms"
+            if request.browser_id
+            else ""
+        )
+        return pb.ReconnectAgentResponse(
+            detail=f"activation stream to {request.agent_id} reopened{page}"
+        )
+
+    async def PauseModel(
+        self, request: pb.PauseModelRequest, context: Context
+    ) -> pb.PauseModelResponse:
+        """Hold new requests for a model behind a barrier on this replica (the leader)."""
+        if not self._replicator.is_leader:
+            await self._not_leader(context)
+        try:
+            self._deployments.placement(request.model)
+        except DeployError as exc:
+            await context.abort(exc.code, exc.message)
+        max_pause = request.max_pause.ToNanoseconds() / 1e9 or DEFAULT_MAX_PAUSE_S
+        try:
+            barrier_id = self._barriers.pause(request.model, max_pause)
+        except BarrierError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return pb.PauseModelResponse(barrier_id=barrier_id)
+
+    async def ResumeModel(
+        self, request: pb.ResumeModelRequest, context: Context
+    ) -> pb.ResumeModelResponse:
+        """Lift a model's barrier; the requests it held run."""
+        if not self._replicator.is_leader:
+            await self._not_leader(context)
+        lifted = self._barriers.resume(request.model, request.barrier_id)
+        if lifted is None:
+            return pb.ResumeModelResponse(already_lifted=True)
+        return pb.ResumeModelResponse(
+            paused=duration(lifted.paused_s), held_requests=lifted.held_requests
+        )
+
     async def _infer(self, request: pb.InferRequest, timeout: float | None) -> pb.InferResponse:
         deployment = self._deployments.models.get(request.model)
         if deployment is None:
@@ -304,8 +439,16 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         inputs = prepare_request_inputs(request, deployment.input_names)
         deadline = time.monotonic() + (timeout or self._settings.default_deadline_s)
         request_id = request.request_id or uuid.uuid4().hex
+        pins = {p.shard_index: Pin(p.agent_id, p.browser_id) for p in request.pins}
+        if not pins and self._barriers.held(request.model):
+            try:
+                await self._barriers.wait(request.model, deadline)
+            except TimeoutError as exc:
+                raise InferError(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)) from exc
+            # The placement may have changed behind the barrier.
+            deployment = self._deployments.models.get(request.model, deployment)
         return await self._ledger.answer(
-            request_id, lambda: deployment.pipeline.run(request_id, inputs, deadline)
+            request_id, lambda: deployment.pipeline.run(request_id, inputs, deadline, pins)
         )
 
     async def Infer(self, request: pb.InferRequest, context: Context) -> pb.InferResponse:

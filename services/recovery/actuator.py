@@ -1,18 +1,23 @@
 """The actuator the running service uses: the coordinator, through the SDK.
 
-What the coordinator offers today is enough for the actions that need no new RPC:
+Every action is a real call that changes or probes the cluster:
 
-- ``verify`` runs one inference and checks that it returns finite outputs;
-- ``retry_in_place`` relies on the coordinator's pipeline, which replays a failed
-  hop by itself (on the same shard's next replica), and leaves the proof to the
-  verify that follows;
-- ``replace_on_standby`` checks in the placement that the shard has a healthy
-  replica off the failed browser, which the pipeline routes to, and leaves the
-  proof to the verify that follows.
+- ``retry_in_place`` runs one inference with the failed shard pinned to the failed
+  replica (no replay elsewhere): it passes only when that replica answers again;
+- ``reconnect`` reopens the coordinator's activation stream to the agent and waits
+  (briefly) for the browser's page to be connected to its agent;
+- ``replace_on_standby`` moves the shard's replica off the failed browser onto an
+  idle browser or a warm standby (CoordinatorService.ReplaceShard);
+- ``restart_browser`` has the agent put a standby (or a fresh launch) in the
+  browser's place and reload its shards (CoordinatorService.RestartBrowser);
+- ``barrier`` / ``resume`` hold and release new requests for the model on the
+  leader (PauseModel / ResumeModel);
+- ``verify`` runs one inference through the model and checks that no replica on
+  the failed browser (or agent) is still marked unhealthy in the placement.
 
-Reconnecting, restarting a browser or an agent, and holding a barrier on a model
-need RPCs the coordinator and the agent do not have yet; those actions raise
-ActionUnavailable, which the strategies treat as "this level failed, escalate".
+Restarting an agent needs its workload controller (a Kubernetes pod delete, a
+local supervisor); this actuator has none, so that action reports itself
+unavailable and the strategy treats the level as failed.
 """
 
 from __future__ import annotations
@@ -59,6 +64,8 @@ class CoordinatorActuator:
         coordinators: the coordinator replica addresses; the client finds the leader.
         verify_text: the text a verify inference sends to a text model.
         timeout_s: the deadline of each coordinator call.
+        reconnect_wait_s: how long a reconnect waits for the browser's page.
+        max_pause_s: the longest a barrier holds a model if its resume never comes.
         client: a client to use instead of one made from ``coordinators`` (tests).
     """
 
@@ -68,11 +75,17 @@ class CoordinatorActuator:
         *,
         verify_text: str = "webshard recovery check",
         timeout_s: float = 10.0,
+        reconnect_wait_s: float = 2.0,
+        max_pause_s: float = 10.0,
         client: Client | None = None,
     ) -> None:
         self._client = client or Client(list(coordinators), timeout=timeout_s)
         self._verify_text = verify_text
         self._timeout_s = timeout_s
+        self._reconnect_wait_s = reconnect_wait_s
+        self._max_pause_s = max_pause_s
+        self._barriers: dict[str, str] = {}
+        """model -> the barrier id this actuator holds on it."""
         # Models that refused text once are verified with example tensors from then on.
         self._tensor_models: set[str] = set()
 
@@ -89,66 +102,109 @@ class CoordinatorActuator:
         return placement_from_proto(placement)
 
     async def retry_in_place(self, target: Target) -> ActionResult:
-        """Nothing to do: the coordinator's pipeline already replays the failed hop."""
+        """Probe the failed replica: one inference with its shard pinned there."""
         if not target.model or target.shard_index < 0:
-            raise ActionUnavailable(
-                "the report names no model and shard, so there is no hop to replay"
-            )
-        return ActionResult(
-            f"the coordinator's pipeline replays shard {target.shard_index} of "
-            f"{target.model} on its next replica; the verify checks it"
-        )
-
-    async def replace_on_standby(self, target: Target) -> ActionResult:
-        """Check that the shard has a healthy replica off the failed target to route to."""
-        if not target.model or target.shard_index < 0:
-            raise ActionUnavailable("the report names no model and shard to re-place")
+            raise ActionUnavailable("the report names no model and shard to retry")
+        where = f"{target.agent_id}/{target.browser_id}" if target.browser_id else target.agent_id
         try:
-            placement = await self.placement(target.model)
+            result = await self._infer(target.model, pins={target.shard_index: where})
         except RPCError as exc:
-            raise ActionFailed(f"placement of {target.model} unreadable: {exc}") from exc
-        if placement is None:
-            raise ActionFailed(f"{target.model} is not deployed")
-        replicas = placement.replicas.get(target.shard_index, ())
-        others = [r for r in replicas if r.healthy and not r.on(target)]
-        if not others:
-            # Loading the shard on a warm standby needs the coordinator's ReplaceShard.
             raise ActionFailed(
-                f"shard {target.shard_index} of {target.model} has no healthy replica off "
-                f"{target.agent_id}/{target.browser_id or '*'} (loading one on a warm standby "
-                "needs CoordinatorService.ReplaceShard)"
-            )
-        chosen = others[0]
+                f"shard {target.shard_index} on {where} still fails: {exc}",
+                failed_on=[(target.agent_id, target.browser_id)],
+            ) from exc
         return ActionResult(
-            f"the coordinator's pipeline routes shard {target.shard_index} to "
-            f"{chosen.agent_id}/{chosen.browser_id}"
+            f"shard {target.shard_index} answered on {where} in {result.total_ms:.1f} ms",
+            served_by=((target.agent_id, target.browser_id),),
         )
 
     async def reconnect(self, target: Target) -> ActionResult:
-        """Unavailable: needs BrowserAgentService.ReconnectBrowser."""
-        raise ActionUnavailable(
-            "reconnecting needs BrowserAgentService.ReconnectBrowser "
-            "(or CoordinatorService.ReconnectAgent)"
+        """Reopen the activation stream to the agent; wait for the browser's page."""
+        try:
+            detail = await self._client.reconnect_agent(
+                target.agent_id,
+                target.browser_id,
+                wait_s=self._reconnect_wait_s,
+                timeout=self._timeout_s,
+            )
+        except RPCError as exc:
+            raise ActionFailed(f"reconnecting {target.agent_id}: {exc}") from exc
+        return ActionResult(detail)
+
+    async def replace_on_standby(self, target: Target) -> ActionResult:
+        """Move the shard's replica off the failed browser onto an idle browser or standby."""
+        if not target.model or target.shard_index < 0:
+            raise ActionUnavailable("the report names no model and shard to re-place")
+        try:
+            moved = await self._client.replace_shard(
+                target.model,
+                target.shard_index,
+                target.agent_id,
+                target.browser_id,
+                timeout=self._timeout_s,
+            )
+        except RPCError as exc:
+            raise ActionFailed(f"shard {target.shard_index} of {target.model}: {exc}") from exc
+        if not moved.HasField("replica"):
+            return ActionResult(
+                f"shard {target.shard_index} of {target.model} had already moved off "
+                f"{target.agent_id}/{target.browser_id or '*'}"
+            )
+        to = f"{moved.replica.agent_id}/{moved.replica.browser_id}"
+        return ActionResult(
+            f"shard {target.shard_index} of {target.model} moved to {to}"
+            + (" (a warm standby)" if moved.from_standby else "")
         )
 
     async def restart_browser(self, target: Target) -> ActionResult:
-        """Unavailable: needs BrowserAgentService.RestartBrowser."""
-        raise ActionUnavailable("restarting a browser needs BrowserAgentService.RestartBrowser")
+        """Put a standby (or a fresh launch) in the browser's place, its shards reloaded."""
+        if not target.browser_id:
+            raise ActionUnavailable("the report names no browser to restart")
+        try:
+            restarted = await self._client.restart_browser(
+                target.agent_id, target.browser_id, timeout=self._timeout_s * 6
+            )
+        except RPCError as exc:
+            raise ActionFailed(f"restarting {target.agent_id}/{target.browser_id}: {exc}") from exc
+        how = "a warm standby" if restarted.from_standby else "a cold launch"
+        return ActionResult(
+            f"{target.agent_id}/{target.browser_id} replaced by {restarted.browser_id} "
+            f"({how}), {restarted.moved_shards} shard(s) reloaded"
+        )
 
     async def restart_agent(self, target: Target) -> ActionResult:
-        """Unavailable: needs CoordinatorService.RestartAgent (or the workloads API)."""
+        """Unavailable: restarting an agent needs its workload controller."""
         raise ActionUnavailable(
-            "restarting an agent needs CoordinatorService.RestartAgent "
-            "(or services.common.workloads wired into recovery)"
+            "restarting an agent needs its workload controller (a pod delete in Kubernetes)"
         )
 
     async def barrier(self, target: Target) -> ActionResult:
-        """Unavailable: needs CoordinatorService.PauseModel."""
-        raise ActionUnavailable("a barrier on a model needs CoordinatorService.PauseModel")
+        """Hold new requests for the model on the leader."""
+        if not target.model:
+            raise ActionUnavailable("the report names no model to hold")
+        try:
+            self._barriers[target.model] = await self._client.pause_model(
+                target.model, max_pause_s=self._max_pause_s, timeout=self._timeout_s
+            )
+        except RPCError as exc:
+            raise ActionFailed(f"pausing {target.model}: {exc}") from exc
+        return ActionResult(f"new requests for {target.model} held")
 
     async def resume(self, target: Target) -> ActionResult:
-        """Unavailable: needs CoordinatorService.ResumeModel."""
-        raise ActionUnavailable("resuming a model needs CoordinatorService.ResumeModel")
+        """Release the model's barrier; the held requests run."""
+        barrier_id = self._barriers.pop(target.model, "")
+        try:
+            resumed = await self._client.resume_model(
+                target.model, barrier_id, timeout=self._timeout_s
+            )
+        except RPCError as exc:
+            raise ActionFailed(f"resuming {target.model}: {exc}") from exc
+        if resumed.already_lifted:
+            return ActionResult(f"the barrier on {target.model} had already lifted")
+        return ActionResult(
+            f"{target.model} resumed after {resumed.paused.ToMilliseconds()} ms; "
+            f"{resumed.held_requests} request(s) had waited"
+        )
 
     async def verify(self, target: Target) -> ActionResult:
         """Run one inference through the model; pass when it returns finite outputs."""
@@ -160,6 +216,14 @@ class CoordinatorActuator:
             raise ActionFailed(f"{target.model} did not answer: {exc}") from exc
         except KeyError as exc:  # a deployed model the catalogue has no example inputs for
             raise ActionFailed(f"{target.model} takes no text and has no example inputs") from exc
+        still_unhealthy = await self._unhealthy_on(target)
+        if still_unhealthy:
+            raise ActionFailed(
+                f"{target.model} answered, but its replica(s) of shard(s) "
+                f"{', '.join(map(str, still_unhealthy))} on "
+                f"{target.agent_id}/{target.browser_id or '*'} are still unhealthy",
+                failed_on=[(target.agent_id, target.browser_id)],
+            )
         bad = _non_finite(result.outputs)
         hops = {(hop.agent_id, hop.browser_id) for hop in result.trail}
         if bad:
@@ -177,17 +241,35 @@ class CoordinatorActuator:
             served_by=tuple(sorted(hops)),
         )
 
-    async def _infer(self, model: str) -> InferResult:
+    async def _unhealthy_on(self, target: Target) -> list[int]:
+        """Shards of the target's model with an unhealthy replica on the failed browser."""
+        if not target.agent_id:
+            return []
+        try:
+            placement = await self.placement(target.model)
+        except RPCError as exc:
+            raise ActionFailed(f"placement of {target.model} unreadable: {exc}") from exc
+        if placement is None:
+            return []
+        return sorted(
+            index
+            for index, replicas in placement.replicas.items()
+            if any(
+                not r.healthy and r.on(Target(target.agent_id, target.browser_id)) for r in replicas
+            )
+        )
+
+    async def _infer(self, model: str, pins: Mapping[int, str] | None = None) -> InferResult:
         if model not in self._tensor_models:
             try:
                 return await self._client.infer(
-                    model, texts=[self._verify_text], timeout=self._timeout_s
+                    model, texts=[self._verify_text], pins=pins, timeout=self._timeout_s
                 )
             except InvalidArgumentError:
                 # Image and audio models take no text; clip-tiny wants pixels too.
                 self._tensor_models.add(model)
         return await self._client.infer(
-            model, inputs=_example_inputs(model), timeout=self._timeout_s
+            model, inputs=_example_inputs(model), pins=pins, timeout=self._timeout_s
         )
 
 

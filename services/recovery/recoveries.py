@@ -318,7 +318,8 @@ class Recoveries:
         return record, False
 
     def _join(self, failure: Failure, detected: float) -> RecoveryRecord | None:
-        recovery_id = self._running.get(failure.dedupe_key)
+        # A shard's error on a browser already being recovered as a whole joins that recovery.
+        recovery_id = self._running.get(failure.dedupe_key) or self._running.get(failure.domain_key)
         entry = self._entries.get(recovery_id) if recovery_id is not None else None
         if (
             entry is None

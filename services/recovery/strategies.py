@@ -149,8 +149,18 @@ class Failure:
 
     @property
     def dedupe_key(self) -> tuple[str, str, str, int]:
-        """Reports with the same key describe the same failure while it is being recovered."""
-        return (self.agent_id, self.browser_id, self.model, self.shard_index)
+        """Reports with the same key describe the same failure while it is being recovered.
+
+        A failure of a whole browser (or agent) is one failure whichever shard's
+        report names it, so its key leaves the shard out (-1).
+        """
+        shard = self.shard_index if self.kind in SHARD_LOCAL_KINDS else -1
+        return (self.agent_id, self.browser_id, self.model, shard)
+
+    @property
+    def domain_key(self) -> tuple[str, str, str, int]:
+        """The key of a failure of the whole browser (or agent) this report lies in."""
+        return (self.agent_id, self.browser_id, self.model, -1)
 
 
 @dataclass(frozen=True, slots=True)

@@ -48,18 +48,18 @@ def test_a_recovery_without_a_coordinator_fails_visibly_and_sigterm_ends_the_wat
             assert recovery.state == pb.RECOVERY_STATE_FAILED
             assert recovery.strategy == common_pb2.RECOVERY_STRATEGY_PROGRESSIVE
             assert recovery.highest_level == pb.ESCALATION_LEVEL_RESTART_AGENT
+            # With no coordinator every action fails, so no rung reaches its verify.
             assert [p.name for p in recovery.phases] == [
                 "detect",
                 "plan",
                 "retry",
-                "verify",
                 "reconnect",
                 "replace",
                 "restart-browser",
                 "restart-agent",
             ]
             assert "every level failed" in recovery.detail
-            assert "BrowserAgentService.RestartBrowser" in recovery.detail
+            assert "workload controller" in recovery.detail, recovery.detail
             assert len(recovery.trace_id) == 32
 
             targets = [b.target_id for b in stub.ListBreakers(pb.ListBreakersRequest()).breakers]

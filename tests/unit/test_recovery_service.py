@@ -141,13 +141,21 @@ async def test_reports_of_one_failure_share_one_recovery_while_it_runs(harness: 
     assert joined
     assert second.recovery_id == first.recovery_id
     assert second.reports == 2
-    # Another shard, or the same one detected outside the window, is another recovery.
-    other, joined = harness.recoveries.report(failure(shard_index=2))
+    # The crashed browser's other shard names the same failure; so does a shard's own
+    # error there while the browser is being recovered.
+    assert harness.recoveries.report(failure(shard_index=2))[0].recovery_id == first.recovery_id
+    shard_error = failure(FailureKind.SHARD_ERROR, shard_index=2)
+    assert harness.recoveries.report(shard_error)[0].recovery_id == first.recovery_id
+    # A shard's error on another browser, or the same failure detected outside the
+    # window, is another recovery.
+    other, joined = harness.recoveries.report(
+        failure(FailureKind.SHARD_ERROR, browser_id="b1", shard_index=2)
+    )
     assert not joined and other.recovery_id != first.recovery_id
     late = dataclasses.replace(failure(), detected_at=T0 + 60)
     assert not harness.recoveries.report(late)[1]
     # A deduplicated report is not another failure for the breakers.
-    assert harness.breakers.get(BreakerKey.browser("agent-1", "b0")).calls == 3
+    assert harness.breakers.get(BreakerKey.browser("agent-1", "b0")).calls == 2
 
     harness.actuator.gate.set()
     await harness.recoveries.wait(first.recovery_id)
@@ -444,18 +452,48 @@ class FakeClient:
     placement_proto: coordinator_pb2.Placement | None = None
     answers: list[InferResult | Exception] = field(default_factory=list)
     inferred: list[str] = field(default_factory=list)
+    pins: list[Any] = field(default_factory=list)
+    moved: coordinator_pb2.ReplaceShardResponse = field(
+        default_factory=coordinator_pb2.ReplaceShardResponse
+    )
+    calls: list[tuple[Any, ...]] = field(default_factory=list)
 
     async def placement(self, model: str, *, timeout: float | None = None) -> Any:
         if self.placement_proto is None:
             raise NotFoundError(f"{model} is not deployed")
         return self.placement_proto
 
-    async def infer(self, model: str, *, timeout: float | None = None, **kw: Any) -> InferResult:
+    async def infer(
+        self, model: str, *, pins: Any = None, timeout: float | None = None, **kw: Any
+    ) -> InferResult:
         self.inferred.append(model)
+        self.pins.append(pins)
         answer = self.answers.pop(0)
         if isinstance(answer, Exception):
             raise answer
         return answer
+
+    async def replace_shard(self, *args: Any, timeout: float | None = None) -> Any:
+        self.calls.append(("replace", *args))
+        return self.moved
+
+    async def restart_browser(self, *args: Any, timeout: float | None = None) -> Any:
+        self.calls.append(("restart", *args))
+        return coordinator_pb2.RestartBrowserResponse(
+            browser_id="b7", moved_shards=2, from_standby=True
+        )
+
+    async def reconnect_agent(self, *args: Any, wait_s: float, timeout: float | None = None) -> str:
+        self.calls.append(("reconnect", *args, wait_s))
+        return "activation stream to agent-1 reopened"
+
+    async def pause_model(self, model: str, *, max_pause_s: float, timeout: float | None) -> str:
+        self.calls.append(("pause", model, max_pause_s))
+        return "barrier-1"
+
+    async def resume_model(self, *args: Any, timeout: float | None = None) -> Any:
+        self.calls.append(("resume", *args))
+        return coordinator_pb2.ResumeModelResponse(held_requests=3)
 
     async def close(self) -> None:
         pass
@@ -507,26 +545,64 @@ async def test_coordinator_actuator_verifies_with_an_inference() -> None:
     assert (await actuator.verify(Target("agent-1"))).detail.startswith("the report names no model")
 
 
-async def test_coordinator_actuator_replaces_only_onto_a_healthy_replica_elsewhere() -> None:
-    client = FakeClient(placement_proto=coordinator_placement())
-    actuator = CoordinatorActuator([], client=client)  # type: ignore[arg-type]
-    moved = await actuator.replace_on_standby(Target("agent-1", "b0", "minilm-l6", 1))
-    assert moved.detail == "the coordinator's pipeline routes shard 1 to agent-3/b1"
-    with pytest.raises(ActionFailed, match="shard 0 of minilm-l6 has no healthy replica off"):
-        await actuator.replace_on_standby(Target("agent-1", "b0", "minilm-l6", 0))
+async def test_coordinator_actuator_acts_through_the_coordinator() -> None:
+    client = FakeClient(
+        placement_proto=coordinator_placement(), answers=[answer(0.5), UnavailableError("offline")]
+    )
+    actuator = CoordinatorActuator([], client=client, reconnect_wait_s=1.5)  # type: ignore[arg-type]
+    target = Target("agent-1", "b0", "minilm-l6", 1)
+    # Retrying in place probes the failed replica: the shard pinned to it.
+    assert (await actuator.retry_in_place(target)).served_by == (("agent-1", "b0"),)
+    with pytest.raises(ActionFailed, match="shard 1 on agent-1/b0 still fails") as failed:
+        await actuator.retry_in_place(target)
+    assert failed.value.failed_on == (("agent-1", "b0"),)
+    assert client.pins == [{1: "agent-1/b0"}, {1: "agent-1/b0"}]
+
+    client.moved = coordinator_pb2.ReplaceShardResponse(
+        replica=coordinator_pb2.ShardReplica(agent_id="agent-3", browser_id="b2"),
+        from_standby=True,
+    )
+    moved = await actuator.replace_on_standby(target)
+    assert moved.detail == "shard 1 of minilm-l6 moved to agent-3/b2 (a warm standby)"
+    client.moved = coordinator_pb2.ReplaceShardResponse()
+    assert "had already moved off agent-1/b0" in (await actuator.replace_on_standby(target)).detail
     with pytest.raises(ActionUnavailable):
         await actuator.replace_on_standby(Target("agent-1", "b0"))
-    assert (await actuator.retry_in_place(Target("agent-1", "b0", "minilm-l6", 0))).detail
-    for action in (actuator.reconnect, actuator.restart_browser, actuator.restart_agent):
-        with pytest.raises(ActionUnavailable, match="needs"):
-            await action(Target("agent-1", "b0"))
-    with pytest.raises(ActionUnavailable, match="PauseModel"):
-        await actuator.barrier(Target("agent-1", "b0", "minilm-l6"))
 
+    restarted = await actuator.restart_browser(target)
+    assert restarted.detail == ("agent-1/b0 replaced by b7 (a warm standby), 2 shard(s) reloaded")
+    assert "reopened" in (await actuator.reconnect(target)).detail
+    await actuator.barrier(target)
+    assert "3 request(s) had waited" in (await actuator.resume(target)).detail
+    with pytest.raises(ActionUnavailable, match="workload controller"):
+        await actuator.restart_agent(target)
+    assert client.calls == [
+        ("replace", "minilm-l6", 1, "agent-1", "b0"),
+        ("replace", "minilm-l6", 1, "agent-1", "b0"),
+        ("restart", "agent-1", "b0"),
+        ("reconnect", "agent-1", "b0", 1.5),
+        ("pause", "minilm-l6", 10.0),
+        ("resume", "minilm-l6", "barrier-1"),
+    ]
+
+
+async def test_verify_fails_while_the_failed_browser_holds_an_unhealthy_replica() -> None:
+    client = FakeClient(placement_proto=coordinator_placement(), answers=[answer(0.5), answer(0.5)])
+    actuator = CoordinatorActuator([], client=client)  # type: ignore[arg-type]
+    # Both shards have an unhealthy replica on agent-1/b0: the model answering is not enough.
+    with pytest.raises(ActionFailed, match=r"shard\(s\) 0, 1 on agent-1/b0 are still unhealthy"):
+        await actuator.verify(Target("agent-1", "b0", "minilm-l6", 0))
+    assert (await actuator.verify(Target("agent-2", "b0", "minilm-l6", 0))).served_by
+
+
+def test_placement_from_proto_keeps_the_strategy_and_the_replicas() -> None:
     placement = placement_from_proto(coordinator_placement())
     assert placement.strategy == Strategy.PROGRESSIVE
     assert placement.shards_on(Target("agent-1", "b0")) == [0, 1]
-    client.placement_proto = None
+
+
+async def test_an_undeployed_model_has_no_placement() -> None:
+    actuator = CoordinatorActuator([], client=FakeClient())  # type: ignore[arg-type]
     assert await actuator.placement("minilm-l6") is None
 
 

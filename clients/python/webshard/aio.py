@@ -581,7 +581,20 @@ class Client(_ServiceClient):
 
     _SERVICE = coordinator_pb2.DESCRIPTOR.services_by_name["CoordinatorService"]
     # Infer and DeployModel are idempotent because every request carries a request id.
-    _IDEMPOTENT = frozenset({"ClusterStatus", "ListAgents", "GetPlacement", "Infer", "DeployModel"})
+    _IDEMPOTENT = frozenset(
+        {
+            "ClusterStatus",
+            "ListAgents",
+            "GetPlacement",
+            "Infer",
+            "DeployModel",
+            # A replica already moved is answered with the current placement.
+            "ReplaceShard",
+            "ReconnectAgent",
+            "PauseModel",
+            "ResumeModel",
+        }
+    )
 
     def __init__(
         self,
@@ -713,6 +726,7 @@ class Client(_ServiceClient):
         texts: str | Sequence[str] | None = None,
         inputs: Mapping[str, npt.ArrayLike] | None = None,
         request_id: str | None = None,
+        pins: Mapping[int, str] | None = None,
         timeout: float | None = None,
     ) -> InferResult:
         """Runs one request through the deployed ``model``.
@@ -725,6 +739,8 @@ class Client(_ServiceClient):
                 ``numpy.asarray`` takes); needs numpy.
             request_id: the request's id. A fresh one is made when None; pass
                 the same id again to get the same answer without running twice.
+            pins: shard index -> "agent-id/browser-id" (or "agent-id"): run that
+                shard on that replica only, with no replay elsewhere (a probe).
             timeout: deadline in seconds; the client's default when None.
 
         Returns:
@@ -742,11 +758,93 @@ class Client(_ServiceClient):
             request_id=request_id,
             texts=list(texts or ()),
             inputs=[encode_tensor(name, value) for name, value in (inputs or {}).items()],
+            pins=[
+                coordinator_pb2.ReplicaPin(
+                    shard_index=index,
+                    agent_id=where.partition("/")[0],
+                    browser_id=where.partition("/")[2],
+                )
+                for index, where in sorted((pins or {}).items())
+            ],
         )
         response = await self._unary(
             "Infer", request, coordinator_pb2.InferResponse, timeout=timeout
         )
         return _infer_result(response, request_id)
+
+    async def replace_shard(
+        self,
+        model: str,
+        shard_index: int,
+        agent_id: str,
+        browser_id: str = "",
+        *,
+        timeout: float | None = None,
+    ) -> coordinator_pb2.ReplaceShardResponse:
+        """Moves the shard's replica on ``agent_id``/``browser_id`` (any browser of the
+        agent when empty) to a ready browser or warm standby elsewhere."""
+        return await self._unary(
+            "ReplaceShard",
+            coordinator_pb2.ReplaceShardRequest(
+                model=model, shard_index=shard_index, agent_id=agent_id, browser_id=browser_id
+            ),
+            coordinator_pb2.ReplaceShardResponse,
+            timeout=timeout,
+        )
+
+    async def restart_browser(
+        self, agent_id: str, browser_id: str, *, timeout: float | None = None
+    ) -> coordinator_pb2.RestartBrowserResponse:
+        """Replaces a browser with a fresh one on the same agent, its shards reloaded there."""
+        return await self._unary(
+            "RestartBrowser",
+            coordinator_pb2.RestartBrowserRequest(agent_id=agent_id, browser_id=browser_id),
+            coordinator_pb2.RestartBrowserResponse,
+            timeout=timeout,
+        )
+
+    async def reconnect_agent(
+        self,
+        agent_id: str,
+        browser_id: str = "",
+        *,
+        wait_s: float = 2.0,
+        timeout: float | None = None,
+    ) -> str:
+        """Reopens the coordinator's stream to an agent and waits up to ``wait_s`` for
+        ``browser_id``'s page to be connected; returns what was done."""
+        response = await self._unary(
+            "ReconnectAgent",
+            coordinator_pb2.ReconnectAgentRequest(
+                agent_id=agent_id, browser_id=browser_id, timeout=_duration(wait_s)
+            ),
+            coordinator_pb2.ReconnectAgentResponse,
+            timeout=timeout,
+        )
+        return response.detail
+
+    async def pause_model(
+        self, model: str, *, max_pause_s: float = 10.0, timeout: float | None = None
+    ) -> str:
+        """Holds new requests for ``model`` (at most ``max_pause_s``); returns the barrier id."""
+        response = await self._unary(
+            "PauseModel",
+            coordinator_pb2.PauseModelRequest(model=model, max_pause=_duration(max_pause_s)),
+            coordinator_pb2.PauseModelResponse,
+            timeout=timeout,
+        )
+        return response.barrier_id
+
+    async def resume_model(
+        self, model: str, barrier_id: str = "", *, timeout: float | None = None
+    ) -> coordinator_pb2.ResumeModelResponse:
+        """Lifts ``model``'s barrier; the held requests run."""
+        return await self._unary(
+            "ResumeModel",
+            coordinator_pb2.ResumeModelRequest(model=model, barrier_id=barrier_id),
+            coordinator_pb2.ResumeModelResponse,
+            timeout=timeout,
+        )
 
 
 def target_selector(

@@ -229,14 +229,54 @@ class Client(_SyncClient):
         texts: str | Sequence[str] | None = None,
         inputs: Mapping[str, npt.ArrayLike] | None = None,
         request_id: str | None = None,
+        pins: Mapping[int, str] | None = None,
         timeout: float | None = None,
     ) -> aio.InferResult:
         """Runs one request through ``model``; see :meth:`webshard.aio.Client.infer`."""
         return self._runner.run(
             self._aio.infer(
-                model, texts=texts, inputs=inputs, request_id=request_id, timeout=timeout
+                model,
+                texts=texts,
+                inputs=inputs,
+                request_id=request_id,
+                pins=pins,
+                timeout=timeout,
             )
         )
+
+    def replace_shard(
+        self,
+        model: str,
+        shard_index: int,
+        agent_id: str,
+        browser_id: str = "",
+        *,
+        timeout: float | None = None,
+    ) -> coordinator_pb2.ReplaceShardResponse:
+        """Moves a shard's replica; see :meth:`webshard.aio.Client.replace_shard`."""
+        return self._runner.run(
+            self._aio.replace_shard(model, shard_index, agent_id, browser_id, timeout=timeout)
+        )
+
+    def restart_browser(
+        self, agent_id: str, browser_id: str, *, timeout: float | None = None
+    ) -> coordinator_pb2.RestartBrowserResponse:
+        """Restarts a browser; see :meth:`webshard.aio.Client.restart_browser`."""
+        return self._runner.run(self._aio.restart_browser(agent_id, browser_id, timeout=timeout))
+
+    def pause_model(
+        self, model: str, *, max_pause_s: float = 10.0, timeout: float | None = None
+    ) -> str:
+        """Holds new requests; see :meth:`webshard.aio.Client.pause_model`."""
+        return self._runner.run(
+            self._aio.pause_model(model, max_pause_s=max_pause_s, timeout=timeout)
+        )
+
+    def resume_model(
+        self, model: str, barrier_id: str = "", *, timeout: float | None = None
+    ) -> coordinator_pb2.ResumeModelResponse:
+        """Lifts a barrier; see :meth:`webshard.aio.Client.resume_model`."""
+        return self._runner.run(self._aio.resume_model(model, barrier_id, timeout=timeout))
 
 
 class FaultInjectorClient(_SyncClient):

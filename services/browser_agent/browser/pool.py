@@ -125,12 +125,19 @@ class BrowserPool:
             raise
         return runtime
 
-    async def promote_standby(self) -> BrowserRuntime:
-        """Turn a ready standby into an active browser; launch its replacement in the background.
+    def is_standby(self, browser_id: str) -> bool:
+        """True when ``browser_id`` is a standby ready to be promoted."""
+        return any(b.runtime_id == browser_id for b in self.standbys())
+
+    async def promote_standby(self, browser_id: str = "") -> BrowserRuntime:
+        """Turn a ready standby (``browser_id``, or any) into an active browser; launch
+        its replacement in the background.
 
         Raises NoStandby when none is ready (all in use, or their replacements still launching).
         """
         for runtime in self.standbys():
+            if browser_id and runtime.runtime_id != browser_id:
+                continue
             runtime.promote()
             log.info("standby promoted", extra={"browser_id": runtime.runtime_id})
             self._replace_standby()
@@ -140,11 +147,21 @@ class BrowserPool:
         )
         raise NoStandby(f"no standby browser is ready ({launching} launching)")
 
+    async def launch_active(self) -> BrowserRuntime:
+        """Launch a browser straight into service (no standby was ready): a cold launch."""
+        return await self._launch(standby=False)
+
     async def remove(self, browser_id: str) -> None:
         """Close a browser and drop it from the pool (a failed one, once its shards moved)."""
         runtime = self._browsers.pop(browser_id, None)
         if runtime is not None:
             await runtime.close()
+
+    async def retire(self, browser_id: str) -> None:
+        """Close an active browser and launch a standby in its place, keeping the pool's size."""
+        if browser_id in self._browsers:
+            await self.remove(browser_id)
+            self._replace_standby()
 
     async def settle(self) -> None:
         """Wait for the background launches in progress (replacement standbys)."""

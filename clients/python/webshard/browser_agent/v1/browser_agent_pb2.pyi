@@ -511,3 +511,137 @@ class RevertFaultHookResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RevertFaultHookResponse: _TypeAlias = RevertFaultHookResponse  # noqa: Y015
+
+@_typing.final
+class RestartBrowserRequest(_message.Message):
+    """RestartBrowserRequest names the browser to restart."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BROWSER_ID_FIELD_NUMBER: _builtins.int
+    browser_id: _builtins.str
+    """browser_id is the browser."""
+    def __init__(
+        self,
+        *,
+        browser_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["browser_id", b"browser_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RestartBrowserRequest: _TypeAlias = RestartBrowserRequest  # noqa: Y015
+
+@_typing.final
+class ReloadedShard(_message.Message):
+    """ReloadedShard is one shard of a restarted browser, loaded again."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PREVIOUS_HANDLE_FIELD_NUMBER: _builtins.int
+    SHARD_FIELD_NUMBER: _builtins.int
+    previous_handle: _builtins.str
+    """previous_handle is the shard's handle in the old browser."""
+    @_builtins.property
+    def shard(self) -> _common_pb2.LoadedShard:
+        """shard is the shard as loaded in the new browser."""
+
+    def __init__(
+        self,
+        *,
+        previous_handle: _builtins.str = ...,
+        shard: _common_pb2.LoadedShard | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["shard", b"shard"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["previous_handle", b"previous_handle", "shard", b"shard"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReloadedShard: _TypeAlias = ReloadedShard  # noqa: Y015
+
+@_typing.final
+class RestartBrowserResponse(_message.Message):
+    """RestartBrowserResponse reports the browser that took over."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BROWSER_ID_FIELD_NUMBER: _builtins.int
+    SHARDS_FIELD_NUMBER: _builtins.int
+    FROM_STANDBY_FIELD_NUMBER: _builtins.int
+    browser_id: _builtins.str
+    """browser_id is the browser now holding the shards."""
+    from_standby: _builtins.bool
+    """from_standby is true when a warm standby took over (no cold launch)."""
+    @_builtins.property
+    def shards(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReloadedShard]:
+        """shards are the reloaded shards."""
+
+    def __init__(
+        self,
+        *,
+        browser_id: _builtins.str = ...,
+        shards: _abc.Iterable[Global___ReloadedShard] | None = ...,
+        from_standby: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["browser_id", b"browser_id", "from_standby", b"from_standby", "shards", b"shards"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RestartBrowserResponse: _TypeAlias = RestartBrowserResponse  # noqa: Y015
+
+@_typing.final
+class ReconnectBrowserRequest(_message.Message):
+    """ReconnectBrowserRequest names the browser whose page must be connected."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BROWSER_ID_FIELD_NUMBER: _builtins.int
+    TIMEOUT_FIELD_NUMBER: _builtins.int
+    browser_id: _builtins.str
+    """browser_id is the browser."""
+    @_builtins.property
+    def timeout(self) -> _duration_pb2.Duration:
+        """timeout bounds the wait; zero means 2 seconds."""
+
+    def __init__(
+        self,
+        *,
+        browser_id: _builtins.str = ...,
+        timeout: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["timeout", b"timeout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["browser_id", b"browser_id", "timeout", b"timeout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReconnectBrowserRequest: _TypeAlias = ReconnectBrowserRequest  # noqa: Y015
+
+@_typing.final
+class ReconnectBrowserResponse(_message.Message):
+    """ReconnectBrowserResponse reports the connection."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WAITED_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def waited(self) -> _duration_pb2.Duration:
+        """waited is how long the agent waited for the page."""
+
+    def __init__(
+        self,
+        *,
+        waited: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["waited", b"waited"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["waited", b"waited"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReconnectBrowserResponse: _TypeAlias = ReconnectBrowserResponse  # noqa: Y015

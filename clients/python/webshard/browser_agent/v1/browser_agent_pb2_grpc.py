@@ -66,6 +66,16 @@ class BrowserAgentServiceStub:
                 request_serializer=webshard_dot_browser__agent_dot_v1_dot_browser__agent__pb2.RevertFaultHookRequest.SerializeToString,
                 response_deserializer=webshard_dot_browser__agent_dot_v1_dot_browser__agent__pb2.RevertFaultHookResponse.FromString,
                 _registered_method=True)
+        self.RestartBrowser = channel.unary_unary(
+                '/webshard.browser_agent.v1.BrowserAgentService/RestartBrowser',
+                request_serializer=webshard_dot_browser__agent_dot_v1_dot_browser__agent__pb2.RestartBrowserRequest.SerializeToString,
+                response_deserializer=webshard_dot_browser__agent_dot_v1_dot_browser__agent__pb2.RestartBrowserResponse.FromString,
+                _registered_method=True)
+        self.ReconnectBrowser = channel.unary_unary(
+                '/webshard.browser_agent.v1.BrowserAgentService/ReconnectBrowser',
+                request_serializer=webshard_dot_browser__agent_dot_v1_dot_browser__agent__pb2.ReconnectBrowserRequest.SerializeToString,
+                response_deserializer=webshard_dot_browser__agent_dot_v1_dot_browser__agent__pb2.ReconnectBrowserResponse.FromString,
+                _registered_method=True)
 
 
 class BrowserAgentServiceServicer:
@@ -117,6 +127,21 @@ class BrowserAgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RestartBrowser(self, request, context):
+        """RestartBrowser closes a browser, puts a warm standby (or a fresh launch) in its
+        place and reloads its shards there.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReconnectBrowser(self, request, context):
+        """ReconnectBrowser waits until a browser's page is connected to the agent again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BrowserAgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -149,6 +174,16 @@ def add_BrowserAgentServiceServicer_to_server(servicer, server):
                     servicer.RevertFaultHook,
                     request_deserializer=webshard_dot_browser__agent_dot_v1_dot_browser__agent__pb2.RevertFaultHookRequest.FromString,
                     response_serializer=webshard_dot_browser__agent_dot_v1_dot_browser__agent__pb2.RevertFaultHookResponse.SerializeToString,
+            ),
+            'RestartBrowser': grpc.unary_unary_rpc_method_handler(
+                    servicer.RestartBrowser,
+                    request_deserializer=webshard_dot_browser__agent_dot_v1_dot_browser__agent__pb2.RestartBrowserRequest.FromString,
+                    response_serializer=webshard_dot_browser__agent_dot_v1_dot_browser__agent__pb2.RestartBrowserResponse.SerializeToString,
+            ),
+            'ReconnectBrowser': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReconnectBrowser,
+                    request_deserializer=webshard_dot_browser__agent_dot_v1_dot_browser__agent__pb2.ReconnectBrowserRequest.FromString,
+                    response_serializer=webshard_dot_browser__agent_dot_v1_dot_browser__agent__pb2.ReconnectBrowserResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -315,6 +350,60 @@ class BrowserAgentService:
             '/webshard.browser_agent.v1.BrowserAgentService/RevertFaultHook',
             webshard_dot_browser__agent_dot_v1_dot_browser__agent__pb2.RevertFaultHookRequest.SerializeToString,
             webshard_dot_browser__agent_dot_v1_dot_browser__agent__pb2.RevertFaultHookResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RestartBrowser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/webshard.browser_agent.v1.BrowserAgentService/RestartBrowser',
+            webshard_dot_browser__agent_dot_v1_dot_browser__agent__pb2.RestartBrowserRequest.SerializeToString,
+            webshard_dot_browser__agent_dot_v1_dot_browser__agent__pb2.RestartBrowserResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReconnectBrowser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/webshard.browser_agent.v1.BrowserAgentService/ReconnectBrowser',
+            webshard_dot_browser__agent_dot_v1_dot_browser__agent__pb2.ReconnectBrowserRequest.SerializeToString,
+            webshard_dot_browser__agent_dot_v1_dot_browser__agent__pb2.ReconnectBrowserResponse.FromString,
             options,
             channel_credentials,
             insecure,

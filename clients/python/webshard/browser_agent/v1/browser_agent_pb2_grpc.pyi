@@ -51,6 +51,12 @@ class BrowserAgentServiceStub:
     """ApplyFaultHook performs a fault locally (kill a browser, crash a page, block a socket, ...)."""
     RevertFaultHook: _grpc.UnaryUnaryMultiCallable[_browser_agent_pb2.RevertFaultHookRequest, _browser_agent_pb2.RevertFaultHookResponse]
     """RevertFaultHook undoes a fault hook that can be undone."""
+    RestartBrowser: _grpc.UnaryUnaryMultiCallable[_browser_agent_pb2.RestartBrowserRequest, _browser_agent_pb2.RestartBrowserResponse]
+    """RestartBrowser closes a browser, puts a warm standby (or a fresh launch) in its
+    place and reloads its shards there.
+    """
+    ReconnectBrowser: _grpc.UnaryUnaryMultiCallable[_browser_agent_pb2.ReconnectBrowserRequest, _browser_agent_pb2.ReconnectBrowserResponse]
+    """ReconnectBrowser waits until a browser's page is connected to the agent again."""
 
 @_typing.type_check_only
 class BrowserAgentServiceAsyncStub(BrowserAgentServiceStub):
@@ -75,6 +81,12 @@ class BrowserAgentServiceAsyncStub(BrowserAgentServiceStub):
     """ApplyFaultHook performs a fault locally (kill a browser, crash a page, block a socket, ...)."""
     RevertFaultHook: _aio.UnaryUnaryMultiCallable[_browser_agent_pb2.RevertFaultHookRequest, _browser_agent_pb2.RevertFaultHookResponse]  # type: ignore[assignment]
     """RevertFaultHook undoes a fault hook that can be undone."""
+    RestartBrowser: _aio.UnaryUnaryMultiCallable[_browser_agent_pb2.RestartBrowserRequest, _browser_agent_pb2.RestartBrowserResponse]  # type: ignore[assignment]
+    """RestartBrowser closes a browser, puts a warm standby (or a fresh launch) in its
+    place and reloads its shards there.
+    """
+    ReconnectBrowser: _aio.UnaryUnaryMultiCallable[_browser_agent_pb2.ReconnectBrowserRequest, _browser_agent_pb2.ReconnectBrowserResponse]  # type: ignore[assignment]
+    """ReconnectBrowser waits until a browser's page is connected to the agent again."""
 
 class BrowserAgentServiceServicer(metaclass=_abc_1.ABCMeta):
     """BrowserAgentService hosts model shards in headless browsers (and a native
@@ -132,5 +144,23 @@ class BrowserAgentServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_browser_agent_pb2.RevertFaultHookResponse, _abc.Awaitable[_browser_agent_pb2.RevertFaultHookResponse]]:
         """RevertFaultHook undoes a fault hook that can be undone."""
+
+    @_abc_1.abstractmethod
+    def RestartBrowser(
+        self,
+        request: _browser_agent_pb2.RestartBrowserRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_browser_agent_pb2.RestartBrowserResponse, _abc.Awaitable[_browser_agent_pb2.RestartBrowserResponse]]:
+        """RestartBrowser closes a browser, puts a warm standby (or a fresh launch) in its
+        place and reloads its shards there.
+        """
+
+    @_abc_1.abstractmethod
+    def ReconnectBrowser(
+        self,
+        request: _browser_agent_pb2.ReconnectBrowserRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_browser_agent_pb2.ReconnectBrowserResponse, _abc.Awaitable[_browser_agent_pb2.ReconnectBrowserResponse]]:
+        """ReconnectBrowser waits until a browser's page is connected to the agent again."""
 
 def add_BrowserAgentServiceServicer_to_server(servicer: BrowserAgentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

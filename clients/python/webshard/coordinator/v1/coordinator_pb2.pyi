@@ -903,6 +903,7 @@ class InferRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     INPUTS_FIELD_NUMBER: _builtins.int
     TEXTS_FIELD_NUMBER: _builtins.int
+    PINS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """model is the deployed model's name."""
     request_id: _builtins.str
@@ -915,6 +916,12 @@ class InferRequest(_message.Message):
     def texts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """texts are raw inputs for text models, tokenized by the coordinator; each text is one row of a batch."""
 
+    @_builtins.property
+    def pins(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReplicaPin]:
+        """pins route shards to one named replica each, with no replay elsewhere: a
+        probe of that replica (recovery retries a failed replica in place this way).
+        """
+
     def __init__(
         self,
         *,
@@ -922,14 +929,45 @@ class InferRequest(_message.Message):
         request_id: _builtins.str = ...,
         inputs: _abc.Iterable[_common_pb2.Tensor] | None = ...,
         texts: _abc.Iterable[_builtins.str] | None = ...,
+        pins: _abc.Iterable[Global___ReplicaPin] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "model", b"model", "request_id", b"request_id", "texts", b"texts"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["inputs", b"inputs", "model", b"model", "pins", b"pins", "request_id", b"request_id", "texts", b"texts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___InferRequest: _TypeAlias = InferRequest  # noqa: Y015
+
+@_typing.final
+class ReplicaPin(_message.Message):
+    """ReplicaPin routes one shard of a request to one replica."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHARD_INDEX_FIELD_NUMBER: _builtins.int
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    BROWSER_ID_FIELD_NUMBER: _builtins.int
+    shard_index: _builtins.int
+    """shard_index is the shard."""
+    agent_id: _builtins.str
+    """agent_id is the replica's agent."""
+    browser_id: _builtins.str
+    """browser_id is the replica's browser; empty means any replica on the agent."""
+    def __init__(
+        self,
+        *,
+        shard_index: _builtins.int = ...,
+        agent_id: _builtins.str = ...,
+        browser_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "browser_id", b"browser_id", "shard_index", b"shard_index"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReplicaPin: _TypeAlias = ReplicaPin  # noqa: Y015
 
 @_typing.final
 class InferResponse(_message.Message):
@@ -1276,3 +1314,291 @@ class InstallSnapshotResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___InstallSnapshotResponse: _TypeAlias = InstallSnapshotResponse  # noqa: Y015
+
+@_typing.final
+class ReplaceShardRequest(_message.Message):
+    """ReplaceShardRequest names the replica to move."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    SHARD_INDEX_FIELD_NUMBER: _builtins.int
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    BROWSER_ID_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """model is the deployed model."""
+    shard_index: _builtins.int
+    """shard_index is the shard whose replica moves."""
+    agent_id: _builtins.str
+    """agent_id is the agent the failed replica is on."""
+    browser_id: _builtins.str
+    """browser_id is the failed browser; empty means every browser of the agent (the agent failed)."""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        shard_index: _builtins.int = ...,
+        agent_id: _builtins.str = ...,
+        browser_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "browser_id", b"browser_id", "model", b"model", "shard_index", b"shard_index"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReplaceShardRequest: _TypeAlias = ReplaceShardRequest  # noqa: Y015
+
+@_typing.final
+class ReplaceShardResponse(_message.Message):
+    """ReplaceShardResponse reports where the shard went. A replica already moved off
+    the failed browser (a retry) is answered with the current placement and no replica.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPLICA_FIELD_NUMBER: _builtins.int
+    PLACEMENT_FIELD_NUMBER: _builtins.int
+    FROM_STANDBY_FIELD_NUMBER: _builtins.int
+    from_standby: _builtins.bool
+    """from_standby is true when a warm standby browser took the shard."""
+    @_builtins.property
+    def replica(self) -> Global___ShardReplica:
+        """replica is the new replica."""
+
+    @_builtins.property
+    def placement(self) -> Global___Placement:
+        """placement is the model's placement after the move."""
+
+    def __init__(
+        self,
+        *,
+        replica: Global___ShardReplica | None = ...,
+        placement: Global___Placement | None = ...,
+        from_standby: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["placement", b"placement", "replica", b"replica"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_standby", b"from_standby", "placement", b"placement", "replica", b"replica"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReplaceShardResponse: _TypeAlias = ReplaceShardResponse  # noqa: Y015
+
+@_typing.final
+class RestartBrowserRequest(_message.Message):
+    """RestartBrowserRequest names the browser to restart."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    BROWSER_ID_FIELD_NUMBER: _builtins.int
+    agent_id: _builtins.str
+    """agent_id is the browser's agent."""
+    browser_id: _builtins.str
+    """browser_id is the browser."""
+    def __init__(
+        self,
+        *,
+        agent_id: _builtins.str = ...,
+        browser_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "browser_id", b"browser_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RestartBrowserRequest: _TypeAlias = RestartBrowserRequest  # noqa: Y015
+
+@_typing.final
+class RestartBrowserResponse(_message.Message):
+    """RestartBrowserResponse reports the browser that took over."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BROWSER_ID_FIELD_NUMBER: _builtins.int
+    MOVED_SHARDS_FIELD_NUMBER: _builtins.int
+    FROM_STANDBY_FIELD_NUMBER: _builtins.int
+    browser_id: _builtins.str
+    """browser_id is the fresh browser now holding the shards."""
+    moved_shards: _builtins.int
+    """moved_shards is the number of shard replicas reloaded there."""
+    from_standby: _builtins.bool
+    """from_standby is true when a warm standby took over (no cold launch)."""
+    def __init__(
+        self,
+        *,
+        browser_id: _builtins.str = ...,
+        moved_shards: _builtins.int = ...,
+        from_standby: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["browser_id", b"browser_id", "from_standby", b"from_standby", "moved_shards", b"moved_shards"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RestartBrowserResponse: _TypeAlias = RestartBrowserResponse  # noqa: Y015
+
+@_typing.final
+class ReconnectAgentRequest(_message.Message):
+    """ReconnectAgentRequest names the agent (and browser) to reconnect."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    BROWSER_ID_FIELD_NUMBER: _builtins.int
+    TIMEOUT_FIELD_NUMBER: _builtins.int
+    agent_id: _builtins.str
+    """agent_id is the agent."""
+    browser_id: _builtins.str
+    """browser_id is a browser whose page connection to wait for; empty waits for none."""
+    @_builtins.property
+    def timeout(self) -> _duration_pb2.Duration:
+        """timeout bounds the wait for the page; zero means 2 seconds."""
+
+    def __init__(
+        self,
+        *,
+        agent_id: _builtins.str = ...,
+        browser_id: _builtins.str = ...,
+        timeout: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["timeout", b"timeout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "browser_id", b"browser_id", "timeout", b"timeout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReconnectAgentRequest: _TypeAlias = ReconnectAgentRequest  # noqa: Y015
+
+@_typing.final
+class ReconnectAgentResponse(_message.Message):
+    """ReconnectAgentResponse reports the connection."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DETAIL_FIELD_NUMBER: _builtins.int
+    detail: _builtins.str
+    """detail says what was reopened and what was found."""
+    def __init__(
+        self,
+        *,
+        detail: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReconnectAgentResponse: _TypeAlias = ReconnectAgentResponse  # noqa: Y015
+
+@_typing.final
+class PauseModelRequest(_message.Message):
+    """PauseModelRequest names the model to hold."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    MAX_PAUSE_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """model is the deployed model."""
+    @_builtins.property
+    def max_pause(self) -> _duration_pb2.Duration:
+        """max_pause lifts the barrier by itself after this long; zero means 10 seconds."""
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        max_pause: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["max_pause", b"max_pause"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_pause", b"max_pause", "model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PauseModelRequest: _TypeAlias = PauseModelRequest  # noqa: Y015
+
+@_typing.final
+class PauseModelResponse(_message.Message):
+    """PauseModelResponse identifies the barrier."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BARRIER_ID_FIELD_NUMBER: _builtins.int
+    barrier_id: _builtins.str
+    """barrier_id names the barrier for ResumeModel."""
+    def __init__(
+        self,
+        *,
+        barrier_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["barrier_id", b"barrier_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PauseModelResponse: _TypeAlias = PauseModelResponse  # noqa: Y015
+
+@_typing.final
+class ResumeModelRequest(_message.Message):
+    """ResumeModelRequest lifts a barrier."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    BARRIER_ID_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """model is the held model."""
+    barrier_id: _builtins.str
+    """barrier_id is the barrier PauseModel returned; empty lifts whichever holds the model."""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        barrier_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["barrier_id", b"barrier_id", "model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeModelRequest: _TypeAlias = ResumeModelRequest  # noqa: Y015
+
+@_typing.final
+class ResumeModelResponse(_message.Message):
+    """ResumeModelResponse reports what the barrier held."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAUSED_FIELD_NUMBER: _builtins.int
+    HELD_REQUESTS_FIELD_NUMBER: _builtins.int
+    ALREADY_LIFTED_FIELD_NUMBER: _builtins.int
+    held_requests: _builtins.int
+    """held_requests is the number of requests that waited behind the barrier."""
+    already_lifted: _builtins.bool
+    """already_lifted is true when no barrier held the model (it expired or was never taken)."""
+    @_builtins.property
+    def paused(self) -> _duration_pb2.Duration:
+        """paused is how long the model was held."""
+
+    def __init__(
+        self,
+        *,
+        paused: _duration_pb2.Duration | None = ...,
+        held_requests: _builtins.int = ...,
+        already_lifted: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["paused", b"paused"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["already_lifted", b"already_lifted", "held_requests", b"held_requests", "paused", b"paused"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeModelResponse: _TypeAlias = ResumeModelResponse  # noqa: Y015

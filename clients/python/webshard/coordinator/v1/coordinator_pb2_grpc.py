@@ -77,6 +77,31 @@ class CoordinatorServiceStub:
                 request_serializer=webshard_dot_coordinator_dot_v1_dot_coordinator__pb2.InferStreamRequest.SerializeToString,
                 response_deserializer=webshard_dot_coordinator_dot_v1_dot_coordinator__pb2.InferStreamResponse.FromString,
                 _registered_method=True)
+        self.ReplaceShard = channel.unary_unary(
+                '/webshard.coordinator.v1.CoordinatorService/ReplaceShard',
+                request_serializer=webshard_dot_coordinator_dot_v1_dot_coordinator__pb2.ReplaceShardRequest.SerializeToString,
+                response_deserializer=webshard_dot_coordinator_dot_v1_dot_coordinator__pb2.ReplaceShardResponse.FromString,
+                _registered_method=True)
+        self.RestartBrowser = channel.unary_unary(
+                '/webshard.coordinator.v1.CoordinatorService/RestartBrowser',
+                request_serializer=webshard_dot_coordinator_dot_v1_dot_coordinator__pb2.RestartBrowserRequest.SerializeToString,
+                response_deserializer=webshard_dot_coordinator_dot_v1_dot_coordinator__pb2.RestartBrowserResponse.FromString,
+                _registered_method=True)
+        self.ReconnectAgent = channel.unary_unary(
+                '/webshard.coordinator.v1.CoordinatorService/ReconnectAgent',
+                request_serializer=webshard_dot_coordinator_dot_v1_dot_coordinator__pb2.ReconnectAgentRequest.SerializeToString,
+                response_deserializer=webshard_dot_coordinator_dot_v1_dot_coordinator__pb2.ReconnectAgentResponse.FromString,
+                _registered_method=True)
+        self.PauseModel = channel.unary_unary(
+                '/webshard.coordinator.v1.CoordinatorService/PauseModel',
+                request_serializer=webshard_dot_coordinator_dot_v1_dot_coordinator__pb2.PauseModelRequest.SerializeToString,
+                response_deserializer=webshard_dot_coordinator_dot_v1_dot_coordinator__pb2.PauseModelResponse.FromString,
+                _registered_method=True)
+        self.ResumeModel = channel.unary_unary(
+                '/webshard.coordinator.v1.CoordinatorService/ResumeModel',
+                request_serializer=webshard_dot_coordinator_dot_v1_dot_coordinator__pb2.ResumeModelRequest.SerializeToString,
+                response_deserializer=webshard_dot_coordinator_dot_v1_dot_coordinator__pb2.ResumeModelResponse.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServiceServicer:
@@ -142,6 +167,45 @@ class CoordinatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReplaceShard(self, request, context):
+        """ReplaceShard moves one replica of a shard off a failed browser (or agent) onto
+        a warm standby or another ready browser, and commits the new placement.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RestartBrowser(self, request, context):
+        """RestartBrowser replaces a browser with a fresh one on the same agent and
+        reloads its shards there; the placements follow.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReconnectAgent(self, request, context):
+        """ReconnectAgent reopens the coordinator's activation stream to an agent and
+        waits for a browser's page to be connected to its agent again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PauseModel(self, request, context):
+        """PauseModel holds new requests for a model behind a barrier on the leader;
+        requests already running go on. The barrier lifts by itself after max_pause.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeModel(self, request, context):
+        """ResumeModel lifts a barrier; the held requests run from where they stood.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -184,6 +248,31 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     servicer.InferStream,
                     request_deserializer=webshard_dot_coordinator_dot_v1_dot_coordinator__pb2.InferStreamRequest.FromString,
                     response_serializer=webshard_dot_coordinator_dot_v1_dot_coordinator__pb2.InferStreamResponse.SerializeToString,
+            ),
+            'ReplaceShard': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReplaceShard,
+                    request_deserializer=webshard_dot_coordinator_dot_v1_dot_coordinator__pb2.ReplaceShardRequest.FromString,
+                    response_serializer=webshard_dot_coordinator_dot_v1_dot_coordinator__pb2.ReplaceShardResponse.SerializeToString,
+            ),
+            'RestartBrowser': grpc.unary_unary_rpc_method_handler(
+                    servicer.RestartBrowser,
+                    request_deserializer=webshard_dot_coordinator_dot_v1_dot_coordinator__pb2.RestartBrowserRequest.FromString,
+                    response_serializer=webshard_dot_coordinator_dot_v1_dot_coordinator__pb2.RestartBrowserResponse.SerializeToString,
+            ),
+            'ReconnectAgent': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReconnectAgent,
+                    request_deserializer=webshard_dot_coordinator_dot_v1_dot_coordinator__pb2.ReconnectAgentRequest.FromString,
+                    response_serializer=webshard_dot_coordinator_dot_v1_dot_coordinator__pb2.ReconnectAgentResponse.SerializeToString,
+            ),
+            'PauseModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseModel,
+                    request_deserializer=webshard_dot_coordinator_dot_v1_dot_coordinator__pb2.PauseModelRequest.FromString,
+                    response_serializer=webshard_dot_coordinator_dot_v1_dot_coordinator__pb2.PauseModelResponse.SerializeToString,
+            ),
+            'ResumeModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeModel,
+                    request_deserializer=webshard_dot_coordinator_dot_v1_dot_coordinator__pb2.ResumeModelRequest.FromString,
+                    response_serializer=webshard_dot_coordinator_dot_v1_dot_coordinator__pb2.ResumeModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -405,6 +494,141 @@ class CoordinatorService:
             '/webshard.coordinator.v1.CoordinatorService/InferStream',
             webshard_dot_coordinator_dot_v1_dot_coordinator__pb2.InferStreamRequest.SerializeToString,
             webshard_dot_coordinator_dot_v1_dot_coordinator__pb2.InferStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReplaceShard(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/webshard.coordinator.v1.CoordinatorService/ReplaceShard',
+            webshard_dot_coordinator_dot_v1_dot_coordinator__pb2.ReplaceShardRequest.SerializeToString,
+            webshard_dot_coordinator_dot_v1_dot_coordinator__pb2.ReplaceShardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RestartBrowser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/webshard.coordinator.v1.CoordinatorService/RestartBrowser',
+            webshard_dot_coordinator_dot_v1_dot_coordinator__pb2.RestartBrowserRequest.SerializeToString,
+            webshard_dot_coordinator_dot_v1_dot_coordinator__pb2.RestartBrowserResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReconnectAgent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/webshard.coordinator.v1.CoordinatorService/ReconnectAgent',
+            webshard_dot_coordinator_dot_v1_dot_coordinator__pb2.ReconnectAgentRequest.SerializeToString,
+            webshard_dot_coordinator_dot_v1_dot_coordinator__pb2.ReconnectAgentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/webshard.coordinator.v1.CoordinatorService/PauseModel',
+            webshard_dot_coordinator_dot_v1_dot_coordinator__pb2.PauseModelRequest.SerializeToString,
+            webshard_dot_coordinator_dot_v1_dot_coordinator__pb2.PauseModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/webshard.coordinator.v1.CoordinatorService/ResumeModel',
+            webshard_dot_coordinator_dot_v1_dot_coordinator__pb2.ResumeModelRequest.SerializeToString,
+            webshard_dot_coordinator_dot_v1_dot_coordinator__pb2.ResumeModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

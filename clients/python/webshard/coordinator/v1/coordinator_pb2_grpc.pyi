@@ -54,6 +54,24 @@ class CoordinatorServiceStub:
     """Infer runs one request through a deployed model."""
     InferStream: _grpc.StreamStreamMultiCallable[_coordinator_pb2.InferStreamRequest, _coordinator_pb2.InferStreamResponse]
     """InferStream runs many requests over one stream; responses may come out of order."""
+    ReplaceShard: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.ReplaceShardRequest, _coordinator_pb2.ReplaceShardResponse]
+    """ReplaceShard moves one replica of a shard off a failed browser (or agent) onto
+    a warm standby or another ready browser, and commits the new placement.
+    """
+    RestartBrowser: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.RestartBrowserRequest, _coordinator_pb2.RestartBrowserResponse]
+    """RestartBrowser replaces a browser with a fresh one on the same agent and
+    reloads its shards there; the placements follow.
+    """
+    ReconnectAgent: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.ReconnectAgentRequest, _coordinator_pb2.ReconnectAgentResponse]
+    """ReconnectAgent reopens the coordinator's activation stream to an agent and
+    waits for a browser's page to be connected to its agent again.
+    """
+    PauseModel: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.PauseModelRequest, _coordinator_pb2.PauseModelResponse]
+    """PauseModel holds new requests for a model behind a barrier on the leader;
+    requests already running go on. The barrier lifts by itself after max_pause.
+    """
+    ResumeModel: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.ResumeModelRequest, _coordinator_pb2.ResumeModelResponse]
+    """ResumeModel lifts a barrier; the held requests run from where they stood."""
 
 @_typing.type_check_only
 class CoordinatorServiceAsyncStub(CoordinatorServiceStub):
@@ -81,6 +99,24 @@ class CoordinatorServiceAsyncStub(CoordinatorServiceStub):
     """Infer runs one request through a deployed model."""
     InferStream: _aio.StreamStreamMultiCallable[_coordinator_pb2.InferStreamRequest, _coordinator_pb2.InferStreamResponse]  # type: ignore[assignment]
     """InferStream runs many requests over one stream; responses may come out of order."""
+    ReplaceShard: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.ReplaceShardRequest, _coordinator_pb2.ReplaceShardResponse]  # type: ignore[assignment]
+    """ReplaceShard moves one replica of a shard off a failed browser (or agent) onto
+    a warm standby or another ready browser, and commits the new placement.
+    """
+    RestartBrowser: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.RestartBrowserRequest, _coordinator_pb2.RestartBrowserResponse]  # type: ignore[assignment]
+    """RestartBrowser replaces a browser with a fresh one on the same agent and
+    reloads its shards there; the placements follow.
+    """
+    ReconnectAgent: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.ReconnectAgentRequest, _coordinator_pb2.ReconnectAgentResponse]  # type: ignore[assignment]
+    """ReconnectAgent reopens the coordinator's activation stream to an agent and
+    waits for a browser's page to be connected to its agent again.
+    """
+    PauseModel: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.PauseModelRequest, _coordinator_pb2.PauseModelResponse]  # type: ignore[assignment]
+    """PauseModel holds new requests for a model behind a barrier on the leader;
+    requests already running go on. The barrier lifts by itself after max_pause.
+    """
+    ResumeModel: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.ResumeModelRequest, _coordinator_pb2.ResumeModelResponse]  # type: ignore[assignment]
+    """ResumeModel lifts a barrier; the held requests run from where they stood."""
 
 class CoordinatorServiceServicer(metaclass=_abc_1.ABCMeta):
     """CoordinatorService owns the agent registry, shard placement and request routing.
@@ -153,6 +189,54 @@ class CoordinatorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_coordinator_pb2.InferStreamResponse], _abc.AsyncIterator[_coordinator_pb2.InferStreamResponse]]:
         """InferStream runs many requests over one stream; responses may come out of order."""
+
+    @_abc_1.abstractmethod
+    def ReplaceShard(
+        self,
+        request: _coordinator_pb2.ReplaceShardRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.ReplaceShardResponse, _abc.Awaitable[_coordinator_pb2.ReplaceShardResponse]]:
+        """ReplaceShard moves one replica of a shard off a failed browser (or agent) onto
+        a warm standby or another ready browser, and commits the new placement.
+        """
+
+    @_abc_1.abstractmethod
+    def RestartBrowser(
+        self,
+        request: _coordinator_pb2.RestartBrowserRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.RestartBrowserResponse, _abc.Awaitable[_coordinator_pb2.RestartBrowserResponse]]:
+        """RestartBrowser replaces a browser with a fresh one on the same agent and
+        reloads its shards there; the placements follow.
+        """
+
+    @_abc_1.abstractmethod
+    def ReconnectAgent(
+        self,
+        request: _coordinator_pb2.ReconnectAgentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.ReconnectAgentResponse, _abc.Awaitable[_coordinator_pb2.ReconnectAgentResponse]]:
+        """ReconnectAgent reopens the coordinator's activation stream to an agent and
+        waits for a browser's page to be connected to its agent again.
+        """
+
+    @_abc_1.abstractmethod
+    def PauseModel(
+        self,
+        request: _coordinator_pb2.PauseModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.PauseModelResponse, _abc.Awaitable[_coordinator_pb2.PauseModelResponse]]:
+        """PauseModel holds new requests for a model behind a barrier on the leader;
+        requests already running go on. The barrier lifts by itself after max_pause.
+        """
+
+    @_abc_1.abstractmethod
+    def ResumeModel(
+        self,
+        request: _coordinator_pb2.ResumeModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.ResumeModelResponse, _abc.Awaitable[_coordinator_pb2.ResumeModelResponse]]:
+        """ResumeModel lifts a barrier; the held requests run from where they stood."""
 
 def add_CoordinatorServiceServicer_to_server(servicer: CoordinatorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import uuid
@@ -27,7 +28,7 @@ from services.coordinator.cluster_state import (
     undeploy_command,
 )
 from services.coordinator.consensus import NotLeaderError, Replicator
-from services.coordinator.deployments import DeployError, Deployments
+from services.coordinator.deployments import DeployError, Deployment, Deployments
 from services.coordinator.links import HopError
 from services.coordinator.pipeline import InferError, Pin, RequestLedger
 from services.coordinator.raft import (
@@ -48,6 +49,8 @@ Context = grpc.aio.ServicerContext[object, object]
 SERVICE = pb.DESCRIPTOR.services_by_name["CoordinatorService"].full_name
 DEFAULT_RECONNECT_WAIT_S = 2.0
 DEFAULT_MAX_PAUSE_S = 10.0
+UNAVAILABLE_RETRY_S = 0.2
+"""A request every replica of some shard failed is run again after this long at most."""
 RAFT_SERVICE = pb.DESCRIPTOR.services_by_name["RaftService"].full_name
 
 
@@ -447,9 +450,35 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
                 raise InferError(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)) from exc
             # The placement may have changed behind the barrier.
             deployment = self._deployments.models.get(request.model, deployment)
-        return await self._ledger.answer(
-            request_id, lambda: deployment.pipeline.run(request_id, inputs, deadline, pins)
-        )
+        serving: Deployment = deployment
+        while True:
+            try:
+                return await self._ledger.answer(
+                    request_id,
+                    functools.partial(serving.pipeline.run, request_id, inputs, deadline, pins),
+                )
+            except InferError as exc:
+                # Every replica of a shard failed: wait for recovery to move one (a new
+                # placement) or for one to answer again, then run the request again.
+                if pins or exc.code != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                serving = await self._next_deployment(request.model, serving, deadline, exc)
+
+    async def _next_deployment(
+        self, model: str, current: Deployment, deadline: float, error: InferError
+    ) -> Deployment:
+        """The model's deployment once its placement changed, or after a short pause."""
+        retry_at = min(deadline, time.monotonic() + UNAVAILABLE_RETRY_S)
+        while time.monotonic() < retry_at:
+            latest = self._deployments.models.get(model)
+            if latest is None:
+                raise error
+            if latest is not current:
+                return latest
+            await asyncio.sleep(0.02)
+        if time.monotonic() >= deadline:
+            raise error
+        return self._deployments.models.get(model, current)
 
     async def Infer(self, request: pb.InferRequest, context: Context) -> pb.InferResponse:
         """Run one request through the model's chain of shards."""

@@ -241,7 +241,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     target_args(inf)
     inf.set_defaults(func=_infer)
+
+    camp = sub.add_parser(
+        "campaign",
+        help="the fault-tolerance campaign: every scenario under every recovery strategy",
+    )
+    try:
+        # The campaign checks answers against the model's reference, so it needs the
+        # services package (the model library); the SDK alone cannot run it.
+        from services.campaign import cli as campaign_cli
+    except ImportError:
+        camp.set_defaults(func=_campaign_unavailable)
+    else:
+        campaign_cli.add_arguments(camp)
+        camp.set_defaults(func=campaign_cli.main)
     return parser
+
+
+def _campaign_unavailable(args: argparse.Namespace) -> int:
+    print(
+        "webshard campaign needs the webshard-services package (pip install the repository "
+        "root) to check answers against the reference",
+        file=sys.stderr,
+    )
+    return 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:

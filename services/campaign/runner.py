@@ -1,0 +1,559 @@
+"""Running a campaign: deploy, load, inject, wait for recovery, check every answer.
+
+For each recovery strategy the model is deployed with that strategy; then each
+scenario is injected ``iterations`` times while ``concurrency`` clients keep
+sending requests, each answer compared with the reference embedding computed on
+the CPU. An iteration ends when its fault has reverted by itself, every recovery
+it caused has finished, and the cluster is whole again (every shard has its
+replicas, no browser is still launching); the next one starts from there.
+
+Everything observed is sent to the metrics service (faults, recoveries with
+their phases, every request), which renders the reports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import statistics
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
+from webshard.aio import Client, FaultInjectorClient, MetricsClient, RecoveryClient
+from webshard.common.v1 import common_pb2
+from webshard.errors import FailedPreconditionError, RPCError
+from webshard.fault_injector.v1 import fault_injector_pb2 as fi
+from webshard.metrics.v1 import metrics_pb2
+from webshard.recovery.v1 import recovery_pb2
+
+from services.campaign.scenarios import NoTarget, fault_spec
+from services.models import prepare_inputs, reference_session
+
+log = logging.getLogger(__name__)
+
+SENTENCES = (
+    "The cat sits on the mat.",
+    "A fleet of browsers runs the model.",
+    "Recovery must be measured, not assumed.",
+    "WebGPU exposes the GPU to web pages.",
+    "Shards are cut at block boundaries.",
+    "The coordinator keeps boundary activations.",
+    "Circuit breakers stop cascading failures.",
+    "Headless Chromium hosts the shards.",
+)
+MIN_COSINE = 0.99999
+"""An answer is correct when its cosine similarity to the reference is at least this."""
+
+TERMINAL_FAULT_STATES = (
+    fi.FAULT_STATE_REVERTED,
+    fi.FAULT_STATE_FAILED,
+    fi.FAULT_STATE_REFUSED,
+)
+
+
+@dataclass(frozen=True)
+class Addresses:
+    """Where the cluster's services listen."""
+
+    coordinators: list[str]
+    fault_injector: str
+    recovery: str
+    metrics: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a campaign runs."""
+
+    model: str = "minilm-l6"
+    sharding: str = "layer"
+    shards: int = 3
+    replicas: int = 2
+    runtime: str = "browser"
+    ep: str | None = "wasm"
+    scenarios: tuple[str, ...] = ()
+    strategies: tuple[str, ...] = ()
+    iterations: int = 2
+    concurrency: int = 2
+    intensity: str = "moderate"
+    fault_duration_s: float = 3.0
+    settle_timeout_s: float = 90.0
+    request_timeout_s: float = 30.0
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first value out of range."""
+        if self.model != "minilm-l6":
+            raise ValueError(
+                f"the campaign checks answers against minilm-l6's reference; {self.model!r} "
+                "has no sentence reference"
+            )
+        if self.iterations < 1 or self.concurrency < 1:
+            raise ValueError("iterations and concurrency must be at least 1")
+        if self.shards < 1 or self.replicas < 1:
+            raise ValueError("shards and replicas must be at least 1")
+        if not self.scenarios or not self.strategies:
+            raise ValueError("a campaign needs at least one scenario and one strategy")
+        if self.fault_duration_s <= 0:
+            raise ValueError("the fault duration must be positive")
+
+    @property
+    def cells(self) -> int:
+        """Scenario x strategy cells."""
+        return len(self.scenarios) * len(self.strategies)
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One request of the load."""
+
+    request_id: str
+    started_at: float
+    latency_s: float
+    ok: bool
+    correct: bool
+    recovered: bool
+    ep: str
+    error: str = ""
+
+
+@dataclass
+class Iteration:
+    """One injected fault and what followed it."""
+
+    scenario: str
+    strategy: str
+    started_at: float
+    fault: fi.Fault | None = None
+    recoveries: list[recovery_pb2.Recovery] = field(default_factory=list)
+    ended_at: float = 0.0
+    problem: str = ""
+    """Why the iteration did not run as planned (refused, never settled); empty when it did."""
+
+
+@dataclass
+class Cell:
+    """A scenario x strategy cell's figures."""
+
+    scenario: str
+    strategy: str
+    faults: int = 0
+    recoveries: int = 0
+    succeeded: int = 0
+    durations_ms: list[float] = field(default_factory=list)
+    answers: int = 0
+    wrong: int = 0
+    lost: int = 0
+    ep: str = ""
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def success_rate(self) -> float:
+        """Succeeded recoveries over recoveries; 0 with none."""
+        return self.succeeded / self.recoveries if self.recoveries else 0.0
+
+    def percentile(self, q: float) -> float | None:
+        """The q-th percentile of recovery time in ms; None with no recovery."""
+        if not self.durations_ms:
+            return None
+        return float(np.percentile(self.durations_ms, q))
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """What a campaign must show to pass."""
+
+    min_success_rate: float = 1.0
+    """Every cell's recoveries must succeed at least this often."""
+    max_p95_ms: float | None = None
+    """Every cell's recovery p95 must be at most this, when set."""
+
+
+def failures(cells: Sequence[Cell], thresholds: Thresholds) -> list[str]:
+    """Every threshold a cell breaks, one line each; empty when the campaign passed."""
+    broken = []
+    for cell in cells:
+        name = f"{cell.scenario} x {cell.strategy}"
+        if cell.wrong:
+            broken.append(f"{name}: {cell.wrong} wrong answer(s)")
+        if cell.lost:
+            broken.append(f"{name}: {cell.lost} request(s) failed")
+        if cell.recoveries == 0:
+            broken.append(f"{name}: no recovery was recorded for its {cell.faults} fault(s)")
+        elif cell.success_rate < thresholds.min_success_rate:
+            broken.append(
+                f"{name}: success rate {cell.success_rate:.0%} below "
+                f"{thresholds.min_success_rate:.0%}"
+            )
+        p95 = cell.percentile(95)
+        if thresholds.max_p95_ms is not None and p95 is not None and p95 > thresholds.max_p95_ms:
+            broken.append(f"{name}: recovery p95 {p95:.0f} ms above {thresholds.max_p95_ms:.0f} ms")
+        broken.extend(f"{name}: {problem}" for problem in cell.problems)
+    return broken
+
+
+Progress = Callable[[int, int, str], None]
+"""Told (done, total, what is running) after each iteration."""
+
+
+class Campaign:
+    """One campaign run against a running cluster."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        addresses: Addresses,
+        *,
+        run_id: str = "",
+        progress: Progress | None = None,
+    ) -> None:
+        plan.validate()
+        self.plan = plan
+        self.run_id = (
+            run_id or dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6]
+        )
+        self._addresses = addresses
+        self._progress = progress or (lambda done, total, what: None)
+        self._client = Client(addresses.coordinators, timeout=plan.request_timeout_s)
+        self._injector = FaultInjectorClient(addresses.fault_injector, timeout=30)
+        self._recovery = RecoveryClient(addresses.recovery, timeout=30)
+        self._metrics = MetricsClient(addresses.metrics, timeout=60)
+        self._expected = _reference(SENTENCES)
+        self.answers: list[Answer] = []
+        self.iterations: list[Iteration] = []
+        self._seen_recoveries: set[str] = set()
+        self._ep = ""
+
+    async def close(self) -> None:
+        """Close every client."""
+        for client in (self._client, self._injector, self._recovery, self._metrics):
+            await client.close()
+
+    async def run(self) -> list[Cell]:
+        """Run every strategy x scenario x iteration; return the cells."""
+        plan = self.plan
+        total = plan.cells * plan.iterations
+        for strategy in plan.strategies:
+            await self._deploy(strategy)
+            stop = asyncio.Event()
+            load = [asyncio.create_task(self._load(i, stop)) for i in range(plan.concurrency)]
+            try:
+                for scenario in plan.scenarios:
+                    for iteration in range(plan.iterations):
+                        self._progress(len(self.iterations), total, f"{scenario} x {strategy}")
+                        self.iterations.append(await self._iteration(scenario, strategy, iteration))
+            finally:
+                stop.set()
+                await asyncio.gather(*load)
+        self._progress(total, total, "done")
+        await self._ingest()
+        return self.cells()
+
+    def cells(self) -> list[Cell]:
+        """The figures of every scenario x strategy cell, in plan order."""
+        cells = {
+            (scenario, strategy): Cell(scenario, strategy, ep=self._ep)
+            for strategy in self.plan.strategies
+            for scenario in self.plan.scenarios
+        }
+        for it in self.iterations:
+            cell = cells[(it.scenario, it.strategy)]
+            cell.faults += 1
+            if it.problem:
+                cell.problems.append(it.problem)
+            for recovery in it.recoveries:
+                cell.recoveries += 1
+                if recovery.state == recovery_pb2.RECOVERY_STATE_SUCCEEDED:
+                    cell.succeeded += 1
+                    cell.durations_ms.append(recovery.duration.ToNanoseconds() / 1e6)
+            for answer in self.answers:
+                if it.started_at <= answer.started_at < it.ended_at:
+                    cell.answers += 1
+                    cell.wrong += answer.ok and not answer.correct
+                    cell.lost += not answer.ok
+        return [cells[key] for key in sorted(cells, key=self._order)]
+
+    def _order(self, key: tuple[str, str]) -> tuple[int, int]:
+        return self.plan.scenarios.index(key[0]), self.plan.strategies.index(key[1])
+
+    # --- steps ----------------------------------------------------------------
+
+    async def _deploy(self, strategy: str) -> None:
+        plan = self.plan
+        placement = await self._client.deploy(
+            plan.model,
+            sharding=plan.sharding,
+            shards=plan.shards,
+            replicas=plan.replicas,
+            runtime=plan.runtime,
+            ep=plan.ep,
+            recovery_strategy=strategy,
+            timeout=300,
+        )
+        providers = {
+            common_pb2.ExecutionProvider.Name(r.execution_provider)
+            .removeprefix("EXECUTION_PROVIDER_")
+            .lower()
+            for shard in placement.shards
+            for r in shard.replicas
+        }
+        self._ep = ",".join(sorted(providers))
+        await self._settle(time.monotonic() + plan.settle_timeout_s)
+
+    async def _load(self, worker: int, stop: asyncio.Event) -> None:
+        index = worker
+        while not stop.is_set():
+            sentence = index % len(SENTENCES)
+            index += self.plan.concurrency
+            request_id = uuid.uuid4().hex
+            started = time.time()
+            clock = time.monotonic()
+            try:
+                result = await self._client.infer(
+                    self.plan.model, texts=[SENTENCES[sentence]], request_id=request_id
+                )
+            except RPCError as exc:
+                self.answers.append(
+                    Answer(
+                        request_id,
+                        started,
+                        time.monotonic() - clock,
+                        False,
+                        False,
+                        False,
+                        "",
+                        str(exc),
+                    )
+                )
+                await asyncio.sleep(0.05)
+                continue
+            embedding = result.outputs["sentence_embedding"][0]
+            expected = self._expected[sentence]
+            cosine = float(
+                embedding @ expected / (np.linalg.norm(embedding) * np.linalg.norm(expected))
+            )
+            self.answers.append(
+                Answer(
+                    request_id,
+                    started,
+                    time.monotonic() - clock,
+                    True,
+                    cosine >= MIN_COSINE,
+                    result.recovered,
+                    ",".join(sorted({hop.execution_provider for hop in result.trail})),
+                )
+            )
+
+    async def _iteration(self, scenario: str, strategy: str, iteration: int) -> Iteration:
+        plan = self.plan
+        record = Iteration(scenario, strategy, time.time())
+        deadline = time.monotonic() + plan.settle_timeout_s + plan.fault_duration_s
+        labels = {"run_id": self.run_id, "scenario": scenario, "strategy": strategy}
+        intensity = common_pb2.Intensity.Value(f"INTENSITY_{plan.intensity.upper()}")
+        attempt = 0
+        fault = fi.Fault()
+        while True:
+            placement = await self._client.placement(plan.model)
+            try:
+                spec = fault_spec(
+                    scenario,
+                    placement,
+                    iteration + attempt,
+                    intensity=intensity,
+                    duration_s=plan.fault_duration_s,
+                    labels=labels,
+                )
+            except NoTarget as exc:
+                record.problem = str(exc)
+                break
+            try:
+                fault = await self._injector.inject(spec)
+                break
+            except FailedPreconditionError as exc:
+                # A breaker on that target is open (or half-open for this intensity): the
+                # injector adapts by refusing; try the next target a little later.
+                if time.monotonic() > deadline:
+                    record.problem = f"every target refused until the deadline: {exc.message}"
+                    break
+                attempt += 1
+                await asyncio.sleep(1.0)
+        if not record.problem:
+            record.fault = await self._wait_fault(fault, deadline)
+            if record.fault.state != fi.FAULT_STATE_REVERTED:
+                state = fi.FaultState.Name(record.fault.state).removeprefix("FAULT_STATE_").lower()
+                record.problem = f"fault {fault.fault_id} ended {state}: {record.fault.detail}"
+            if not await self._settle(deadline):
+                record.problem = record.problem or "the cluster did not become whole again in time"
+        record.recoveries = await self._recoveries_since(record.started_at)
+        record.ended_at = time.time()
+        return record
+
+    async def _wait_fault(self, fault: fi.Fault, deadline: float) -> fi.Fault:
+        while fault.state not in TERMINAL_FAULT_STATES and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+            fault = await self._injector.get_fault(fault.fault_id)
+        return fault
+
+    async def _settle(self, deadline: float) -> bool:
+        """Wait until no recovery runs, every shard has its replicas and no browser launches."""
+        quiet_since = None
+        while time.monotonic() < deadline:
+            if await self._whole():
+                quiet_since = quiet_since or time.monotonic()
+                if time.monotonic() - quiet_since >= 1.0:
+                    return True
+            else:
+                quiet_since = None
+            await asyncio.sleep(0.2)
+        return False
+
+    async def _whole(self) -> bool:
+        try:
+            recoveries = await self._recovery.list_recoveries(limit=50)
+            placement = await self._client.placement(self.plan.model)
+            agents = await self._client.list_agents()
+        except RPCError:
+            return False
+        if any(r.state == recovery_pb2.RECOVERY_STATE_RUNNING for r in recoveries):
+            return False
+        if any(
+            len([r for r in shard.replicas if r.healthy]) < self.plan.replicas
+            for shard in placement.shards
+        ):
+            return False
+        return not any(
+            b.state == common_pb2.BROWSER_STATE_STARTING for a in agents for b in a.browsers
+        )
+
+    async def _recoveries_since(self, since: float) -> list[recovery_pb2.Recovery]:
+        found = []
+        for recovery in await self._recovery.list_recoveries(limit=500):
+            started = recovery.started_at.ToNanoseconds() / 1e9
+            if recovery.recovery_id in self._seen_recoveries or started < since - 0.5:
+                continue
+            self._seen_recoveries.add(recovery.recovery_id)
+            found.append(recovery)
+        return sorted(found, key=lambda r: r.started_at.ToNanoseconds())
+
+    # --- metrics --------------------------------------------------------------
+
+    async def _ingest(self) -> None:
+        events = []
+        for it in self.iterations:
+            if it.fault is not None:
+                events.append(metrics_pb2.Event(fault=_fault_record(it.fault, self.run_id)))
+            for recovery in it.recoveries:
+                events.append(
+                    metrics_pb2.Event(
+                        recovery=_recovery_record(
+                            recovery, it, self.plan.model, self._ep, self.run_id
+                        )
+                    )
+                )
+        for answer in self.answers:
+            events.append(
+                metrics_pb2.Event(request=_request_record(answer, self.plan.model, self.run_id))
+            )
+        await self._metrics.ingest(events)
+
+    async def report(self, fmt: str) -> bytes:
+        """The metrics service's report of this run, in ``fmt``."""
+        return await self._metrics.report(format=fmt, run_id=self.run_id)
+
+
+def _reference(texts: Sequence[str]) -> np.ndarray:
+    session = reference_session("minilm-l6")
+    return np.asarray(
+        session.run(["sentence_embedding"], prepare_inputs("minilm-l6", list(texts)))[0]
+    )
+
+
+def _timestamp(seconds: float) -> Timestamp:
+    value = Timestamp()
+    value.FromNanoseconds(round(seconds * 1e9))
+    return value
+
+
+def _duration(seconds: float) -> Duration:
+    value = Duration()
+    value.FromNanoseconds(round(seconds * 1e9))
+    return value
+
+
+def _fault_record(fault: fi.Fault, run_id: str) -> metrics_pb2.FaultRecord:
+    return metrics_pb2.FaultRecord(
+        fault_id=fault.fault_id,
+        kind=fault.spec.kind,
+        intensity=fault.spec.intensity,
+        state=fi.FaultState.Name(fault.state).removeprefix("FAULT_STATE_").lower(),
+        targets=[t.id for t in fault.targets]
+        + [t.id for child in fault.children for t in child.targets],
+        injected_at=fault.injected_at,
+        reverted_at=fault.reverted_at,
+        detail=fault.detail,
+        run_id=run_id,
+    )
+
+
+def _recovery_record(
+    recovery: recovery_pb2.Recovery, it: Iteration, model: str, ep: str, run_id: str
+) -> metrics_pb2.RecoveryRecord:
+    provider = ep.split(",", maxsplit=1)[0].upper() if ep else "UNSPECIFIED"
+    return metrics_pb2.RecoveryRecord(
+        recovery_id=recovery.recovery_id,
+        fault_id=it.fault.fault_id if it.fault is not None else "",
+        scenario=it.scenario,
+        strategy=common_pb2.RecoveryStrategy.Value(f"RECOVERY_STRATEGY_{it.strategy.upper()}"),
+        model=model,
+        execution_provider=common_pb2.ExecutionProvider.Value(f"EXECUTION_PROVIDER_{provider}"),
+        succeeded=recovery.state == recovery_pb2.RECOVERY_STATE_SUCCEEDED,
+        started_at=recovery.started_at,
+        duration=recovery.duration,
+        phases=[
+            metrics_pb2.PhaseRecord(
+                name=phase.name,
+                level=recovery_pb2.EscalationLevel.Name(phase.level)
+                .removeprefix("ESCALATION_LEVEL_")
+                .lower(),
+                duration=phase.duration,
+                ok=phase.ok,
+            )
+            for phase in recovery.phases
+        ],
+        trace_id=recovery.trace_id,
+        run_id=run_id,
+        breakers_enabled=True,
+    )
+
+
+def _request_record(answer: Answer, model: str, run_id: str) -> metrics_pb2.RequestRecord:
+    provider = answer.ep.split(",")[0].upper() if answer.ep else "UNSPECIFIED"
+    return metrics_pb2.RequestRecord(
+        request_id=answer.request_id,
+        model=model,
+        started_at=_timestamp(answer.started_at),
+        latency=_duration(answer.latency_s),
+        ok=answer.ok,
+        correct=answer.correct,
+        checked=answer.ok,
+        recovered=answer.recovered,
+        run_id=run_id,
+        execution_provider=common_pb2.ExecutionProvider.Value(f"EXECUTION_PROVIDER_{provider}"),
+    )
+
+
+def summary_line(cells: Sequence[Cell]) -> str:
+    """Totals over every cell."""
+    answers = sum(c.answers for c in cells)
+    durations = [d for c in cells for d in c.durations_ms]
+    median = f"{statistics.median(durations):.0f} ms" if durations else "-"
+    return (
+        f"{sum(c.faults for c in cells)} faults, {sum(c.recoveries for c in cells)} recoveries "
+        f"(median {median}), {answers} answers checked, "
+        f"{sum(c.wrong for c in cells)} wrong, {sum(c.lost for c in cells)} failed"
+    )

@@ -69,8 +69,8 @@ format: setup ## apply buf format and ruff format
 test: setup ## the test suite (long soak and benchmark runs are left out: -m slow runs them)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-demo: setup ## the main job: bring a local cluster up, check every process is SERVING, stop it
-	$(VENV)/bin/webshard up --once --ports auto --data-dir "$${WEBSHARD_DEMO_DIR:-$$(mktemp -d)}"
+demo: setup ## the main job: the comparative fault-tolerance campaign on a local cluster (reports in campaign-results/)
+	$(VENV)/bin/webshard campaign --mode comparative --output-dir "$${WEBSHARD_DEMO_DIR:-campaign-results}"
 
 images: ## build the container images (needs a Docker engine with BuildKit; none runs on a machine without one)
 	docker build -f docker/Dockerfile --target services -t $(IMAGE_REPO)webshard-services:$(IMAGE_TAG) .

@@ -506,6 +506,10 @@ def test_network_policies_let_in_each_services_callers_only(
         ("coordinator", "recovery"),
         ("browser-agent", "recovery"),
         ("fault-injector", "recovery"),
+        # The dashboard reads the cluster's state from these three.
+        ("metrics", "coordinator"),
+        ("metrics", "fault-injector"),
+        ("metrics", "recovery"),
         *((caller, "metrics") for caller in labels),
     }
     for caller in WEBSHARD_SERVICES:

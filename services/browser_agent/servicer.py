@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 
 import grpc
+from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
 from webshard.browser_agent.v1 import browser_agent_pb2 as pb
 from webshard.browser_agent.v1 import browser_agent_pb2_grpc as pb_grpc
 from webshard.tensors import decode_tensor, encode_tensor
@@ -19,6 +22,7 @@ from services.browser_agent.settings import AgentSettings
 from services.browser_agent.store import ShardStore, StoreError, check_sha256
 from services.common.durations import duration
 from services.common.server import Lifecycle
+from services.common.tracing import extract_context
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +30,8 @@ SERVICE = pb.DESCRIPTOR.services_by_name["BrowserAgentService"].full_name
 Context = grpc.aio.ServicerContext[object, object]
 
 DEFAULT_RECONNECT_WAIT_S = 2.0
+
+_tracer = trace.get_tracer(__name__)
 
 
 def status_code(error: ShardRuntimeError) -> grpc.StatusCode:
@@ -119,23 +125,47 @@ class BrowserAgentServicer(pb_grpc.BrowserAgentServiceServicer):
         running: set[asyncio.Task[None]] = set()
 
         async def one(request: pb.RunShardRequest) -> None:
-            if not await self._hooks.data_path.deliver():
-                return  # an injected partition: the activation is lost and gets no answer
-            reply = pb.RunShardResponse(sequence=request.sequence, request_id=request.request_id)
-            try:
-                inputs = {t.name: decode_tensor(t) for t in request.inputs}
-                entry, result = await self._host.run(request.handle, inputs)
-            except ValueError as exc:
-                reply.error_code = grpc.StatusCode.INVALID_ARGUMENT.value[0]
-                reply.error_message = str(exc)
-            except ShardRuntimeError as exc:
-                reply.error_code = status_code(exc).value[0]
-                reply.error_message = str(exc)
-            else:
-                reply.outputs.extend(encode_tensor(n, v) for n, v in result.outputs.items())
-                reply.compute.CopyFrom(duration(result.compute_ms / 1000))
-                reply.browser_id = entry.runtime.runtime_id
-                reply.execution_provider = entry.result.execution_provider  # type: ignore[assignment]
+            # One span per activation, a child of the coordinator's hop (the stream is
+            # shared by every request, so its own span belongs to no request's trace).
+            with _tracer.start_as_current_span(
+                "run_shard",
+                context=extract_context(request.traceparent),
+                kind=trace.SpanKind.SERVER,
+                attributes={
+                    "shard.handle": request.handle,
+                    "request.id": request.request_id,
+                    "agent.id": self._settings.agent_id,
+                },
+                record_exception=False,
+                set_status_on_exception=False,
+            ) as span:
+                if not await self._hooks.data_path.deliver():
+                    # An injected partition: the activation is lost and gets no answer.
+                    span.set_status(Status(StatusCode.ERROR, "lost to an injected partition"))
+                    return
+                reply = pb.RunShardResponse(
+                    sequence=request.sequence, request_id=request.request_id
+                )
+                with contextlib.suppress(ShardRuntimeError):  # an unknown handle fails below
+                    span.set_attribute(
+                        "browser.id", self._host.entry(request.handle).runtime.runtime_id
+                    )
+                try:
+                    inputs = {t.name: decode_tensor(t) for t in request.inputs}
+                    entry, result = await self._host.run(request.handle, inputs)
+                except ValueError as exc:
+                    reply.error_code = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+                    reply.error_message = str(exc)
+                except ShardRuntimeError as exc:
+                    reply.error_code = status_code(exc).value[0]
+                    reply.error_message = str(exc)
+                else:
+                    reply.outputs.extend(encode_tensor(n, v) for n, v in result.outputs.items())
+                    reply.compute.CopyFrom(duration(result.compute_ms / 1000))
+                    reply.browser_id = entry.runtime.runtime_id
+                    reply.execution_provider = entry.result.execution_provider  # type: ignore[assignment]
+                if reply.error_code:
+                    span.set_status(Status(StatusCode.ERROR, reply.error_message))
             await replies.put(reply)
 
         async def read() -> None:

@@ -6,6 +6,12 @@ number of activations in flight on a link is bounded, which is the back-pressure
 that keeps a slow agent from queueing unbounded work. A broken stream fails every
 pending hop at once (so the pipeline can replay them elsewhere) and is reopened
 by the next hop.
+
+Trace context: the unary and client-streaming calls carry the caller's span in
+their metadata (OpenTelemetry's client interceptors). The RunShard stream is shared
+by every request, so it carries no trace itself: each activation's message carries
+the ``traceparent`` of the span current when it was sent (the pipeline's hop span),
+and the agent makes its ``run_shard`` span a child of it.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from webshard.browser_agent.v1 import browser_agent_pb2_grpc as agent_grpc
 from webshard.common.v1 import common_pb2
 
 from services.common.durations import duration
+from services.common.tracing import client_interceptors, inject_traceparent
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +69,22 @@ class HopError(Exception):
 class AgentLink:
     """One agent: a channel, lazily a RunShard stream, and the hops waiting on it."""
 
-    def __init__(self, agent_id: str, address: str, max_in_flight: int = 64) -> None:
+    def __init__(
+        self,
+        agent_id: str,
+        address: str,
+        max_in_flight: int = 64,
+        interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None,
+    ) -> None:
         self.agent_id = agent_id
         self.address = address
-        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        # ``interceptors`` (None: OpenTelemetry's) wrap the unary and client-streaming
+        # calls; the default leaves the RunShard stream unwrapped (see the module's doc).
+        if interceptors is None:
+            interceptors = client_interceptors(stream_stream=False)
+        self._channel = grpc.aio.insecure_channel(
+            address, options=CHANNEL_OPTIONS, interceptors=interceptors or None
+        )
         self._stub = agent_grpc.BrowserAgentServiceStub(self._channel)
         self._call: _RunCall | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -128,7 +147,11 @@ class AgentLink:
             try:
                 await call.write(
                     agent_pb.RunShardRequest(
-                        handle=handle, request_id=request_id, sequence=sequence, inputs=inputs
+                        handle=handle,
+                        request_id=request_id,
+                        sequence=sequence,
+                        inputs=inputs,
+                        traceparent=inject_traceparent(),
                     )
                 )
                 reply = await asyncio.wait_for(future, timeout)

@@ -4,6 +4,9 @@ The request keeps every tensor it has produced (its inputs and each shard's
 outputs: the boundary activations) for its whole life. Each shard takes the
 tensors it names from that set, so when a hop fails the shard is re-run on
 another replica from its own input, not the whole model from the start.
+
+Every hop (every attempt of a shard on one replica) is a span "hop", a child of
+the request's span; the agent's span for the activation is a child of it.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import grpc
+from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
 from webshard.common.v1 import common_pb2
 from webshard.coordinator.v1 import coordinator_pb2 as pb
 
@@ -23,6 +28,8 @@ from services.common.durations import duration
 from services.coordinator.links import HopError
 
 log = logging.getLogger(__name__)
+
+_tracer = trace.get_tracer(__name__)
 
 
 class InferError(Exception):
@@ -47,12 +54,25 @@ class Replica:
 
 @dataclass
 class Stage:
-    """One shard of the chain and its replicas, preferred first."""
+    """One shard of the chain and its replicas."""
 
     index: int
     input_names: Sequence[str]
     output_names: Sequence[str]
     replicas: list[Replica]
+    turns: int = 0
+    """Requests routed so far; the healthy replicas take turns."""
+
+    def order(self) -> list[Replica]:
+        """The replicas to try for the next request: the healthy ones in turn (so each
+        shares the load, and a failed one is found by the next request it gets), then
+        the unhealthy ones as a last resort."""
+        healthy = [r for r in self.replicas if r.healthy]
+        self.turns += 1
+        if healthy:
+            start = self.turns % len(healthy)
+            healthy = healthy[start:] + healthy[:start]
+        return healthy + [r for r in self.replicas if not r.healthy]
 
 
 # Runs one hop: (replica, request id, input tensors, timeout) -> agent's reply outputs,
@@ -99,8 +119,7 @@ class Pipeline:
                 tensors.update(probed)
                 trail.append(timing)
                 continue
-            # Healthy replicas first, in placement order; the others as a last resort.
-            order = sorted(stage.replicas, key=lambda r: not r.healthy)
+            order = stage.order()
             errors: list[str] = []
             for attempt, replica in enumerate(order, start=1):
                 remaining = deadline - time.monotonic()
@@ -111,7 +130,9 @@ class Pipeline:
                     )
                 hop_started = time.monotonic()
                 try:
-                    outputs, compute_ms = await self.run_hop(replica, request_id, feeds, remaining)
+                    outputs, compute_ms = await self._hop(
+                        stage, replica, feeds, remaining, request_id=request_id, attempt=attempt
+                    )
                 except HopError as exc:
                     errors.append(str(exc))
                     if not exc.retryable_elsewhere:
@@ -142,6 +163,40 @@ class Pipeline:
             recovered=recovered,
         )
 
+    async def _hop(
+        self,
+        stage: Stage,
+        replica: Replica,
+        feeds: Sequence[common_pb2.Tensor],
+        timeout: float,
+        *,
+        request_id: str,
+        attempt: int,
+        pinned: bool = False,
+    ) -> tuple[Sequence[common_pb2.Tensor], float]:
+        """One hop, in its own span (current while it runs, so the agent's span is its child)."""
+        with _tracer.start_as_current_span(
+            "hop",
+            kind=trace.SpanKind.CLIENT,
+            attributes={
+                "model.name": self.model,
+                "shard.index": stage.index,
+                "agent.id": replica.agent_id,
+                "browser.id": replica.browser_id,
+                "hop.attempt": attempt,
+                "hop.pinned": pinned,
+                "request.id": request_id,
+            },
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
+            try:
+                return await self.run_hop(replica, request_id, feeds, timeout)
+            except HopError as exc:
+                span.set_attribute("rpc.grpc.status_code", exc.code.value[0])
+                span.set_status(Status(StatusCode.ERROR, exc.message))
+                raise
+
     async def _probe(
         self,
         stage: Stage,
@@ -164,7 +219,9 @@ class Pipeline:
             )
         hop_started = time.monotonic()
         try:
-            outputs, compute_ms = await self.run_hop(replica, request_id, feeds, remaining)
+            outputs, compute_ms = await self._hop(
+                stage, replica, feeds, remaining, request_id=request_id, attempt=1, pinned=True
+            )
         except HopError as exc:
             replica.healthy = False
             raise InferError(

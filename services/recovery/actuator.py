@@ -32,6 +32,7 @@ from webshard.aio import Client, InferResult
 from webshard.coordinator.v1 import coordinator_pb2
 from webshard.errors import InvalidArgumentError, NotFoundError, RPCError
 
+from services.common.tracing import client_interceptors
 from services.recovery.execution import ActionFailed, ActionResult, ActionUnavailable
 from services.recovery.strategies import ModelPlacement, Replica, Strategy, Target
 
@@ -79,7 +80,11 @@ class CoordinatorActuator:
         max_pause_s: float = 10.0,
         client: Client | None = None,
     ) -> None:
-        self._client = client or Client(list(coordinators), timeout=timeout_s)
+        # The client's calls carry the current span (a recovery's phase) as their
+        # parent, so what the coordinator and its agents do belongs to the recovery's trace.
+        self._client = client or Client(
+            list(coordinators), timeout=timeout_s, interceptors=client_interceptors()
+        )
         self._verify_text = verify_text
         self._timeout_s = timeout_s
         self._reconnect_wait_s = reconnect_wait_s

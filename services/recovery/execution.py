@@ -5,7 +5,9 @@ passes. A rung whose breaker is open is skipped and recorded as a skipped phase;
 an action the actuator cannot take (``ActionUnavailable``), a failed action, an
 action past its deadline and an unexpected error all count as that rung failing,
 which escalates to the next. Every step is one ``PhaseRecord`` and one child span
-of the recovery's span.
+of the recovery's span, current while the step's action runs: the actuator's calls
+carry it (as gRPC metadata) to the services they reach, whose spans join the
+recovery's trace.
 
 No gRPC here: the actuator is a protocol, faked in tests.
 """
@@ -226,6 +228,8 @@ class Executor:
         span.set_attribute("recovery.target", str(step.target))
         ok = False
         try:
+            # The phase's span is current for the action: wait_for's task copies the
+            # context it is made in, so the action's calls are children of the phase.
             with trace.use_span(span, end_on_exit=False):
                 result = await asyncio.wait_for(
                     _call(self.actuator, step)(step.target), self.action_timeout_s

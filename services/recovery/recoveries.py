@@ -9,7 +9,11 @@ choose the strategy, plan, execute, record the outcome for the adaptive strategy
 
 Every recovery is one OpenTelemetry trace: a root span "recovery" from the
 failure's detection to the end of the verify that passed, with one child span per
-phase. Every change to a recovery is published to the watchers.
+phase; the actions' calls carry their phase's span to the coordinator, and the
+coordinator's to the agents, so their spans are in the same trace. The root names
+the failure (``fault.id``, ``fault.kind`` - the failure's kind -, agent, browser,
+model, shard), the strategy and the outcome. Every change to a recovery is
+published to the watchers.
 
 No gRPC here.
 """

@@ -148,6 +148,14 @@ class Failure:
         return Target(self.agent_id, self.browser_id, self.model, self.shard_index)
 
     @property
+    def checked(self) -> Target:
+        """What a verify checks: the failed shard when the failure was the shard's own,
+        else everything of the model on the failed browser (or agent)."""
+        if self.kind in SHARD_LOCAL_KINDS:
+            return self.target
+        return self.target.with_shard(-1)
+
+    @property
     def dedupe_key(self) -> tuple[str, str, str, int]:
         """Reports with the same key describe the same failure while it is being recovered.
 
@@ -294,7 +302,7 @@ def plan_simple(failure: Failure, placement: ModelPlacement | None) -> Plan:
     rung = Rung(
         level=Level.REPLACE_ON_STANDBY,
         actions=_per_shard(Action.REPLACE_ON_STANDBY, target, failed_shards(failure, placement)),
-        verify=Step(Action.VERIFY, target),
+        verify=Step(Action.VERIFY, failure.checked),
         independent=True,
     )
     return Plan(Strategy.SIMPLE, Strategy.SIMPLE, (rung,))
@@ -314,7 +322,7 @@ def plan_progressive(failure: Failure, placement: ModelPlacement | None) -> Plan
     browser = Target(failure.agent_id, failure.browser_id, failure.model)
     agent = Target(failure.agent_id, "", failure.model)
     shards = failed_shards(failure, placement)
-    verify = Step(Action.VERIFY, target)
+    verify = Step(Action.VERIFY, failure.checked)
     agent_key = BreakerKey.agent(failure.agent_id)
     rungs = [
         Rung(
@@ -365,7 +373,7 @@ def plan_coordinated(failure: Failure, placement: ModelPlacement | None) -> Plan
         setup=(Step(Action.BARRIER, model),),
         actions=_per_shard(Action.REPLACE_ON_STANDBY, target, group),
         teardown=(Step(Action.RESUME, model),),
-        verify=Step(Action.VERIFY, target),
+        verify=Step(Action.VERIFY, failure.checked),
     )
     return Plan(Strategy.COORDINATED, Strategy.COORDINATED, (rung,))
 

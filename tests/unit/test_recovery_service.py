@@ -13,6 +13,7 @@ import grpc
 import numpy as np
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
+from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -271,6 +272,32 @@ async def test_each_recovery_is_one_trace_with_a_span_per_phase(harness: Harness
         assert span.context.trace_id == root.context.trace_id
         assert span.start_time == round(phase.started_at * 1e9)
         assert (span.attributes or {})["recovery.ok"] == phase.ok
+
+
+async def test_each_action_runs_with_its_phase_span_current(harness: Harness) -> None:
+    # What the action calls (the SDK, through its tracing interceptors) is parented
+    # by the current span, so the phase's span must be current while it runs.
+    seen: list[tuple[str, int]] = []
+    act = harness.actuator._act
+
+    async def recording(action: Action, target: Target) -> Any:
+        seen.append((action.value, trace.get_current_span().get_span_context().span_id))
+        return await act(action, target)
+
+    harness.actuator._act = recording  # type: ignore[method-assign]
+    harness.actuator.script = {Action.RETRY_IN_PLACE: FAIL}
+    record, _ = harness.recoveries.report(failure(FailureKind.SHARD_ERROR, model="vit-tiny"))
+    await harness.recoveries.wait(record.recovery_id)
+    phases = {
+        s.context.span_id: s.name
+        for s in harness.spans.get_finished_spans()
+        if s.name not in ("recovery", "detect", "plan")
+    }
+    assert [(action, phases.get(span_id)) for action, span_id in seen] == [
+        ("retry", "retry"),
+        ("reconnect", "reconnect"),
+        ("verify", "verify"),
+    ]
 
 
 # ----------------------------------------------------------------------------- servicer

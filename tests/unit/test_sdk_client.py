@@ -364,6 +364,35 @@ async def test_follower_redirects_to_leader_and_client_stays_there(
         assert leader.calls == ["DeployModel", "ClusterStatus", "UndeployModel"]
 
 
+class RecordingInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
+    """Records each unary call's method."""
+
+    def __init__(self) -> None:
+        self.methods: list[str] = []
+
+    async def intercept_unary_unary(
+        self, continuation: Any, client_call_details: grpc.aio.ClientCallDetails, request: Any
+    ) -> Any:
+        method = client_call_details.method
+        self.methods.append(method.decode() if isinstance(method, bytes) else method)
+        return await continuation(client_call_details, request)
+
+
+async def test_interceptors_wrap_every_channel_the_client_makes(
+    serve: Callable[..., Awaitable[Server]],
+) -> None:
+    leader = Coordinator("leader")
+    leader_server = await serve(coordinator_adder(leader))
+    follower = Coordinator("follower", leader=leader_server.address)
+    follower_server = await serve(coordinator_adder(follower))
+    recording = RecordingInterceptor()
+    async with webshard.aio.Client(follower_server.address, interceptors=[recording]) as client:
+        await client.deploy("minilm-l6")
+    # The follower's channel and the leader's, made after the redirect, both intercept.
+    assert (follower.calls, leader.calls) == (["DeployModel"], ["DeployModel"])
+    assert recording.methods == ["/webshard.coordinator.v1.CoordinatorService/DeployModel"] * 2
+
+
 async def test_redirects_are_bounded(serve: Callable[..., Awaitable[Server]]) -> None:
     a = Coordinator("a")
     b = Coordinator("b")

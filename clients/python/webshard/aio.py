@@ -257,6 +257,7 @@ class _Transport:
         options: ChannelOptions,
         idempotent_methods: Iterable[tuple[str, str]],
         metadata: Sequence[tuple[str, str]] = (),
+        interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
     ) -> None:
         if timeout <= 0:
             raise ValueError(f"timeout must be positive, not {timeout}")
@@ -267,6 +268,7 @@ class _Transport:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._closed = False
         self.metadata: tuple[tuple[str, str], ...] = tuple(metadata)
+        self._interceptors = tuple(interceptors)
 
     @property
     def address(self) -> str:
@@ -284,7 +286,9 @@ class _Transport:
             raise RuntimeError("the client is closed")
         channel = self._channels.get(address)
         if channel is None:
-            channel = grpc.aio.insecure_channel(address, options=self._channel_args)
+            channel = grpc.aio.insecure_channel(
+                address, options=self._channel_args, interceptors=self._interceptors or None
+            )
             self._channels[address] = channel
         return channel
 
@@ -448,6 +452,7 @@ class _ServiceClient:
         keepalive: KeepaliveOptions | None,
         max_message_bytes: int,
         metadata: Sequence[tuple[str, str]] = (),
+        interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
     ) -> None:
         options = ChannelOptions(
             retry=retry or RetryPolicy(),
@@ -465,6 +470,7 @@ class _ServiceClient:
             options=options,
             idempotent_methods=methods,
             metadata=metadata,
+            interceptors=interceptors,
         )
 
     @property
@@ -577,6 +583,9 @@ class Client(_ServiceClient):
         retry: retries of idempotent calls on UNAVAILABLE; default RetryPolicy().
         keepalive: keepalive pings; default KeepaliveOptions().
         max_message_bytes: largest message sent or received.
+        interceptors: client interceptors for every channel the client makes
+            (for example OpenTelemetry's, so calls carry the caller's trace
+            context); the SDK itself depends on no tracing library.
     """
 
     _SERVICE = coordinator_pb2.DESCRIPTOR.services_by_name["CoordinatorService"]
@@ -604,6 +613,7 @@ class Client(_ServiceClient):
         retry: RetryPolicy | None = None,
         keepalive: KeepaliveOptions | None = None,
         max_message_bytes: int = 64 * 1024 * 1024,
+        interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
     ) -> None:
         super().__init__(
             target,
@@ -611,6 +621,7 @@ class Client(_ServiceClient):
             retry=retry,
             keepalive=keepalive,
             max_message_bytes=max_message_bytes,
+            interceptors=interceptors,
         )
 
     async def cluster_status(
@@ -902,7 +913,7 @@ class FaultInjectorClient(_ServiceClient):
         target: fault-injector address(es), host:port.
         token: sent as "authorization: Bearer <token>" on every call; the
             service requires it when it runs with WEBSHARD_FAULT_TOKEN.
-        timeout, retry, keepalive, max_message_bytes: as for :class:`Client`.
+        timeout, retry, keepalive, max_message_bytes, interceptors: as for :class:`Client`.
     """
 
     _SERVICE = fault_injector_pb2.DESCRIPTOR.services_by_name["FaultInjectorService"]
@@ -918,6 +929,7 @@ class FaultInjectorClient(_ServiceClient):
         retry: RetryPolicy | None = None,
         keepalive: KeepaliveOptions | None = None,
         max_message_bytes: int = 64 * 1024 * 1024,
+        interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
     ) -> None:
         super().__init__(
             target,
@@ -925,6 +937,7 @@ class FaultInjectorClient(_ServiceClient):
             retry=retry,
             keepalive=keepalive,
             max_message_bytes=max_message_bytes,
+            interceptors=interceptors,
             metadata=[("authorization", f"Bearer {token}")] if token else (),
         )
 
@@ -1093,6 +1106,7 @@ class RecoveryClient(_ServiceClient):
         retry: RetryPolicy | None = None,
         keepalive: KeepaliveOptions | None = None,
         max_message_bytes: int = 64 * 1024 * 1024,
+        interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
     ) -> None:
         super().__init__(
             target,
@@ -1100,6 +1114,7 @@ class RecoveryClient(_ServiceClient):
             retry=retry,
             keepalive=keepalive,
             max_message_bytes=max_message_bytes,
+            interceptors=interceptors,
         )
 
     async def report_failure(
@@ -1271,6 +1286,7 @@ class MetricsClient(_ServiceClient):
         retry: RetryPolicy | None = None,
         keepalive: KeepaliveOptions | None = None,
         max_message_bytes: int = 64 * 1024 * 1024,
+        interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
     ) -> None:
         super().__init__(
             target,
@@ -1278,6 +1294,7 @@ class MetricsClient(_ServiceClient):
             retry=retry,
             keepalive=keepalive,
             max_message_bytes=max_message_bytes,
+            interceptors=interceptors,
         )
 
     async def ingest(

@@ -199,12 +199,17 @@ class RunShardRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     SEQUENCE_FIELD_NUMBER: _builtins.int
     INPUTS_FIELD_NUMBER: _builtins.int
+    TRACEPARENT_FIELD_NUMBER: _builtins.int
     handle: _builtins.str
     """handle is the loaded shard's handle."""
     request_id: _builtins.str
     """request_id is the inference request this activation belongs to."""
     sequence: _builtins.int
     """sequence is echoed in the response."""
+    traceparent: _builtins.str
+    """traceparent is the W3C trace context of the coordinator's hop span; the agent's
+    span for this activation is its child. Empty when the sender traces nothing.
+    """
     @_builtins.property
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Tensor]:
         """inputs are the shard's input tensors."""
@@ -216,10 +221,11 @@ class RunShardRequest(_message.Message):
         request_id: _builtins.str = ...,
         sequence: _builtins.int = ...,
         inputs: _abc.Iterable[_common_pb2.Tensor] | None = ...,
+        traceparent: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["handle", b"handle", "inputs", b"inputs", "request_id", b"request_id", "sequence", b"sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["handle", b"handle", "inputs", b"inputs", "request_id", b"request_id", "sequence", b"sequence", "traceparent", b"traceparent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,123 @@
+"""`make bench-recovery`: recovery time and success rate per scenario x strategy,
+with circuit breakers on and off, real browsers.
+
+For each breaker setting a local cluster starts (3 agents, each with one headless
+Chromium and one warm standby; recovery with ``--breakers-enabled`` on or off) and
+the campaign runner injects every scenario under every strategy ``--iterations``
+times while requests flow, every answer checked against the reference. Each row
+is one cell: its recoveries' p50/p95/max (detection to verified answer), their
+success rate, and the answers checked, wrong and failed meanwhile.
+
+    make bench-recovery                                  # 30 faults per cell
+    make bench-recovery BENCH_ARGS="--iterations 3 --scenario browser_crash"
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from webshard.cli.local import LocalCluster
+
+from services.campaign.runner import Addresses, Campaign, Plan
+from services.campaign.scenarios import SCENARIOS
+from tests.bench.common import write
+
+STRATEGIES = ("simple", "progressive", "coordinated")
+COLUMNS = (
+    "scenario",
+    "strategy",
+    "breakers",
+    "faults",
+    "recoveries",
+    "p50_ms",
+    "p95_ms",
+    "max_ms",
+    "success_rate",
+    "answers",
+    "wrong",
+    "failed",
+    "ep",
+)
+
+
+def run(plan: Plan, breakers: bool, data_dir: Path) -> list[dict[str, Any]]:
+    """One cluster, one campaign; a row per cell."""
+    cluster = LocalCluster(
+        agents=3,
+        data_dir=data_dir,
+        auto_ports=True,
+        extra_args={
+            "browser_agent": ["--browsers", "1", "--standby-browsers", "1", "--native", "false"],
+            "recovery": ["--breakers-enabled", "true" if breakers else "false"],
+        },
+    )
+    cluster.start(timeout=300)
+    try:
+        addresses = Addresses(
+            coordinators=cluster.coordinators(),
+            fault_injector=cluster.address("fault-injector"),
+            recovery=cluster.address("recovery"),
+            metrics=cluster.address("metrics"),
+        )
+
+        async def campaign() -> list[dict[str, Any]]:
+            runner = Campaign(plan, addresses)
+            try:
+                cells = await runner.run()
+            finally:
+                await runner.close()
+            return [
+                {
+                    "scenario": c.scenario,
+                    "strategy": c.strategy,
+                    "breakers": "on" if breakers else "off",
+                    "faults": c.faults,
+                    "recoveries": c.recoveries,
+                    "p50_ms": c.percentile(50),
+                    "p95_ms": c.percentile(95),
+                    "max_ms": max(c.durations_ms) if c.durations_ms else None,
+                    "success_rate": round(c.success_rate, 4),
+                    "answers": c.answers,
+                    "wrong": c.wrong,
+                    "failed": c.lost,
+                    "ep": c.ep,
+                    "problems": c.problems,
+                }
+                for c in cells
+            ]
+
+        return asyncio.run(campaign())
+    finally:
+        cluster.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--iterations", type=int, default=30, help="faults per cell [30]")
+    parser.add_argument("--scenario", action="append", help="repeatable [every scenario]")
+    parser.add_argument(
+        "--strategy", action="append", help="repeatable [simple, progressive, coordinated]"
+    )
+    parser.add_argument("--breakers", choices=("on", "off", "both"), default="both")
+    args = parser.parse_args()
+    plan = Plan(
+        scenarios=tuple(args.scenario or SCENARIOS),
+        strategies=tuple(args.strategy or STRATEGIES),
+        iterations=args.iterations,
+        concurrency=2,
+    )
+    settings = {"on": [True], "off": [False], "both": [True, False]}[args.breakers]
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="webshard-bench-recovery-") as tmp:
+        for breakers in settings:
+            rows += run(plan, breakers, Path(tmp) / ("breakers-on" if breakers else "breakers-off"))
+    rows.sort(key=lambda r: (r["scenario"], r["strategy"], r["breakers"]))
+    write("recovery", rows, COLUMNS)
+
+
+if __name__ == "__main__":
+    main()

@@ -59,6 +59,10 @@ class Pool(Protocol):
         """True when ``browser_id`` is a standby ready to be promoted."""
         ...
 
+    def standbys(self) -> Sequence[ShardRuntime]:
+        """The standbys ready to be promoted."""
+        ...
+
     async def promote_standby(self, browser_id: str = "") -> ShardRuntime:
         """Put a standby into service; raise a ShardRuntimeError when none is ready."""
         ...
@@ -117,9 +121,10 @@ class ShardHost:
         return ([self._native] if self._native is not None else []) + list(self._browsers())
 
     def status(self) -> list[common_pb2.BrowserInfo]:
-        """Each runtime's info with the shards it holds."""
+        """Each runtime's info with the shards it holds, then the ready standbys."""
         infos = []
-        for runtime in self.runtimes():
+        standbys = list(self._pool.standbys()) if self._pool is not None else []
+        for runtime in self.runtimes() + standbys:
             info = runtime.info()
             del info.shards[:]
             info.shards.extend(e.to_proto() for e in self._loaded.values() if e.runtime is runtime)

@@ -156,14 +156,14 @@ class Deployments:
         reply = await self.link(replica.agent_id).run(replica.handle, request_id, inputs, timeout)
         return reply.outputs, reply.compute.ToNanoseconds() / 1e6
 
-    def on_failure(self, stage: Stage, replica: Replica, error: HopError) -> None:
+    def on_failure(self, model: str, stage: Stage, replica: Replica, error: HopError) -> None:
         """Report a failed hop to recovery; the pipeline replays it on the next replica."""
         self._reporter.report(
             source=recovery_pb2.FAILURE_SOURCE_DATA_PATH,
             kind=failure_kind(error.code),
             agent_id=replica.agent_id,
             browser_id=replica.browser_id,
-            model=self._model_of(replica),
+            model=model,
             shard_index=stage.index,
             message=error.message,
         )
@@ -176,12 +176,6 @@ class Deployments:
                 "error": error.message,
             },
         )
-
-    def _model_of(self, replica: Replica) -> str:
-        for model, deployment in self.models.items():
-            if any(replica in stage.replicas for stage in deployment.pipeline.stages):
-                return model
-        return ""
 
     def agent_lost(self, agent_id: str) -> None:
         """An agent's session broke: stop routing to it, and report each shard replica it held."""
@@ -293,7 +287,11 @@ class Deployments:
         placement.CopyFrom(self.models[model].placement)
         for candidate in placement.shards:
             if candidate.shard.index == shard_index:
-                kept = [r for r in candidate.replicas if r.handle != old.handle]
+                kept = [
+                    r
+                    for r in candidate.replicas
+                    if (r.agent_id, r.handle) != (old.agent_id, old.handle)
+                ]
                 del candidate.replicas[:]
                 candidate.replicas.extend([*kept, replica])
         return Replacement(placement, replica, old, standby)

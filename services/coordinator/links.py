@@ -93,6 +93,7 @@ class AgentLink:
         self._sequence = itertools.count(1)
         self._slots = asyncio.Semaphore(max_in_flight)
         self._open_lock = asyncio.Lock()
+        self._write_lock = asyncio.Lock()
 
     @property
     def stub(self) -> agent_grpc.BrowserAgentServiceStub:
@@ -145,15 +146,16 @@ class AgentLink:
             )
             self._pending[sequence] = (call, future)
             try:
-                await call.write(
-                    agent_pb.RunShardRequest(
-                        handle=handle,
-                        request_id=request_id,
-                        sequence=sequence,
-                        inputs=inputs,
-                        traceparent=inject_traceparent(),
+                async with self._write_lock:  # a stream takes one write at a time
+                    await call.write(
+                        agent_pb.RunShardRequest(
+                            handle=handle,
+                            request_id=request_id,
+                            sequence=sequence,
+                            inputs=inputs,
+                            traceparent=inject_traceparent(),
+                        )
                     )
-                )
                 reply = await asyncio.wait_for(future, timeout)
             except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as exc:
                 raise HopError(

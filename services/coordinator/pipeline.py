@@ -81,8 +81,8 @@ HopRunner = Callable[
     [Replica, str, Sequence[common_pb2.Tensor], float],
     Awaitable[tuple[Sequence[common_pb2.Tensor], float]],
 ]
-# Told about every failed hop: (stage, replica, error).
-FailureSink = Callable[[Stage, Replica, HopError], None]
+# Told about every failed hop: (model, stage, replica, error).
+FailureSink = Callable[[str, Stage, Replica, HopError], None]
 
 
 @dataclass
@@ -138,7 +138,7 @@ class Pipeline:
                     if not exc.retryable_elsewhere:
                         raise InferError(exc.code, f"shard {stage.index}: {exc.message}") from exc
                     replica.healthy = False
-                    self.on_failure(stage, replica, exc)
+                    self.on_failure(self.model, stage, replica, exc)
                     recovered = True
                     continue
                 replica.healthy = True

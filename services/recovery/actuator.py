@@ -247,7 +247,8 @@ class CoordinatorActuator:
         )
 
     async def _unhealthy_on(self, target: Target) -> list[int]:
-        """Shards of the target's model with an unhealthy replica on the failed browser."""
+        """Shards checked (the target's, or all of its model) with an unhealthy replica on
+        the failed browser."""
         if not target.agent_id:
             return []
         try:
@@ -259,7 +260,8 @@ class CoordinatorActuator:
         return sorted(
             index
             for index, replicas in placement.replicas.items()
-            if any(
+            if target.shard_index in (-1, index)
+            and any(
                 not r.healthy and r.on(Target(target.agent_id, target.browser_id)) for r in replicas
             )
         )

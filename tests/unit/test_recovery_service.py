@@ -614,11 +614,14 @@ async def test_coordinator_actuator_acts_through_the_coordinator() -> None:
 
 
 async def test_verify_fails_while_the_failed_browser_holds_an_unhealthy_replica() -> None:
-    client = FakeClient(placement_proto=coordinator_placement(), answers=[answer(0.5), answer(0.5)])
+    client = FakeClient(placement_proto=coordinator_placement(), answers=[answer(0.5)] * 3)
     actuator = CoordinatorActuator([], client=client)  # type: ignore[arg-type]
     # Both shards have an unhealthy replica on agent-1/b0: the model answering is not enough.
-    with pytest.raises(ActionFailed, match=r"shard\(s\) 0, 1 on agent-1/b0 are still unhealthy"):
+    # A shard's own failure checks that shard; a browser's, every shard there.
+    with pytest.raises(ActionFailed, match=r"shard\(s\) 0 on agent-1/b0 are still unhealthy"):
         await actuator.verify(Target("agent-1", "b0", "minilm-l6", 0))
+    with pytest.raises(ActionFailed, match=r"shard\(s\) 0, 1 on agent-1/b0 are still unhealthy"):
+        await actuator.verify(Target("agent-1", "b0", "minilm-l6"))
     assert (await actuator.verify(Target("agent-2", "b0", "minilm-l6", 0))).served_by
 
 

@@ -204,7 +204,13 @@ async def test_one_failing_agent_walks_its_breaker_and_the_injector_follows(walk
             reported = await recovery.report_failure(report)
             assert not reported.deduplicated
             done = await finished(reported.recovery_id)
-            assert done.state == pb.RECOVERY_STATE_FAILED, done
+            # A live agent reconnects, so the first recoveries succeed; with no model there
+            # is no answer to show the agent working, so each report still counts against
+            # it. Once the breaker is open, the in-place levels are skipped and the rest
+            # have nothing to act on.
+            opens = n == CONSECUTIVE_FAILURES
+            expected = pb.RECOVERY_STATE_FAILED if opens else pb.RECOVERY_STATE_SUCCEEDED
+            assert done.state == expected, done
             state = await breaker()
             assert state.consecutive_failures == n, state
             assert state.state == (OPEN if n == CONSECUTIVE_FAILURES else CLOSED), (n, state)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,11 +127,13 @@ class Deployments:
         *,
         reporter: FailureReporter,
         load_timeout_s: float = 120.0,
+        replace_wait_s: float = 5.0,
     ) -> None:
         self._registry = registry
         self._reporter = reporter
         self._cache_dir = cache_dir
         self._load_timeout = load_timeout_s
+        self._replace_wait_s = replace_wait_s
         self._links: dict[str, AgentLink] = {}
         self._background: set[asyncio.Task[None]] = set()
         self.models: dict[str, Deployment] = {}
@@ -258,7 +261,12 @@ class Deployments:
         old = failed[0]
         holding = {(r.agent_id, r.browser_id) for r in shard.replicas}
         native = old.browser_id == NATIVE_RUNTIME_ID
+        # A standby launching in the failed browser's place is worth a short wait.
+        deadline = time.monotonic() + self._replace_wait_s
         destination = self._destination(native, holding, old, whole_agent=not browser_id)
+        while destination is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)  # the registry learns of new browsers from status reports
+            destination = self._destination(native, holding, old, whole_agent=not browser_id)
         if destination is None:
             raise DeployError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,

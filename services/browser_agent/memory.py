@@ -1,7 +1,7 @@
 """Memory pressure: a browser whose process tree outgrows the size it had after loading.
 
-Each browser holding shards gets a baseline, its resident memory at the first
-sample after its set of shards last changed; a sample above baseline +
+Each browser holding shards gets a baseline, its smallest resident memory since
+its set of shards last changed; a sample above baseline +
 headroom is pressure. Each crossing is reported once; the browser is re-armed
 when it falls back under the limit (or its shards change). Plain logic; the
 agent samples and reports.
@@ -75,6 +75,9 @@ class MemoryWatch:
             if tracked is None or tracked.handles != sample.handles:
                 self._tracked[sample.browser_id] = _Tracked(sample.handles, sample.rss_bytes)
                 continue
+            # Memory a page gave back lowers the baseline (freed buffers leave the
+            # process tree only once collected, so the first sample may be high).
+            tracked.baseline = min(tracked.baseline, sample.rss_bytes)
             limit = tracked.baseline + self._headroom
             if sample.rss_bytes > limit and not tracked.over:
                 tracked.over = True

@@ -98,7 +98,8 @@ def test_requests_stay_correct_and_the_fault_is_recovered(
     fault = iteration.fault
     assert fault is not None and fault.state == fi.FAULT_STATE_REVERTED
     lasted = (fault.reverted_at.ToNanoseconds() - fault.injected_at.ToNanoseconds()) / 1e9
-    assert FAULT_S - 0.1 <= lasted <= FAULT_S + 10
+    # (A multiple_failures parent counts from after its children were applied.)
+    assert FAULT_S - 0.5 <= lasted <= FAULT_S + 10
     # It was detected and recovered; each recovery's phases were timed; metrics stored them.
     assert recoveries
     for recovery in recoveries:

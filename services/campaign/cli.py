@@ -246,12 +246,6 @@ def main(args: argparse.Namespace) -> int:
     print(f"starting a local cluster in {cluster.data_dir} ...", file=sys.stderr)
     cluster.start(timeout=300)
     try:
-        addresses = Addresses(
-            coordinators=cluster.coordinators(),
-            fault_injector=cluster.address("fault-injector"),
-            recovery=cluster.address("recovery"),
-            metrics=cluster.address("metrics"),
-        )
-        return asyncio.run(run_campaign(plan, addresses, output_dir, thresholds))
+        return asyncio.run(run_campaign(plan, Addresses.of(cluster), output_dir, thresholds))
     finally:
         cluster.stop()

@@ -21,9 +21,9 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 from webshard.aio import Client, FaultInjectorClient, MetricsClient, RecoveryClient
 from webshard.common.v1 import common_pb2
@@ -33,7 +33,11 @@ from webshard.metrics.v1 import metrics_pb2
 from webshard.recovery.v1 import recovery_pb2
 
 from services.campaign.scenarios import NoTarget, fault_spec
+from services.common.durations import duration
 from services.models import prepare_inputs, reference_session
+
+if TYPE_CHECKING:
+    from webshard.cli.local import LocalCluster
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +69,16 @@ class Addresses:
     fault_injector: str
     recovery: str
     metrics: str
+
+    @classmethod
+    def of(cls, cluster: LocalCluster) -> Addresses:
+        """The services of a local cluster."""
+        return cls(
+            coordinators=cluster.coordinators(),
+            fault_injector=cluster.address("fault-injector"),
+            recovery=cluster.address("recovery"),
+            metrics=cluster.address("metrics"),
+        )
 
 
 @dataclass(frozen=True)
@@ -479,10 +493,10 @@ def _timestamp(seconds: float) -> Timestamp:
     return value
 
 
-def _duration(seconds: float) -> Duration:
-    value = Duration()
-    value.FromNanoseconds(round(seconds * 1e9))
-    return value
+def _provider(eps: str) -> common_pb2.ExecutionProvider.ValueType:
+    """The first of a comma-separated list of provider names, as the enum."""
+    name = eps.split(",", maxsplit=1)[0].upper() if eps else "UNSPECIFIED"
+    return common_pb2.ExecutionProvider.Value(f"EXECUTION_PROVIDER_{name}")
 
 
 def _fault_record(fault: fi.Fault, run_id: str) -> metrics_pb2.FaultRecord:
@@ -503,14 +517,13 @@ def _fault_record(fault: fi.Fault, run_id: str) -> metrics_pb2.FaultRecord:
 def _recovery_record(
     recovery: recovery_pb2.Recovery, it: Iteration, model: str, ep: str, run_id: str
 ) -> metrics_pb2.RecoveryRecord:
-    provider = ep.split(",", maxsplit=1)[0].upper() if ep else "UNSPECIFIED"
     return metrics_pb2.RecoveryRecord(
         recovery_id=recovery.recovery_id,
         fault_id=it.fault.fault_id if it.fault is not None else "",
         scenario=it.scenario,
         strategy=common_pb2.RecoveryStrategy.Value(f"RECOVERY_STRATEGY_{it.strategy.upper()}"),
         model=model,
-        execution_provider=common_pb2.ExecutionProvider.Value(f"EXECUTION_PROVIDER_{provider}"),
+        execution_provider=_provider(ep),
         succeeded=recovery.state == recovery_pb2.RECOVERY_STATE_SUCCEEDED,
         started_at=recovery.started_at,
         duration=recovery.duration,
@@ -532,18 +545,17 @@ def _recovery_record(
 
 
 def _request_record(answer: Answer, model: str, run_id: str) -> metrics_pb2.RequestRecord:
-    provider = answer.ep.split(",")[0].upper() if answer.ep else "UNSPECIFIED"
     return metrics_pb2.RequestRecord(
         request_id=answer.request_id,
         model=model,
         started_at=_timestamp(answer.started_at),
-        latency=_duration(answer.latency_s),
+        latency=duration(answer.latency_s),
         ok=answer.ok,
         correct=answer.correct,
         checked=answer.ok,
         recovered=answer.recovered,
         run_id=run_id,
-        execution_provider=common_pb2.ExecutionProvider.Value(f"EXECUTION_PROVIDER_{provider}"),
+        execution_provider=_provider(answer.ep),
     )
 
 

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from google.protobuf.duration_pb2 import Duration
 from webshard.aio import target_selector
 from webshard.common.v1 import common_pb2
 from webshard.coordinator.v1 import coordinator_pb2
 from webshard.fault_injector.v1 import fault_injector_pb2 as fi
+
+from services.common.durations import duration
 
 SCENARIOS = (
     "connection_lost",
@@ -45,18 +46,12 @@ def serving_browsers(placement: coordinator_pb2.Placement) -> list[str]:
     )
 
 
-def _duration(seconds: float) -> Duration:
-    value = Duration()
-    value.FromNanoseconds(round(seconds * 1e9))
-    return value
-
-
 def _single(kind: str, browser: str, intensity: int, duration_s: float) -> fi.FaultSpec:
     return fi.FaultSpec(
         kind=SINGLE_KINDS[kind],
         intensity=intensity,  # type: ignore[arg-type]
         target=target_selector("browser", browser),
-        duration=_duration(duration_s),
+        duration=duration(duration_s),
     )
 
 
@@ -81,7 +76,7 @@ def fault_spec(
         spec = fi.FaultSpec(
             kind=common_pb2.FAULT_KIND_MULTIPLE_FAILURES,
             intensity=intensity,  # type: ignore[arg-type]
-            duration=_duration(duration_s),
+            duration=duration(duration_s),
             children=[
                 _single(MULTIPLE[0], first, intensity, duration_s),
                 _single(MULTIPLE[1], second, intensity, duration_s),

@@ -57,12 +57,7 @@ def run(plan: Plan, breakers: bool, data_dir: Path) -> list[dict[str, Any]]:
     )
     cluster.start(timeout=300)
     try:
-        addresses = Addresses(
-            coordinators=cluster.coordinators(),
-            fault_injector=cluster.address("fault-injector"),
-            recovery=cluster.address("recovery"),
-            metrics=cluster.address("metrics"),
-        )
+        addresses = Addresses.of(cluster)
 
         async def campaign() -> list[dict[str, Any]]:
             runner = Campaign(plan, addresses)

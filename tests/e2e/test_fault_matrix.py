@@ -49,12 +49,7 @@ def addresses(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Addresses]:
     try:
         with webshard.Client(cluster.coordinators(), timeout=60) as client:
             wait_for(lambda: len(client.list_agents()) == 3, 60, "three agents to attach")
-        yield Addresses(
-            coordinators=cluster.coordinators(),
-            fault_injector=cluster.address("fault-injector"),
-            recovery=cluster.address("recovery"),
-            metrics=cluster.address("metrics"),
-        )
+        yield Addresses.of(cluster)
     finally:
         cluster.stop()
 

@@ -310,10 +310,15 @@ class FaultInjector:
                 for child in rest:
                     await self._start_child(child, None)
         # The composite's own duration bounds its children, whichever of them is in force.
+        # It counts from when the first child took effect (applying can take seconds).
         if record.state not in TERMINAL and record.timer is None and not plan.spec.dry_run:
-            record.fault.reverts_at.CopyFrom(timestamp(start + plan.duration_s))
+            begun = start
+            if record.fault.HasField("injected_at"):
+                begun = record.fault.injected_at.ToNanoseconds() / 1e9
+            ends = begun + plan.duration_s
+            record.fault.reverts_at.CopyFrom(timestamp(ends))
             record.timer = self._timers.start(
-                self._expire(record, start + plan.duration_s), f"revert-{record.fault_id}"
+                self._expire(record, ends), f"revert-{record.fault_id}"
             )
             self.book.publish(record)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
@@ -98,10 +98,13 @@ class FakeHooks:
         self.reverted: list[tuple[str, str]] = []
         self.failing: set[str] = set()
         self.gate: asyncio.Event | None = None
+        self.slow: Callable[[], None] | None = None
 
     async def apply(self, action: AgentAction, fault_id: str, duration_s: float) -> str:
         if self.gate is not None:
             await self.gate.wait()
+        if self.slow is not None:
+            self.slow()
         if action.agent_id in self.failing:
             raise ActionError(f"{action.agent_id} answered UNAVAILABLE: gone")
         self.applied.append((action, fault_id, duration_s))
@@ -355,6 +358,38 @@ async def test_multiple_failures_apply_children_at_once_and_revert_together(rig:
     assert parent.state == S.FAULT_STATE_REVERTED
     assert "RevertAll" in parent.detail
     assert {agent for agent, _ in rig.hooks.reverted} == {"agent-0", "agent-2"}
+
+
+async def test_a_composite_lasts_its_duration_from_when_its_children_took_effect(
+    rig: Rig,
+) -> None:
+    """Applying can take seconds (killing a browser under load): the parent's
+    duration starts once its children are in force, not when it was asked for."""
+
+    def slow() -> None:
+        rig.clock.t += 2.5
+
+    rig.hooks.slow = slow
+    spec = pb.FaultSpec(kind=K.FAULT_KIND_MULTIPLE_FAILURES, intensity=Level.INTENSITY_MILD)
+    spec.duration.FromSeconds(3)
+    spec.children.extend(
+        [
+            fault_spec(ids=["agent-0/browser-0"], duration_s=3),
+            fault_spec(K.FAULT_KIND_CONNECTION_LOST, ids=["agent-1/browser-0"], duration_s=3),
+        ]
+    )
+    fault = await rig.injector.inject(spec)
+    assert fault.state == S.FAULT_STATE_ACTIVE
+    injected = fault.injected_at.ToNanoseconds() / 1e9
+    assert injected > START
+    assert fault.reverts_at.ToNanoseconds() / 1e9 == pytest.approx(injected + 3)
+    await rig.clock.advance(2.9 - (rig.clock.now() - injected))
+    assert rig.injector.get(fault.fault_id).state == S.FAULT_STATE_ACTIVE
+    await rig.clock.advance(0.2)
+    parent = rig.injector.get(fault.fault_id)
+    assert parent.state == S.FAULT_STATE_REVERTED
+    lasted = (parent.reverted_at.ToNanoseconds() - parent.injected_at.ToNanoseconds()) / 1e9
+    assert lasted == pytest.approx(3, abs=0.2)
 
 
 async def test_a_cascade_applies_children_at_its_interval_and_cancels_the_rest(rig: Rig) -> None:

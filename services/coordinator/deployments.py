@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 NATIVE_RUNTIME_ID = "native"
 """The browser id an agent's native runtime reports."""
 
+MAX_REPLACE_TRIES = 3
+"""How many destinations ReplaceShard tries before it gives up."""
+
 STRATEGY_NAMES = {
     common_pb2.SHARDING_STRATEGY_LAYER: "layer",
     common_pb2.SHARDING_STRATEGY_ATTENTION_FEEDFORWARD: "attention_feedforward",
@@ -261,28 +264,41 @@ class Deployments:
         old = failed[0]
         holding = {(r.agent_id, r.browser_id) for r in shard.replicas}
         native = old.browser_id == NATIVE_RUNTIME_ID
-        # A standby launching in the failed browser's place is worth a short wait.
-        deadline = time.monotonic() + self._replace_wait_s
-        destination = self._destination(native, holding, old, whole_agent=not browser_id)
-        while destination is None and time.monotonic() < deadline:
-            await asyncio.sleep(0.2)  # the registry learns of new browsers from status reports
-            destination = self._destination(native, holding, old, whole_agent=not browser_id)
-        if destination is None:
-            raise DeployError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"no ready browser or standby can take shard {shard_index} of {model} "
-                f"off {agent_id}/{browser_id or '*'}",
-            )
-        dest_agent, dest_browser, standby = destination
         paths = await self._shard_paths(current)
-        loaded = await self.link(dest_agent).load(
-            shard.shard,
-            paths[shard_index],
-            runtime=common_pb2.RUNTIME_NATIVE if native else common_pb2.RUNTIME_BROWSER,
-            provider=old.execution_provider,
-            browser_id=dest_browser,
-            timeout=self._load_timeout,
-        )
+        # A standby launching in the failed browser's place is worth a short wait. A
+        # destination that fails the load (it died too, say, in a multiple failure) is
+        # passed over for the next one.
+        deadline = time.monotonic() + self._replace_wait_s
+        failures: list[str] = []
+        while True:
+            destination = self._destination(native, holding, old, whole_agent=not browser_id)
+            if destination is None:
+                if time.monotonic() < deadline:
+                    await asyncio.sleep(0.2)  # the registry learns of browsers from status
+                    continue
+                raise DeployError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"no ready browser or standby can take shard {shard_index} of {model} "
+                    f"off {agent_id}/{browser_id or '*'}"
+                    + (f" ({'; '.join(failures)})" if failures else ""),
+                )
+            dest_agent, dest_browser, standby = destination
+            try:
+                loaded = await self.link(dest_agent).load(
+                    shard.shard,
+                    paths[shard_index],
+                    runtime=common_pb2.RUNTIME_NATIVE if native else common_pb2.RUNTIME_BROWSER,
+                    provider=old.execution_provider,
+                    browser_id=dest_browser,
+                    timeout=self._load_timeout,
+                )
+            except HopError as exc:
+                failures.append(f"loading on {dest_agent}/{dest_browser} failed: {exc.message}")
+                if len(failures) >= MAX_REPLACE_TRIES:
+                    raise
+                holding.add((dest_agent, dest_browser))
+                continue
+            break
         replica = pb.ShardReplica(
             agent_id=dest_agent,
             browser_id=loaded.browser_id,

@@ -1,0 +1,136 @@
+"""Where ReplaceShard puts a replica, and what it does when the destination fails too.
+
+The registry and the placement are real; the agent links are fakes that answer
+LoadShard, so no agent runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from webshard.browser_agent.v1 import browser_agent_pb2 as agent_pb
+from webshard.common.v1 import common_pb2
+from webshard.coordinator.v1 import coordinator_pb2 as pb
+
+from services.coordinator.deployments import (
+    MAX_REPLACE_TRIES,
+    DeployError,
+    Deployment,
+    Deployments,
+)
+from services.coordinator.links import HopError
+from services.coordinator.pipeline import Pipeline, Replica, Stage
+from services.coordinator.registry import AgentRegistry
+
+READY = common_pb2.BROWSER_STATE_READY
+STANDBY = common_pb2.BROWSER_STATE_STANDBY
+
+
+class FakeLink:
+    def __init__(self, agent_id: str, address: str, dead: set[str]) -> None:
+        self.agent_id = agent_id
+        self.address = address
+        self.dead = dead
+        self.loads: list[str] = []
+
+    async def load(self, spec: common_pb2.ShardSpec, path: Path, **kw: Any) -> Any:
+        browser = kw["browser_id"]
+        self.loads.append(browser)
+        if f"{self.agent_id}/{browser}" in self.dead:
+            raise HopError(
+                self.agent_id, grpc.StatusCode.NOT_FOUND, f"this agent has no browser {browser!r}"
+            )
+        return agent_pb.LoadShardResponse(
+            browser_id=browser,
+            shard=common_pb2.LoadedShard(handle=f"h-{browser}", execution_provider=1),
+        )
+
+
+def browser(browser_id: str, state: int) -> common_pb2.BrowserInfo:
+    return common_pb2.BrowserInfo(
+        browser_id=browser_id,
+        state=state,
+        runtime=common_pb2.RUNTIME_BROWSER,  # type: ignore[arg-type]
+    )
+
+
+def rig(dead: set[str]) -> tuple[Deployments, dict[str, FakeLink]]:
+    registry = AgentRegistry(heartbeat_timeout_s=60)
+    registry.register("agent-0", "a0:1", 1 << 30, [browser("b0", READY), browser("b1", READY)])
+    registry.register("agent-1", "a1:1", 1 << 30, [browser("b0", READY), browser("b1", STANDBY)])
+    registry.register("agent-2", "a2:1", 1 << 30, [browser("b0", READY), browser("b1", STANDBY)])
+    deployments = Deployments(registry, None, reporter=None, replace_wait_s=0)  # type: ignore[arg-type]
+    links = {a: FakeLink(a, f"a{a[-1]}:1", dead) for a in ("agent-0", "agent-1", "agent-2")}
+    deployments._links.update(links)  # type: ignore[arg-type]
+
+    async def paths(placement: pb.Placement) -> dict[int, Path]:
+        return {0: Path("shard-0.onnx")}
+
+    deployments._shard_paths = paths  # type: ignore[method-assign]
+    placement = pb.Placement(model="minilm-l6", version=1)
+    shard = placement.shards.add()
+    shard.shard.index = 0
+    shard.replicas.add(agent_id="agent-0", browser_id="b0", handle="old", healthy=False)
+    shard.replicas.add(agent_id="agent-1", browser_id="b0", handle="kept", healthy=True)
+    stage = Stage(
+        index=0,
+        input_names=[],
+        output_names=[],
+        replicas=[
+            Replica(r.agent_id, r.browser_id, r.handle, 1, r.healthy) for r in shard.replicas
+        ],
+    )
+    deployments.models["minilm-l6"] = Deployment(
+        placement=placement,
+        pipeline=Pipeline("minilm-l6", [stage], run_hop=None, on_failure=None),  # type: ignore[arg-type]
+        input_names=[],
+    )
+    return deployments, links
+
+
+async def test_an_idle_browser_on_another_agent_comes_first_then_a_standby() -> None:
+    deployments, _ = rig(dead=set())
+    replacement = await deployments.prepare_replacement("minilm-l6", 0, "agent-0", "b0")
+    assert replacement is not None
+    assert (replacement.replica.agent_id, replacement.replica.browser_id) == ("agent-2", "b0")
+    assert not replacement.from_standby
+    [shard] = replacement.placement.shards
+    assert [r.handle for r in shard.replicas] == ["kept", "h-b0"]
+
+    deployments._registry.update_browsers("agent-0", [browser("b0", READY)])
+    deployments._registry.update_browsers("agent-2", [browser("b1", STANDBY)])
+    replacement = await deployments.prepare_replacement("minilm-l6", 0, "agent-0", "b0")
+    assert replacement is not None
+    assert (replacement.replica.agent_id, replacement.replica.browser_id) == ("agent-1", "b1")
+    assert replacement.from_standby
+
+
+async def test_a_destination_that_died_too_is_passed_over_for_the_next() -> None:
+    """Two faults at once: the first choice is gone by the time it is asked to load."""
+    deployments, links = rig(dead={"agent-2/b0"})
+    replacement = await deployments.prepare_replacement("minilm-l6", 0, "agent-0", "b0")
+    assert replacement is not None
+    assert links["agent-2"].loads == ["b0"]
+    assert (replacement.replica.agent_id, replacement.replica.browser_id) == ("agent-0", "b1")
+
+
+async def test_it_gives_up_after_a_few_destinations() -> None:
+    deployments, links = rig(dead={"agent-2/b0", "agent-0/b1", "agent-1/b1"})
+    with pytest.raises(HopError) as raised:
+        await deployments.prepare_replacement("minilm-l6", 0, "agent-0", "b0")
+    assert raised.value.code == grpc.StatusCode.NOT_FOUND
+    assert sum(len(link.loads) for link in links.values()) == MAX_REPLACE_TRIES
+    assert links["agent-2"].loads == ["b0"]  # agent-2/b1 was never tried
+
+
+async def test_nowhere_to_go_is_resource_exhausted() -> None:
+    deployments, _ = rig(dead=set())
+    deployments._registry.update_browsers("agent-0", [browser("b0", READY)])
+    deployments._registry.update_browsers("agent-1", [browser("b0", READY)])
+    deployments._registry.update_browsers("agent-2", [])
+    with pytest.raises(DeployError) as raised:
+        await deployments.prepare_replacement("minilm-l6", 0, "agent-0", "b0")
+    assert raised.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -50,7 +50,7 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
     ("grpc.keepalive_permit_without_calls", 1),
     # Clients may ping as often as every 5 s (the SDK pings every 20 s); faster
     # pings are treated as abuse by gRPC and answered with GOAWAY.
-    ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
     ("grpc.http2.max_pings_without_data", 0),
 ]
 

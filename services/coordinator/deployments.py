@@ -249,8 +249,9 @@ class Deployments:
         Returns the placement to commit, or None when no replica of the shard is on
         the failed browser any more (moved already). The destination is, in order of
         preference, an idle ready browser, a warm standby, the least loaded ready
-        browser; on another agent before the failed one's; never a browser that
-        already holds the shard. Raises DeployError when none can take it.
+        browser; on an agent holding no other replica of the shard first, then on
+        another agent before the failed one's; never a browser that already holds
+        the shard. Raises DeployError when none can take it.
         """
         current = self.placement(model)
         shard = next((s for s in current.shards if s.shard.index == shard_index), None)
@@ -263,6 +264,11 @@ class Deployments:
             return None
         old = failed[0]
         holding = {(r.agent_id, r.browser_id) for r in shard.replicas}
+        # Agents holding another replica of the shard come last: one agent lost must
+        # not take every replica of a shard with it.
+        sharing = {
+            r.agent_id for r in shard.replicas if (r.agent_id, r.handle) != (agent_id, old.handle)
+        }
         native = old.browser_id == NATIVE_RUNTIME_ID
         paths = await self._shard_paths(current)
         # A standby launching in the failed browser's place is worth a short wait. A
@@ -271,7 +277,9 @@ class Deployments:
         deadline = time.monotonic() + self._replace_wait_s
         failures: list[str] = []
         while True:
-            destination = self._destination(native, holding, old, whole_agent=not browser_id)
+            destination = self._destination(
+                native, holding, sharing, old, whole_agent=not browser_id
+            )
             if destination is None:
                 if time.monotonic() < deadline:
                     await asyncio.sleep(0.2)  # the registry learns of browsers from status
@@ -296,7 +304,7 @@ class Deployments:
                 failures.append(f"loading on {dest_agent}/{dest_browser} failed: {exc.message}")
                 if len(failures) >= MAX_REPLACE_TRIES:
                     raise
-                holding.add((dest_agent, dest_browser))
+                holding.add((dest_agent, dest_browser))  # not again
                 continue
             break
         replica = pb.ShardReplica(
@@ -324,6 +332,7 @@ class Deployments:
         self,
         native: bool,
         holding: set[tuple[str, str]],
+        sharing: set[str],
         old: pb.ShardReplica,
         *,
         whole_agent: bool,
@@ -354,10 +363,11 @@ class Deployments:
                 else:
                     continue
                 same_agent = record.agent_id == old.agent_id
-                ranked.append((rank, same_agent, load.get(key, 0), key, rank == 1))
+                beside = record.agent_id in sharing
+                ranked.append((beside, rank, same_agent, load.get(key, 0), key, rank == 1))
         if not ranked:
             return None
-        _, _, _, (agent_id, browser_id), standby = min(ranked)
+        *_, (agent_id, browser_id), standby = min(ranked)
         return agent_id, browser_id, standby
 
     async def _shard_paths(self, placement: pb.Placement) -> dict[int, Path]:

@@ -4,7 +4,10 @@ Plain logic, no gRPC. A candidate is one runtime (a browser, or an agent's nativ
 runtime) that could hold shards. Placement filters candidates by runtime kind,
 pinned execution provider and free memory, then gives each shard its replicas on
 distinct runtimes, preferring distinct agents, and spreads consecutive shards
-over the agents so a layer-sharded model crosses machines.
+over the agents so a layer-sharded model crosses machines. A warm standby is
+taken only to put a replica on an agent no other replica of its shard uses (an
+agent whose browsers all crashed has only standbys left), or when no ready
+runtime is left; otherwise standbys stay free for recovery.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ class Candidate:
     providers: Sequence[int]  # common_pb2.ExecutionProvider values it can use
     fallback_adapter: bool  # its WebGPU adapter is a software fallback
     free_bytes: int  # the agent's memory budget left
+    standby: bool = False  # a warm standby, kept for recovery unless it spreads replicas
 
 
 @dataclass
@@ -55,14 +59,18 @@ class _Load:
 def candidates_from(
     agents: Sequence[common_pb2.AgentInfo], used_bytes: dict[str, int]
 ) -> list[Candidate]:
-    """Every ready runtime of every healthy agent, with the agent's free memory."""
+    """Every ready runtime and warm standby of every healthy agent, with the agent's
+    free memory."""
     out = []
     for agent in agents:
         if not agent.healthy:
             continue
         free = agent.memory_budget_bytes - used_bytes.get(agent.agent_id, 0)
         for browser in agent.browsers:
-            if browser.state != common_pb2.BROWSER_STATE_READY:
+            if browser.state not in (
+                common_pb2.BROWSER_STATE_READY,
+                common_pb2.BROWSER_STATE_STANDBY,
+            ):
                 continue
             out.append(
                 Candidate(
@@ -72,6 +80,7 @@ def candidates_from(
                     providers=list(browser.capabilities.execution_providers),
                     fallback_adapter=browser.capabilities.webgpu.is_fallback_adapter,
                     free_bytes=free,
+                    standby=browser.state == common_pb2.BROWSER_STATE_STANDBY,
                 )
             )
     return out
@@ -103,7 +112,7 @@ def place(
     if replicas > len(usable):
         raise PlacementError(
             f"{replicas} replicas per shard need {replicas} distinct runtimes; "
-            f"only {len(usable)} are ready"
+            f"only {len(usable)} are ready (standbys included)"
         )
     free = {c.agent_id: c.free_bytes for c in usable}
     load = _Load()
@@ -128,6 +137,8 @@ def place(
                 fits,
                 key=lambda c: (
                     c.agent_id in chosen_agents,  # replicas on different agents first
+                    # then ready runtimes before standbys this placement has not taken yet
+                    c.standby and not load.shards_by_runtime[(c.agent_id, c.browser_id)],
                     c.agent_id in previous_agents,  # then away from the previous shard
                     load.shards_by_runtime[(c.agent_id, c.browser_id)],
                     load.bytes_by_agent[c.agent_id],

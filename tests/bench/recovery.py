@@ -110,8 +110,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="webshard-bench-recovery-") as tmp:
         for breakers in settings:
             rows += run(plan, breakers, Path(tmp) / ("breakers-on" if breakers else "breakers-off"))
-    rows.sort(key=lambda r: (r["scenario"], r["strategy"], r["breakers"]))
-    write("recovery", rows, COLUMNS)
+            rows.sort(key=lambda r: (r["scenario"], r["strategy"], r["breakers"]))
+            # Written after each setting: a long run stopped halfway keeps what it measured.
+            write("recovery", rows, COLUMNS)
 
 
 if __name__ == "__main__":

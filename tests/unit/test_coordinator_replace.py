@@ -104,8 +104,18 @@ async def test_an_idle_browser_on_another_agent_comes_first_then_a_standby() -> 
     deployments._registry.update_browsers("agent-2", [browser("b1", STANDBY)])
     replacement = await deployments.prepare_replacement("minilm-l6", 0, "agent-0", "b0")
     assert replacement is not None
-    assert (replacement.replica.agent_id, replacement.replica.browser_id) == ("agent-1", "b1")
+    assert (replacement.replica.agent_id, replacement.replica.browser_id) == ("agent-2", "b1")
     assert replacement.from_standby
+
+
+async def test_the_agent_holding_the_other_replica_is_the_last_resort() -> None:
+    """Losing one agent must not take both replicas of a shard with it."""
+    deployments, _ = rig(dead=set())
+    deployments._registry.update_browsers("agent-0", [browser("b0", READY)])
+    deployments._registry.update_browsers("agent-2", [])
+    replacement = await deployments.prepare_replacement("minilm-l6", 0, "agent-0", "b0")
+    assert replacement is not None
+    assert (replacement.replica.agent_id, replacement.replica.browser_id) == ("agent-1", "b1")
 
 
 async def test_a_destination_that_died_too_is_passed_over_for_the_next() -> None:
@@ -118,12 +128,12 @@ async def test_a_destination_that_died_too_is_passed_over_for_the_next() -> None
 
 
 async def test_it_gives_up_after_a_few_destinations() -> None:
-    deployments, links = rig(dead={"agent-2/b0", "agent-0/b1", "agent-1/b1"})
+    deployments, links = rig(dead={"agent-2/b0", "agent-0/b1", "agent-2/b1"})
     with pytest.raises(HopError) as raised:
         await deployments.prepare_replacement("minilm-l6", 0, "agent-0", "b0")
     assert raised.value.code == grpc.StatusCode.NOT_FOUND
     assert sum(len(link.loads) for link in links.values()) == MAX_REPLACE_TRIES
-    assert links["agent-2"].loads == ["b0"]  # agent-2/b1 was never tried
+    assert links["agent-1"].loads == []  # the fourth choice was never tried
 
 
 async def test_nowhere_to_go_is_resource_exhausted() -> None:

@@ -386,26 +386,45 @@ class Campaign:
                 record.problem = str(exc)
                 break
             try:
-                fault = await self._injector.inject(spec)
-                break
-            except FailedPreconditionError as exc:
-                # A breaker on that target is open (or half-open for this intensity): the
-                # injector adapts by refusing; try the next target a little later.
-                if time.monotonic() > deadline:
-                    record.problem = f"every target refused until the deadline: {exc.message}"
+                refused = await self._refused_children(spec)
+                if not refused:
+                    fault = await self._injector.inject(spec)
                     break
-                attempt += 1
-                await asyncio.sleep(1.0)
+            except FailedPreconditionError as exc:
+                refused = exc.message
+            # A breaker on a target is open (or half-open for this intensity): the
+            # injector adapts by refusing; try the next target a little later.
+            if time.monotonic() > deadline:
+                record.problem = f"every target refused until the deadline: {refused}"
+                break
+            attempt += 1
+            await asyncio.sleep(1.0)
         if not record.problem:
             record.fault = await self._wait_fault(fault, deadline)
             if record.fault.state != fi.FAULT_STATE_REVERTED:
                 state = fi.FaultState.Name(record.fault.state).removeprefix("FAULT_STATE_").lower()
                 record.problem = f"fault {fault.fault_id} ended {state}: {record.fault.detail}"
+            elif any(c.state != fi.FAULT_STATE_REVERTED for c in record.fault.children):
+                record.problem = (
+                    f"fault {fault.fault_id} ran without all of its children: {record.fault.detail}"
+                )
             if not await self._settle(deadline):
                 record.problem = record.problem or "the cluster did not become whole again in time"
         record.recoveries = await self._recoveries_since(record.started_at)
         record.ended_at = time.time()
         return record
+
+    async def _refused_children(self, spec: fi.FaultSpec) -> str:
+        """Why some child of a composite fault would be refused now, or "" (a dry run:
+        nothing is injected). A composite with a refused child would still run, with
+        fewer failures than its scenario names."""
+        if not spec.children:
+            return ""
+        probe = fi.FaultSpec()
+        probe.CopyFrom(spec)
+        probe.dry_run = True
+        resolved = await self._injector.inject(probe)
+        return "; ".join(c.detail for c in resolved.children if c.state == fi.FAULT_STATE_REFUSED)
 
     async def _wait_fault(self, fault: fi.Fault, deadline: float) -> fi.Fault:
         while fault.state not in TERMINAL_FAULT_STATES and time.monotonic() < deadline:

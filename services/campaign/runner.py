@@ -411,6 +411,8 @@ class Campaign:
             if not await self._settle(deadline):
                 record.problem = record.problem or "the cluster did not become whole again in time"
         record.recoveries = await self._recoveries_since(record.started_at)
+        if not record.problem and not record.recoveries:
+            record.problem = f"fault {fault.fault_id} caused no recovery (was it detected?)"
         record.ended_at = time.time()
         return record
 

@@ -18,6 +18,7 @@ ORT_MODULE = "ort.min.mjs"
 # containers without user namespaces. WebNN is behind a feature flag: with it the
 # page can use WebNN where the platform has it, and where it does not,
 # createContext() fails with the browser's own reason, which is what we report.
+# --expose-gc lets the page give back the memory a memory_pressure fault held.
 CHROMIUM_FLAGS = (
     "--headless=new",
     "--no-sandbox",
@@ -29,6 +30,7 @@ CHROMIUM_FLAGS = (
     "--no-first-run",
     "--disable-dev-shm-usage",
     "--enable-features=WebMachineLearningNeuralNetwork",
+    "--js-flags=--expose-gc",
 )
 
 

@@ -578,6 +578,8 @@ class BrowserRuntime:
             ) from exc
         finally:
             self._pending.pop(request_id, None)
+            if future.done() and not future.cancelled():
+                future.exception()  # failed by a lost socket while the send was failing: seen
         if not reply.payload.get("ok"):
             error = reply.payload.get("error") or {}
             kind = _PAGE_ERRORS.get(str(error.get("kind")), ShardRuntimeError)
@@ -730,12 +732,21 @@ class BrowserRuntime:
         """
         assert self._server is not None
         self._offline = offline
-        await asyncio.wait_for(
+        emulate = asyncio.wait_for(
             asyncio.to_thread(self._emulate_offline, offline), timeout=_CDP_TIMEOUT_S
         )
-        self._server.accept_sockets = not offline
-        if offline and self._socket is not None:
-            await self._socket.close(code=1001, reason="connection cut by fault injection")
+        if offline:
+            # The cut first: it takes effect at once, and activations in flight fail
+            # now rather than wait on a page that chromedriver may keep busy for seconds.
+            self._server.accept_sockets = False
+            if self._socket is not None:
+                await self._socket.close(code=1001, reason="connection cut by fault injection")
+            await emulate
+        else:
+            try:
+                await emulate
+            finally:
+                self._server.accept_sockets = True
 
     def _emulate_offline(self, offline: bool) -> None:
         self._cdp("Network.enable", {})

@@ -67,23 +67,28 @@ class Lifecycle:
         """Yield from ``source`` until the server drains, then end the call with UNAVAILABLE."""
         iterator = aiter(source)
         drained = asyncio.ensure_future(self.draining.wait())
+        step: asyncio.Future[T] | None = None
         try:
             while True:
                 step = asyncio.ensure_future(anext(iterator))
                 done, _ = await asyncio.wait({step, drained}, return_when=asyncio.FIRST_COMPLETED)
                 if step in done:
+                    finished, step = step, None
                     try:
-                        yield step.result()
+                        yield finished.result()
                     except StopAsyncIteration:
                         return
                     continue
-                step.cancel()
                 await context.abort(
                     grpc.StatusCode.UNAVAILABLE,
                     "the server is shutting down; reconnect (to another replica if there is one)",
                 )
         finally:
             drained.cancel()
+            # Closed by its consumer (or aborted) while a read was pending: the read
+            # must not finish unseen later.
+            if step is not None and not step.cancel() and not step.cancelled():
+                step.exception()
 
 
 class ServiceApp(Protocol):

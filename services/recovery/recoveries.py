@@ -90,6 +90,8 @@ class RecoveryRecord:
     """The concrete strategy that made the plan, once planned (adaptive's pick)."""
     reports: int = 1
     """Reports of the failure joined into this recovery, the first included."""
+    retry_of: str = ""
+    """The failed recovery this one starts again; empty for a first attempt."""
 
     @property
     def duration_s(self) -> float | None:
@@ -114,6 +116,12 @@ class RecoveriesConfig:
     """Changes a watcher may fall behind by before its watch is ended."""
     action_timeout_s: float = 10.0
     """The deadline of each action, and of the placement lookup before planning."""
+    retries: int = 2
+    """A failed recovery is started again up to this many times, so a failure that
+    outlasts one attempt (a leader change mid-action, a destination lost too) does not
+    leave a shard short of a replica; 0 turns this off."""
+    retry_after_s: float = 1.0
+    """The wait before the first retry; each later one waits twice as long."""
 
     def validate(self) -> None:
         """Raise ValueError naming the first value out of range."""
@@ -125,6 +133,8 @@ class RecoveriesConfig:
             raise ValueError("max recoveries and the watch buffer must be at least 1")
         if self.action_timeout_s <= 0:
             raise ValueError(f"action timeout {self.action_timeout_s} s must be positive")
+        if self.retries < 0 or self.retry_after_s < 0:
+            raise ValueError("retries and the wait before a retry must not be negative")
 
 
 class WatchOverflow(Exception):
@@ -138,6 +148,8 @@ class _Entry:
     received_at: float
     last_detected_at: float
     requested: Strategy | None
+    attempt: int = 0
+    """0 for a first attempt, n for the n-th retry."""
     done: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
 
@@ -224,6 +236,7 @@ class Recoveries:
         self._entries: dict[str, _Entry] = {}
         self._running: dict[tuple[str, str, str, int], str] = {}
         self._watches: set[Watch] = set()
+        self._retries: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ queries
 
@@ -254,13 +267,14 @@ class Recoveries:
     # ------------------------------------------------------------------ reports
 
     def report(
-        self, failure: Failure, strategy: Strategy | None = None
+        self, failure: Failure, strategy: Strategy | None = None, *, retry_of: str = ""
     ) -> tuple[RecoveryRecord, bool]:
         """Start a recovery for ``failure``, or join the one running for it.
 
         ``strategy`` overrides the model's and the configured strategy. Returns the
         recovery and whether the report was joined to one already running. Must be
-        called on the event loop that runs the recoveries.
+        called on the event loop that runs the recoveries. ``retry_of`` names the
+        failed recovery this one starts again (no new failure for the breakers).
         """
         now = self._clock()
         detected = failure.detected_at if failure.detected_at is not None else now
@@ -269,12 +283,14 @@ class Recoveries:
         if joined is not None:
             return joined, True
 
-        self.breakers.record_target(
-            failure.agent_id,
-            failure.browser_id,
-            False,
-            f"{failure.kind.label} reported by {failure.source.name.lower()}",
-        )
+        previous = self._entries.get(retry_of) if retry_of else None
+        if not retry_of:
+            self.breakers.record_target(
+                failure.agent_id,
+                failure.browser_id,
+                False,
+                f"{failure.kind.label} reported by {failure.source.name.lower()}",
+            )
         # A reporter whose clock runs ahead of ours must not make a negative duration.
         started_at = min(detected, now)
         current = trace.get_current_span().get_span_context()
@@ -292,6 +308,7 @@ class Recoveries:
                 "model.name": failure.model,
                 "shard.index": failure.shard_index,
                 "recovery.strategy": (strategy or self.config.default_strategy).label,
+                **({"recovery.retry_of": retry_of} if retry_of else {}),
             },
         )
         record = RecoveryRecord(
@@ -301,9 +318,11 @@ class Recoveries:
             state=RecoveryState.RUNNING,
             started_at=started_at,
             trace_id=format(span.get_span_context().trace_id, "032x"),
+            retry_of=retry_of,
         )
         span.set_attribute("recovery.id", record.recovery_id)
-        entry = _Entry(record, span, now, detected, strategy)
+        attempt = previous.attempt + 1 if previous is not None else 0
+        entry = _Entry(record, span, now, detected, strategy, attempt)
         self._entries[record.recovery_id] = entry
         self._running[failure.dedupe_key] = record.recovery_id
         self._evict()
@@ -372,7 +391,12 @@ class Recoveries:
                     entry.record.started_at,
                     max(0.0, entry.received_at - entry.record.started_at),
                     True,
-                    _describe(failure),
+                    _describe(failure)
+                    + (
+                        f"; started again after recovery {entry.record.retry_of} failed"
+                        if entry.record.retry_of
+                        else ""
+                    ),
                 ),
             )
             self._instant_phase(
@@ -405,6 +429,10 @@ class Recoveries:
             self._finish(entry, result.ok, result.finished_at, result.highest_level, detail)
             duration = result.finished_at - entry.record.started_at
             self.chooser.record(failure.kind, plan.strategy, result.ok, duration)
+            if not result.ok and entry.attempt < self.config.retries:
+                task = asyncio.get_running_loop().create_task(self._retry(entry))
+                self._retries.add(task)
+                task.add_done_callback(self._retries.discard)
         except asyncio.CancelledError:
             self._finish(
                 entry,
@@ -423,6 +451,20 @@ class Recoveries:
                 entry.record.highest_level,
                 f"recovery crashed: {type(exc).__name__}: {exc}",
             )
+
+    async def _retry(self, entry: _Entry) -> None:
+        """Start a failed recovery again after a wait that doubles with each attempt."""
+        await asyncio.sleep(self.config.retry_after_s * 2**entry.attempt)
+        failure = dataclasses.replace(entry.record.failure, detected_at=self._clock())
+        record, _ = self.report(failure, entry.requested, retry_of=entry.record.recovery_id)
+        log.info(
+            "failed recovery started again",
+            extra={
+                "recovery_id": record.recovery_id,
+                "retry_of": entry.record.recovery_id,
+                "attempt": entry.attempt + 1,
+            },
+        )
 
     async def _placement(self, model: str) -> ModelPlacement | None:
         if not model or self._placements is None:
@@ -505,7 +547,10 @@ class Recoveries:
             del self._entries[recovery_id]
 
     async def close(self) -> None:
-        """Cancel the running recoveries (each ends FAILED) and end every watch."""
+        """Cancel the retries waiting and the running recoveries (each ends FAILED), and
+        end every watch."""
+        for retry in list(self._retries):
+            retry.cancel()
         tasks = [e.task for e in self._entries.values() if e.task is not None and not e.task.done()]
         for task in tasks:
             task.cancel()

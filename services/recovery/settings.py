@@ -69,6 +69,15 @@ class RecoverySettings(ServerSettings):
         _RECOVERIES.action_timeout_s,
         "Deadline of each recovery action (a verify inference included) and of a placement lookup.",
     )
+    recovery_retries: int = setting(
+        _RECOVERIES.retries,
+        "Times a failed recovery is started again (so no shard is left short of a replica); "
+        "0 turns this off.",
+    )
+    recovery_retry_after_s: float = setting(
+        _RECOVERIES.retry_after_s,
+        "Seconds before a failed recovery's first retry; each later one waits twice as long.",
+    )
     verify_text: str = setting(
         "webshard recovery check", "Text a verify inference sends to a text model."
     )
@@ -112,6 +121,8 @@ class RecoverySettings(ServerSettings):
             max_recoveries=self.max_recoveries,
             watch_buffer=self.watch_buffer,
             action_timeout_s=self.action_timeout_s,
+            retries=self.recovery_retries,
+            retry_after_s=self.recovery_retry_after_s,
         )
         try:
             config.validate()

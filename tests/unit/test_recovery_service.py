@@ -47,6 +47,7 @@ from services.recovery.strategies import (
     Strategy,
     Target,
 )
+from tests.conftest import until
 from tests.unit.test_recovery_breakers import T0, FakeClock
 from tests.unit.test_recovery_strategies import FAIL, PLACEMENT, FakeActuator, failure
 
@@ -163,6 +164,58 @@ async def test_reports_of_one_failure_share_one_recovery_while_it_runs(harness: 
     # After it finished, the next report starts a new recovery.
     again, joined = harness.recoveries.report(failure())
     assert not joined and again.recovery_id not in (first.recovery_id, other.recovery_id)
+
+
+async def test_a_failed_recovery_is_started_again_until_one_succeeds(harness: Harness) -> None:
+    """A shard must not stay short of a replica because one attempt failed (a leader
+    change during the action, say): the recovery starts again, a wait later."""
+    recoveries = Recoveries(
+        actuator=harness.actuator,
+        placements=FakePlacements({"minilm-l6": PLACEMENT}),
+        breakers=harness.breakers,
+        chooser=AdaptiveChooser(min_trials=1),
+        config=RecoveriesConfig(retries=2, retry_after_s=0.01),
+        clock=harness.clock,
+        new_id=iter(f"x{i}" for i in range(1, 100)).__next__,
+    )
+    harness.actuator.script[Action.REPLACE_ON_STANDBY] = [FAIL, FAIL]
+    try:
+        first, _ = recoveries.report(failure(FailureKind.SHARD_ERROR), Strategy.SIMPLE)
+        assert (await recoveries.wait(first.recovery_id)).state == RecoveryState.FAILED
+        await until(lambda: recoveries.get("x3") is not None, "the second retry")
+        second, third = recoveries.get("x2"), recoveries.get("x3")
+        assert second is not None and third is not None
+        assert (second.retry_of, third.retry_of) == ("x1", "x2")
+        second = await recoveries.wait("x2")
+        assert second.state == RecoveryState.FAILED
+        assert "started again after recovery x1 failed" in second.phases[0].detail
+        assert (await recoveries.wait("x3")).state == RecoveryState.SUCCEEDED
+        # One failure was reported: the retries add none to the breaker.
+        assert [c[0] for c in harness.actuator.calls].count("replace") == 3
+        # The report and the passing verify.
+        assert harness.breakers.get(BreakerKey.browser("agent-1", "b0")).calls == 2
+    finally:
+        await recoveries.close()
+
+
+async def test_retries_stop_after_their_number(harness: Harness) -> None:
+    recoveries = Recoveries(
+        actuator=harness.actuator,
+        breakers=harness.breakers,
+        chooser=AdaptiveChooser(min_trials=1),
+        config=RecoveriesConfig(retries=1, retry_after_s=0.01),
+        clock=harness.clock,
+        new_id=iter(f"x{i}" for i in range(1, 100)).__next__,
+    )
+    harness.actuator.script[Action.REPLACE_ON_STANDBY] = FAIL
+    try:
+        recoveries.report(failure(FailureKind.SHARD_ERROR), Strategy.SIMPLE)
+        await until(lambda: recoveries.get("x2") is not None, "the retry")
+        assert (await recoveries.wait("x2")).state == RecoveryState.FAILED
+        await asyncio.sleep(0.1)
+        assert recoveries.get("x3") is None
+    finally:
+        await recoveries.close()
 
 
 async def test_watch_sends_the_existing_then_every_change(harness: Harness) -> None:

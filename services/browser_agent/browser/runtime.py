@@ -732,19 +732,22 @@ class BrowserRuntime:
         """
         assert self._server is not None
         self._offline = offline
-        emulate = asyncio.wait_for(
-            asyncio.to_thread(self._emulate_offline, offline), timeout=_CDP_TIMEOUT_S
-        )
+
+        async def emulate() -> None:
+            await asyncio.wait_for(
+                asyncio.to_thread(self._emulate_offline, offline), timeout=_CDP_TIMEOUT_S
+            )
+
         if offline:
             # The cut first: it takes effect at once, and activations in flight fail
             # now rather than wait on a page that chromedriver may keep busy for seconds.
             self._server.accept_sockets = False
             if self._socket is not None:
                 await self._socket.close(code=1001, reason="connection cut by fault injection")
-            await emulate
+            await emulate()
         else:
             try:
-                await emulate
+                await emulate()
             finally:
                 self._server.accept_sockets = True
 

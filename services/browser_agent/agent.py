@@ -75,6 +75,10 @@ class Pool(Protocol):
         """Close a browser and launch a standby in its place."""
         ...
 
+    async def shrink(self, browser_id: str) -> bool:
+        """Close a browser left holding nothing when the pool has grown past its size."""
+        ...
+
 
 @runtime_checkable
 class Connectable(Protocol):
@@ -246,6 +250,9 @@ class ShardHost:
         entry = self.entry(handle)
         await entry.runtime.unload(handle)
         del self._loaded[handle]
+        runtime_id = entry.runtime.runtime_id
+        if self._pool is not None and not self.shards_on(runtime_id):
+            await self._pool.shrink(runtime_id)
         return entry
 
     def shards_on(self, runtime_id: str) -> list[common_pb2.ShardSpec]:

@@ -27,7 +27,7 @@ import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 from webshard.aio import Client, FaultInjectorClient, MetricsClient, RecoveryClient
 from webshard.common.v1 import common_pb2
-from webshard.errors import FailedPreconditionError, RPCError
+from webshard.errors import FailedPreconditionError, NotFoundError, RPCError
 from webshard.fault_injector.v1 import fault_injector_pb2 as fi
 from webshard.metrics.v1 import metrics_pb2
 from webshard.recovery.v1 import recovery_pb2
@@ -390,10 +390,11 @@ class Campaign:
                 if not refused:
                     fault = await self._injector.inject(spec)
                     break
-            except FailedPreconditionError as exc:
+            except (FailedPreconditionError, NotFoundError) as exc:
                 refused = exc.message
             # A breaker on a target is open (or half-open for this intensity): the
-            # injector adapts by refusing; try the next target a little later.
+            # injector adapts by refusing; or the target went away since the placement
+            # was read. Try the next target a little later.
             if time.monotonic() > deadline:
                 record.problem = f"every target refused until the deadline: {refused}"
                 break

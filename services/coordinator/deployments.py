@@ -9,6 +9,7 @@ what it loaded: the registry and the placements are left as they were.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -35,6 +36,9 @@ NATIVE_RUNTIME_ID = "native"
 
 MAX_REPLACE_TRIES = 3
 """How many destinations ReplaceShard tries before it gives up."""
+
+UNLOAD_RETRY_WAITS_S = (1.0, 2.0, 4.0, 8.0, 16.0)
+"""The waits between tries of a background unload its agent could not do yet."""
 
 STRATEGY_NAMES = {
     common_pb2.SHARDING_STRATEGY_LAYER: "layer",
@@ -463,7 +467,8 @@ class Deployments:
         if failures:
             for (_, slot), result in zip(jobs, results, strict=True):
                 if not isinstance(result, BaseException):
-                    await self.link(slot.agent_id).unload(result.shard.handle, timeout=10)
+                    with contextlib.suppress(HopError):
+                        await self.link(slot.agent_id).unload(result.shard.handle, timeout=10)
             first = failures[0]
             if isinstance(first, HopError):
                 raise DeployError(
@@ -502,23 +507,36 @@ class Deployments:
         """Unload every replica of a placement that no longer serves (or never committed)."""
         for shard in placement.shards:
             for replica in shard.replicas:
-                try:
-                    link = self.link(replica.agent_id)
-                except HopError:
-                    continue
-                await link.unload(replica.handle, timeout=10)
+                await self.unload(replica)
 
-    async def unload(self, replica: pb.ShardReplica) -> None:
-        """Unload one replica; an agent that is gone is not an error here."""
+    async def unload(self, replica: pb.ShardReplica) -> bool:
+        """Unload one replica; False when its agent could not (an offline page, an
+        agent gone), which is not an error here."""
         try:
-            link = self.link(replica.agent_id)
+            await self.link(replica.agent_id).unload(replica.handle, timeout=10)
         except HopError:
-            return
-        await link.unload(replica.handle, timeout=10)
+            return False
+        return True
 
     def unload_later(self, replica: pb.ShardReplica) -> None:
-        """Unload a replica that no longer serves, in the background (its agent may be gone)."""
-        task = asyncio.get_running_loop().create_task(self.unload(replica))
+        """Unload a replica that no longer serves, in the background (its agent may be gone).
+
+        A page that is offline (connection_lost) cannot unload until it reconnects, so
+        an unload the agent could not do is tried again for a while; otherwise its
+        browser would hold the session for good.
+        """
+
+        async def unload() -> None:
+            for wait_s in UNLOAD_RETRY_WAITS_S:
+                if await self.unload(replica):
+                    return
+                await asyncio.sleep(wait_s)
+            log.warning(
+                "replica not unloaded",
+                extra={"agent_id": replica.agent_id, "handle": replica.handle},
+            )
+
+        task = asyncio.get_running_loop().create_task(unload())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 

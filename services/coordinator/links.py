@@ -214,11 +214,15 @@ class AgentLink:
             raise HopError(self.agent_id, exc.code(), exc.details() or "") from exc
 
     async def unload(self, handle: str, timeout: float) -> None:
-        """Unload a shard; a missing handle or a gone agent is not an error here."""
-        with contextlib.suppress(grpc.aio.AioRpcError):
+        """Unload a shard (a handle already gone is no error); raise HopError when the
+        agent could not."""
+        try:
             await self._stub.UnloadShard(
                 agent_pb.UnloadShardRequest(handle=handle), timeout=timeout
             )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.NOT_FOUND:
+                raise HopError(self.agent_id, exc.code(), exc.details() or "") from exc
 
     async def restart_browser(
         self, browser_id: str, timeout: float

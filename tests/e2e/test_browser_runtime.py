@@ -772,6 +772,14 @@ async def test_pool_promotes_a_standby_and_replaces_it(
         assert replacement is not standby
         assert len(pool.active()) == 2
 
+        # Grown by the promotion, the pool gives back an active browser left idle; at
+        # its configured size it keeps the last one.
+        first = next(b for b in pool.active() if b is not promoted)
+        assert await pool.shrink(first.runtime_id)
+        assert pool.active() == [promoted]
+        assert not await pool.shrink(promoted.runtime_id)
+        assert not await pool.shrink(replacement.runtime_id)  # standbys are not shrunk
+
         # A standby that dies is reaped and replaced; it held nothing to recover.
         if replacement.workdir:
             workdirs.append(replacement.workdir)

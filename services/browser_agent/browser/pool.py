@@ -163,6 +163,20 @@ class BrowserPool:
             await self.remove(browser_id)
             self._replace_standby()
 
+    async def shrink(self, browser_id: str) -> bool:
+        """Close an active browser that holds nothing while the pool has more active
+        browsers than it started with (each promotion adds one); True when closed.
+
+        Without this a pool would grow by a browser for every shard recovery moved
+        onto a standby.
+        """
+        runtime = self._browsers.get(browser_id)
+        if runtime is None or runtime.standby or len(self.active()) <= self._active:
+            return False
+        await self.remove(browser_id)
+        log.info("idle browser closed", extra={"browser_id": browser_id})
+        return True
+
     async def settle(self) -> None:
         """Wait for the background launches in progress (replacement standbys)."""
         while self._background:

@@ -58,9 +58,10 @@ class DeployError(Exception):
 
 @dataclass(frozen=True)
 class Replacement:
-    """A shard's replica loaded elsewhere, and the placement that moves it there."""
+    """A shard's replica loaded elsewhere, not yet committed (see ``placement_after``)."""
 
-    placement: pb.Placement
+    model: str
+    shard_index: int
     replica: pb.ShardReplica
     replaced: pb.ShardReplica
     from_standby: bool
@@ -250,8 +251,9 @@ class Deployments:
     ) -> Replacement | None:
         """Load a shard's replica off a failed browser (or agent) elsewhere.
 
-        Returns the placement to commit, or None when no replica of the shard is on
-        the failed browser any more (moved already). The destination is, in order of
+        Returns the replica loaded (its placement comes from ``placement_after``), or
+        None when no replica of the shard is on the failed browser any more (moved
+        already). The destination is, in order of
         preference, an idle ready browser, a warm standby, the least loaded ready
         browser; on an agent holding no other replica of the shard first, then on
         another agent before the failed one's; never a browser that already holds
@@ -319,18 +321,35 @@ class Deployments:
             execution_provider_reason=loaded.shard.execution_provider_reason,
             healthy=True,
         )
+        return Replacement(model, shard_index, replica, old, standby)
+
+    def placement_after(self, replacement: Replacement) -> pb.Placement | None:
+        """The model's placement as it is now, with the replacement swapped in; None when
+        the replaced replica is no longer in it (moved meanwhile, or the model redeployed).
+
+        Loads run outside the coordinator's write lock, so several shards move at once;
+        each commit then starts from the placement the one before it committed.
+        """
+        deployment = self.models.get(replacement.model)
+        if deployment is None:
+            return None
+        old = replacement.replaced
         placement = pb.Placement()
-        placement.CopyFrom(self.models[model].placement)
+        placement.CopyFrom(deployment.placement)
         for candidate in placement.shards:
-            if candidate.shard.index == shard_index:
-                kept = [
-                    r
-                    for r in candidate.replicas
-                    if (r.agent_id, r.handle) != (old.agent_id, old.handle)
-                ]
-                del candidate.replicas[:]
-                candidate.replicas.extend([*kept, replica])
-        return Replacement(placement, replica, old, standby)
+            if candidate.shard.index != replacement.shard_index:
+                continue
+            kept = [
+                r
+                for r in candidate.replicas
+                if (r.agent_id, r.handle) != (old.agent_id, old.handle)
+            ]
+            if len(kept) == len(candidate.replicas):
+                return None
+            del candidate.replicas[:]
+            candidate.replicas.extend([*kept, replacement.replica])
+            return placement
+        return None
 
     def _destination(
         self,

@@ -317,21 +317,31 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 "ReplaceShard needs a model, a shard_index >= 0 and the failed agent_id",
             )
+        # The load runs outside the write lock, so the shards of a failed browser move
+        # at once; only the commit is one at a time.
+        try:
+            replacement = await self._deployments.prepare_replacement(
+                request.model, request.shard_index, request.agent_id, request.browser_id
+            )
+        except DeployError as exc:
+            await context.abort(exc.code, exc.message)
+        except HopError as exc:
+            await context.abort(
+                exc.code, f"loading the replacement on {exc.agent_id} failed: {exc.message}"
+            )
+        if replacement is None:  # moved already: a retry, or another recovery did it
+            return pb.ReplaceShardResponse(placement=self._deployments.placement(request.model))
         async with self._writes:
+            placement = self._deployments.placement_after(replacement)
+            if placement is None:  # moved meanwhile by another recovery, or undeployed
+                await self._deployments.unload(replacement.replica)
+                try:
+                    current = self._deployments.placement(request.model)
+                except DeployError as exc:
+                    await context.abort(exc.code, exc.message)
+                return pb.ReplaceShardResponse(placement=current)
             try:
-                replacement = await self._deployments.prepare_replacement(
-                    request.model, request.shard_index, request.agent_id, request.browser_id
-                )
-            except DeployError as exc:
-                await context.abort(exc.code, exc.message)
-            except HopError as exc:
-                await context.abort(
-                    exc.code, f"loading the replacement on {exc.agent_id} failed: {exc.message}"
-                )
-            if replacement is None:  # moved already: a retry, or another recovery did it
-                return pb.ReplaceShardResponse(placement=self._deployments.placement(request.model))
-            try:
-                await self._commit(placement_command(replacement.placement), context)
+                await self._commit(placement_command(placement), context)
             except BaseException:
                 await self._deployments.unload(replacement.replica)
                 raise

@@ -97,7 +97,9 @@ async def test_an_idle_browser_on_another_agent_comes_first_then_a_standby() -> 
     assert replacement is not None
     assert (replacement.replica.agent_id, replacement.replica.browser_id) == ("agent-2", "b0")
     assert not replacement.from_standby
-    [shard] = replacement.placement.shards
+    placement = deployments.placement_after(replacement)
+    assert placement is not None
+    [shard] = placement.shards
     assert [r.handle for r in shard.replicas] == ["kept", "h-b0"]
 
     deployments._registry.update_browsers("agent-0", [browser("b0", READY)])
@@ -144,3 +146,18 @@ async def test_nowhere_to_go_is_resource_exhausted() -> None:
     with pytest.raises(DeployError) as raised:
         await deployments.prepare_replacement("minilm-l6", 0, "agent-0", "b0")
     assert raised.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+async def test_replacements_loaded_at_once_commit_one_after_the_other() -> None:
+    """Loads run outside the write lock: each commit starts from the placement the one
+    before it committed, and a replica moved meanwhile is not moved twice."""
+    deployments, _ = rig(dead=set())
+    first = await deployments.prepare_replacement("minilm-l6", 0, "agent-0", "b0")
+    again = await deployments.prepare_replacement("minilm-l6", 0, "agent-0", "b0")
+    assert first is not None and again is not None
+    placement = deployments.placement_after(first)
+    assert placement is not None
+    deployments.models["minilm-l6"].placement = placement  # what the commit applies
+    assert deployments.placement_after(again) is None
+    deployments.models.clear()
+    assert deployments.placement_after(first) is None

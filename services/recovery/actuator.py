@@ -75,7 +75,7 @@ class CoordinatorActuator:
         coordinators: Sequence[str],
         *,
         verify_text: str = "webshard recovery check",
-        timeout_s: float = 10.0,
+        timeout_s: float = 30.0,
         reconnect_wait_s: float = 2.0,
         max_pause_s: float = 10.0,
         client: Client | None = None,
@@ -167,7 +167,7 @@ class CoordinatorActuator:
             raise ActionUnavailable("the report names no browser to restart")
         try:
             restarted = await self._client.restart_browser(
-                target.agent_id, target.browser_id, timeout=self._timeout_s * 6
+                target.agent_id, target.browser_id, timeout=self._timeout_s
             )
         except RPCError as exc:
             raise ActionFailed(f"restarting {target.agent_id}/{target.browser_id}: {exc}") from exc

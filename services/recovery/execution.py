@@ -165,7 +165,7 @@ class Executor:
     on_phase: Callable[[PhaseRecord], None]
     on_evidence: Callable[[str, str, bool], None]
     tracer: trace.Tracer
-    action_timeout_s: float = 10.0
+    action_timeout_s: float = 30.0
 
     async def execute(self, plan: Plan, parent: Context) -> ExecutionResult:
         """Climb ``plan``'s ladder under the span in ``parent``."""

@@ -114,8 +114,10 @@ class RecoveriesConfig:
     """Recent recoveries kept; the oldest finished ones are forgotten first."""
     watch_buffer: int = 1024
     """Changes a watcher may fall behind by before its watch is ended."""
-    action_timeout_s: float = 10.0
-    """The deadline of each action, and of the placement lookup before planning."""
+    action_timeout_s: float = 30.0
+    """The deadline of each action, and of the placement lookup before planning. Loading
+    a shard into a browser takes seconds, and several times that while other browsers
+    launch on the same cores: a tighter deadline fails recoveries that would succeed."""
     retries: int = 2
     """A failed recovery is started again up to this many times, so a failure that
     outlasts one attempt (a leader change mid-action, a destination lost too) does not

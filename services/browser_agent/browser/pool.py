@@ -63,6 +63,7 @@ class BrowserPool:
         self._ids = itertools.count()
         self._browsers: dict[str, BrowserRuntime] = {}
         self._background: set[asyncio.Task[None]] = set()
+        self._standby_launches: set[asyncio.Task[None]] = set()
         self._closed = False
         self.events: asyncio.Queue[BrowserEvent] = asyncio.Queue()
         """Every event of every browser in the pool, in order."""
@@ -194,11 +195,14 @@ class BrowserPool:
     # --- supervision --------------------------------------------------------
 
     def _replace_standby(self) -> None:
-        if self._closed:
+        """Launch a standby unless the ready and launching ones already make the count:
+        a dead browser and a promotion in one recovery must not both add one."""
+        if self._closed or len(self.standbys()) + len(self._standby_launches) >= self._standby:
             return
         task = asyncio.create_task(self._launch_replacement())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        for tasks in (self._background, self._standby_launches):
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
 
     async def _launch_replacement(self) -> None:
         try:

@@ -141,7 +141,7 @@ class BrowserPool:
                 continue
             runtime.promote()
             log.info("standby promoted", extra={"browser_id": runtime.runtime_id})
-            self._replace_standby()
+            self._replace_standby(only_if_short=True)
             return runtime
         launching = sum(
             1 for b in self._browsers.values() if b.state == State.BROWSER_STATE_STARTING
@@ -194,10 +194,13 @@ class BrowserPool:
 
     # --- supervision --------------------------------------------------------
 
-    def _replace_standby(self) -> None:
-        """Launch a standby unless the ready and launching ones already make the count:
-        a dead browser and a promotion in one recovery must not both add one."""
-        if self._closed or len(self.standbys()) + len(self._standby_launches) >= self._standby:
+    def _replace_standby(self, *, only_if_short: bool = False) -> None:
+        """Launch a standby; ``only_if_short``: unless the ready and launching ones
+        already make the count (a browser retired and a promotion in one recovery must
+        not both add one)."""
+        if self._closed:
+            return
+        if only_if_short and len(self.standbys()) + len(self._standby_launches) >= self._standby:
             return
         task = asyncio.create_task(self._launch_replacement())
         for tasks in (self._background, self._standby_launches):

@@ -10,21 +10,26 @@ success rate, and the answers checked, wrong and failed meanwhile.
 
     make bench-recovery                                  # 30 faults per cell
     make bench-recovery BENCH_ARGS="--iterations 3 --scenario browser_crash"
+
+A long run can be measured in parts: ``--keep`` keeps the rows of the cells this
+run does not measure from the bench-results/recovery.json already there.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from webshard.cli.local import LocalCluster
 
+from services.campaign.cli import ProgressBar
 from services.campaign.runner import Addresses, Campaign, Plan
 from services.campaign.scenarios import SCENARIOS
-from tests.bench.common import write
+from tests.bench.common import RESULTS, write
 
 STRATEGIES = ("simple", "progressive", "coordinated")
 COLUMNS = (
@@ -60,7 +65,7 @@ def run(plan: Plan, breakers: bool, data_dir: Path) -> list[dict[str, Any]]:
         addresses = Addresses.of(cluster)
 
         async def campaign() -> list[dict[str, Any]]:
-            runner = Campaign(plan, addresses)
+            runner = Campaign(plan, addresses, progress=ProgressBar())
             try:
                 cells = await runner.run()
             finally:
@@ -90,6 +95,26 @@ def run(plan: Plan, breakers: bool, data_dir: Path) -> list[dict[str, Any]]:
         cluster.stop()
 
 
+def cell(row: dict[str, Any]) -> tuple[str, str, str]:
+    """A row's cell: scenario, strategy, breakers."""
+    return row["scenario"], row["strategy"], row["breakers"]
+
+
+def kept(plan: Plan, settings: list[bool]) -> list[dict[str, Any]]:
+    """The rows of an earlier run whose cells this plan does not measure."""
+    path = RESULTS / "recovery.json"
+    if not path.exists():
+        return []
+    measured = {
+        (scenario, strategy, "on" if breakers else "off")
+        for scenario in plan.scenarios
+        for strategy in plan.strategies
+        for breakers in settings
+    }
+    rows: list[dict[str, Any]] = json.loads(path.read_text())["rows"]
+    return [r for r in rows if cell(r) not in measured]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=30, help="faults per cell [30]")
@@ -98,6 +123,11 @@ def main() -> None:
         "--strategy", action="append", help="repeatable [simple, progressive, coordinated]"
     )
     parser.add_argument("--breakers", choices=("on", "off", "both"), default="both")
+    parser.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the other cells' rows from the bench-results/recovery.json already there",
+    )
     args = parser.parse_args()
     plan = Plan(
         scenarios=tuple(args.scenario or SCENARIOS),
@@ -106,11 +136,11 @@ def main() -> None:
         concurrency=2,
     )
     settings = {"on": [True], "off": [False], "both": [True, False]}[args.breakers]
-    rows: list[dict[str, Any]] = []
+    rows = kept(plan, settings) if args.keep else []
     with tempfile.TemporaryDirectory(prefix="webshard-bench-recovery-") as tmp:
         for breakers in settings:
             rows += run(plan, breakers, Path(tmp) / ("breakers-on" if breakers else "breakers-off"))
-            rows.sort(key=lambda r: (r["scenario"], r["strategy"], r["breakers"]))
+            rows.sort(key=cell)
             # Written after each setting: a long run stopped halfway keeps what it measured.
             write("recovery", rows, COLUMNS)
 

@@ -109,6 +109,9 @@ class ServiceProcess:
                 stderr=subprocess.STDOUT,
                 cwd=REPO,
                 start_new_session=True,
+                # stop() kills: what a service makes in its temporary directory
+                # (an agent's shard store) stays under the test's tmp_path.
+                env={**os.environ, "TMPDIR": str(log.parent)},
             )
 
     def wait_serving(self, timeout: float = 30.0) -> None:

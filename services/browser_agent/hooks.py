@@ -18,9 +18,14 @@ by itself (an injector that dies cannot leave a fault behind).
 | DROP | RunShard activations unanswered (session cut and refused) | traffic flows again |
 
 A killed or crashed browser stays FAILED in the pool; restarting it is recovery's
-job, not a hook's. Effects that several faults share (one page offline for two
-faults, memory held for two, two delays on one path) last while any of those
-faults holds them: reverting one fault undoes only its own part.
+job, not a hook's. The agent names the fault (id, intensity, the trace of the hook
+call) in the failure reports it makes about a browser while one of the fault's
+effects on it (or on the whole agent) is in force, or up to ``CAUSE_WINDOW_S``
+after the effect ended, so a recovery carries the fault that caused it.
+
+Effects that several faults share (one page offline for two faults, memory held
+for two, two delays on one path) last while any of those faults holds them:
+reverting one fault undoes only its own part.
 
 Plain logic over the agent's runtimes and session; the servicer maps it to gRPC.
 """
@@ -32,7 +37,9 @@ import contextlib
 import dataclasses
 import enum
 import logging
-from collections.abc import Sequence
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
 import psutil
@@ -40,6 +47,7 @@ from webshard.common.v1 import common_pb2
 
 from services.browser_agent.agent import ShardHost
 from services.browser_agent.runtime import ShardRuntime, ShardRuntimeError
+from services.common.failures import FaultCause
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +72,9 @@ class Hook(enum.IntEnum):
 AGENT_HOOKS = frozenset({Hook.CUT_SESSION, Hook.DELAY, Hook.DROP})
 # Hooks whose effect lasts until reverted.
 REVERTIBLE_HOOKS = frozenset({Hook.OFFLINE, Hook.ALLOCATE_MEMORY, Hook.DELAY, Hook.DROP})
+CAUSE_WINDOW_S = 10.0
+"""How long after a fault's effect ended the agent still names it as a failure's cause:
+a crash is reported within a second, a page's memory only at the next check."""
 
 
 class HookError(Exception):
@@ -214,6 +225,9 @@ class HookRequest:
     """0 leaves the effect until it is reverted."""
     delay_s: float = 0.0
     data_path_only: bool = False
+    intensity: common_pb2.Intensity.ValueType = common_pb2.INTENSITY_UNSPECIFIED
+    traceparent: str = ""
+    """The W3C traceparent of the hook call, named in the reports the effect causes."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,6 +237,16 @@ class HookResult:
     browser_id: str
     detail: str
     revertible: bool
+
+
+@dataclasses.dataclass
+class _Effect:
+    """What a hook did to a browser (or, with no browser id, to the whole agent), and when."""
+
+    cause: FaultCause
+    browser_id: str
+    ended_at: float | None
+    """None while the effect is in force."""
 
 
 @dataclasses.dataclass
@@ -236,6 +260,7 @@ class _Applied:
     memory_bytes: int = 0
     data_path_only: bool = False
     timer: asyncio.Task[None] | None = None
+    effect: _Effect | None = None
 
 
 def _require(condition: bool, code: str, message: str) -> None:
@@ -246,14 +271,33 @@ def _require(condition: bool, code: str, message: str) -> None:
 class FaultHooks:
     """Performs fault hooks on an agent's browsers, data path and session."""
 
-    def __init__(self, host: ShardHost, session: Session) -> None:
+    def __init__(
+        self, host: ShardHost, session: Session, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._host = host
         self._session = session
+        self._clock = clock
+        self._effects: deque[_Effect] = deque(maxlen=64)
         self.data_path = Link()
         """Conditions on RunShard activations; the servicer carries each through it."""
         self._applied: list[_Applied] = []
         # One hook at a time: an apply and a revert of the same page must not interleave.
         self._lock = asyncio.Lock()
+
+    def cause(self, browser_id: str) -> FaultCause | None:
+        """The fault behind a failure of ``browser_id`` now: the latest one whose effect
+        on that browser is in force or ended within ``CAUSE_WINDOW_S``, else the latest
+        such effect on the whole agent; None when no fault explains it."""
+        now = self._clock()
+        recent = [
+            e
+            for e in reversed(self._effects)
+            if e.ended_at is None or now - e.ended_at <= CAUSE_WINDOW_S
+        ]
+        mine = [e for e in recent if e.browser_id == browser_id] or [
+            e for e in recent if not e.browser_id
+        ]
+        return mine[0].cause if mine else None
 
     def active(self) -> list[tuple[str, Hook, str]]:
         """(fault id, hook, browser id) of every revertible effect in force."""
@@ -298,6 +342,12 @@ class FaultHooks:
                     "detail": applied.result.detail,
                 },
             )
+            applied.effect = _Effect(
+                FaultCause(request.fault_id, request.intensity, request.traceparent),
+                "" if hook in AGENT_HOOKS else applied.result.browser_id,
+                None if applied.result.revertible else self._clock(),
+            )
+            self._effects.append(applied.effect)
             if applied.result.revertible:
                 self._applied.append(applied)
                 if request.duration_s > 0:
@@ -480,6 +530,8 @@ class FaultHooks:
 
     async def _undo(self, applied: _Applied) -> None:
         self._applied.remove(applied)
+        if applied.effect is not None:
+            applied.effect.ended_at = self._clock()
         hook, browser = applied.hook, applied.browser
         if hook in (Hook.DELAY, Hook.DROP):
             self.data_path.clear(applied.fault_id)

@@ -16,6 +16,7 @@ from services.browser_agent.agent import ShardHost
 from services.browser_agent.browser.events import BrowserEventKind
 from services.browser_agent.browser.options import BrowserOptions
 from services.browser_agent.browser.pool import BrowserPool
+from services.browser_agent.hooks import FaultHooks
 from services.browser_agent.memory import MemoryWatch, Sample
 from services.browser_agent.native import NativeRuntime
 from services.browser_agent.servicer import SERVICE, BrowserAgentServicer
@@ -59,6 +60,7 @@ def make_app(settings: AgentSettings, lifecycle: Lifecycle) -> BasicApp:
         browsers=host.status,
         max_backoff_s=settings.reconnect_max_backoff_s,
     )
+    hooks = FaultHooks(host, session)
     tasks: list[asyncio.Task[None]] = []
     reporter = FailureReporter(settings.recovery)
 
@@ -82,6 +84,7 @@ def make_app(settings: AgentSettings, lifecycle: Lifecycle) -> BasicApp:
                     model=spec.model,
                     shard_index=spec.index,
                     message=event.message,
+                    cause=hooks.cause(event.browser_id),
                 )
             if specs and event.kind in BROWSERS_GONE:
                 # Its shards are lost with it; a standby launches in its place, so the
@@ -114,6 +117,7 @@ def make_app(settings: AgentSettings, lifecycle: Lifecycle) -> BasicApp:
                         model=spec.model,
                         shard_index=spec.index,
                         message=pressure.message,
+                        cause=hooks.cause(pressure.browser_id),
                     )
 
     async def start() -> None:
@@ -136,7 +140,7 @@ def make_app(settings: AgentSettings, lifecycle: Lifecycle) -> BasicApp:
         if owned_dir is not None:
             shutil.rmtree(owned_dir, ignore_errors=True)
 
-    servicer = BrowserAgentServicer(settings, session, store, host, lifecycle)
+    servicer = BrowserAgentServicer(settings, session, store, host, lifecycle, hooks=hooks)
     return BasicApp(
         service_names=(SERVICE,),
         registrations=[(pb_grpc.add_BrowserAgentServiceServicer_to_server, servicer)],

@@ -22,7 +22,7 @@ from services.browser_agent.settings import AgentSettings
 from services.browser_agent.store import ShardStore, StoreError, check_sha256
 from services.common.durations import duration
 from services.common.server import Lifecycle
-from services.common.tracing import extract_context
+from services.common.tracing import extract_context, inject_traceparent
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +49,15 @@ class BrowserAgentServicer(pb_grpc.BrowserAgentServiceServicer):
         store: ShardStore,
         host: ShardHost,
         lifecycle: Lifecycle,
+        *,
+        hooks: FaultHooks,
     ) -> None:
         self._settings = settings
         self._session = session
         self._store = store
         self._host = host
         self._lifecycle = lifecycle
-        self._hooks = FaultHooks(host, session)
+        self._hooks = hooks
 
     async def LoadShard(
         self, request_iterator: AsyncIterator[pb.LoadShardRequest], context: Context
@@ -265,6 +267,8 @@ class BrowserAgentServicer(pb_grpc.BrowserAgentServiceServicer):
             duration_s=request.duration.ToNanoseconds() / 1e9,
             delay_s=request.delay.ToNanoseconds() / 1e9,
             data_path_only=request.data_path_only,
+            intensity=request.intensity,
+            traceparent=inject_traceparent(),  # the injector's trace, carried in this call
         )
         try:
             result = await self._hooks.apply(hook)

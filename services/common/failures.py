@@ -7,12 +7,14 @@ a recovery service that is down costs a log line, not a request.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 from webshard.aio import RecoveryClient
+from webshard.common.v1 import common_pb2
 from webshard.errors import RPCError
 from webshard.recovery.v1 import recovery_pb2
 
@@ -30,6 +32,16 @@ def failure_kind(code: grpc.StatusCode) -> recovery_pb2.FailureKind.ValueType:
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return Kind.FAILURE_KIND_OUT_OF_MEMORY
     return Kind.FAILURE_KIND_SHARD_ERROR
+
+
+@dataclasses.dataclass(frozen=True)
+class FaultCause:
+    """The injected fault a failure report names as its cause."""
+
+    fault_id: str
+    intensity: common_pb2.Intensity.ValueType = common_pb2.INTENSITY_UNSPECIFIED
+    traceparent: str = ""
+    """The W3C traceparent of the injection (the agent's span of the hook call)."""
 
 
 class FailureReporter:
@@ -50,6 +62,7 @@ class FailureReporter:
         shard_index: int = -1,
         request_id: str = "",
         message: str = "",
+        cause: FaultCause | None = None,
     ) -> None:
         """Queue one report; returns at once."""
         if self._client is None:
@@ -67,6 +80,10 @@ class FailureReporter:
             message=message,
             detected_at=detected,
         )
+        if cause is not None:
+            report.fault_id = cause.fault_id
+            report.fault_intensity = cause.intensity
+            report.fault_traceparent = cause.traceparent
         task = asyncio.get_running_loop().create_task(self._send(report))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

@@ -30,7 +30,9 @@ class GrpcAgentHooks:
             self._channels[address] = channel
         return agent_grpc.BrowserAgentServiceStub(channel)
 
-    async def apply(self, action: AgentAction, fault_id: str, duration_s: float) -> str:
+    async def apply(
+        self, action: AgentAction, fault_id: str, duration_s: float, intensity: int
+    ) -> str:
         """Have the agent perform the action; its detail, or ActionError."""
         request = agent_pb.ApplyFaultHookRequest(
             fault_id=fault_id,
@@ -40,6 +42,7 @@ class GrpcAgentHooks:
             memory_bytes=action.memory_bytes,
             duration=duration(duration_s),
             data_path_only=action.data_path_only,
+            intensity=intensity,  # type: ignore[arg-type]
         )
         if action.delay_s:
             request.delay.CopyFrom(duration(action.delay_s))

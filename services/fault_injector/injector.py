@@ -111,8 +111,11 @@ class BreakerSource(Protocol):
 class AgentHooks(Protocol):
     """Performs agent actions through the agents' fault hooks."""
 
-    async def apply(self, action: AgentAction, fault_id: str, duration_s: float) -> str:
-        """Perform one hook; returns the agent's detail, raises ActionError."""
+    async def apply(
+        self, action: AgentAction, fault_id: str, duration_s: float, intensity: int
+    ) -> str:
+        """Perform one hook for a fault of ``intensity``; returns the agent's detail,
+        raises ActionError."""
         ...
 
     async def revert(self, agent_id: str, address: str, fault_id: str) -> bool:
@@ -483,7 +486,9 @@ class FaultInjector:
                 if isinstance(action, LeaderAction):
                     detail = await self._leader.act(action, duration_s)
                 else:
-                    detail = await self._hooks.apply(action, record.fault_id, duration_s)
+                    detail = await self._hooks.apply(
+                        action, record.fault_id, duration_s, record.fault.spec.intensity
+                    )
             except ActionError as exc:
                 span.set_status(Status(StatusCode.ERROR, str(exc)))
                 return False, f"failed: {exc}"

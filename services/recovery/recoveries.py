@@ -11,9 +11,13 @@ Every recovery is one OpenTelemetry trace: a root span "recovery" from the
 failure's detection to the end of the verify that passed, with one child span per
 phase; the actions' calls carry their phase's span to the coordinator, and the
 coordinator's to the agents, so their spans are in the same trace. The root names
-the failure (``fault.id``, ``fault.kind`` - the failure's kind -, agent, browser,
-model, shard), the strategy and the outcome. Every change to a recovery is
-published to the watchers.
+the failure (``fault.id`` and ``fault.intensity`` of the injected fault that caused
+it, ``fault.kind`` - the failure's kind -, agent, browser, model, shard), the
+strategy and the outcome, and links to the fault's injection. A report that names
+the fault may come after the one that started the recovery (the coordinator's data
+path sees a crash first, the agent that applied the fault a moment later); the
+recovery then takes the fault from it. Every change to a recovery is published to
+the watchers.
 
 No gRPC here.
 """
@@ -35,6 +39,7 @@ from typing import Self
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Link, Status, StatusCode, TracerProvider
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from services.recovery.breakers import Breakers, Clock
 from services.recovery.execution import (
@@ -296,13 +301,15 @@ class Recoveries:
         # A reporter whose clock runs ahead of ours must not make a negative duration.
         started_at = min(detected, now)
         current = trace.get_current_span().get_span_context()
+        links = [Link(c) for c in (current, _fault_span(failure)) if c.is_valid]
         span = self._tracer.start_span(
             "recovery",
             context=Context(),  # a trace of its own, not a child of the RPC that reported it
             start_time=_ns(started_at),
-            links=[Link(current)] if current.is_valid else None,
+            links=links or None,
             attributes={
                 "fault.id": failure.fault_id,
+                "fault.intensity": failure.fault_intensity,
                 "fault.kind": failure.kind.label,
                 "failure.source": failure.source.name.lower(),
                 "agent.id": failure.agent_id,
@@ -353,7 +360,21 @@ class Recoveries:
         ):
             return None
         entry.last_detected_at = max(entry.last_detected_at, detected)
-        self._change(entry, reports=entry.record.reports + 1)
+        changes: dict[str, object] = {"reports": entry.record.reports + 1}
+        if failure.fault_id and not entry.record.failure.fault_id:
+            # The first report came from a side that did not know the fault.
+            changes["failure"] = dataclasses.replace(
+                entry.record.failure,
+                fault_id=failure.fault_id,
+                fault_intensity=failure.fault_intensity,
+                fault_traceparent=failure.fault_traceparent,
+            )
+            entry.span.set_attribute("fault.id", failure.fault_id)
+            entry.span.set_attribute("fault.intensity", failure.fault_intensity)
+            fault = _fault_span(failure)
+            if fault.is_valid:
+                entry.span.add_link(fault)
+        self._change(entry, **changes)
         return entry.record
 
     # ------------------------------------------------------------------ running
@@ -579,6 +600,14 @@ def _plan_detail(plan: Plan, failure: Failure, placement: ModelPlacement | None)
     if shards:
         return f"{detail}; failed shards {', '.join(map(str, shards))}"
     return detail
+
+
+def _fault_span(failure: Failure) -> trace.SpanContext:
+    """The span of the fault's injection the failure names; invalid when it names none."""
+    if not failure.fault_traceparent:
+        return trace.INVALID_SPAN_CONTEXT
+    context = TraceContextTextMapPropagator().extract({"traceparent": failure.fault_traceparent})
+    return trace.get_current_span(context).get_span_context()
 
 
 def _ns(seconds: float) -> int:

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
+from webshard.common.v1 import common_pb2
 from webshard.recovery.v1 import recovery_pb2 as pb
 from webshard.recovery.v1 import recovery_pb2_grpc as pb_grpc
 
@@ -19,6 +20,14 @@ from services.recovery.strategies import Failure, FailureKind, FailureSource, St
 SERVICE = pb.DESCRIPTOR.services_by_name["RecoveryService"].full_name
 
 Context = grpc.aio.ServicerContext[object, object]
+
+INTENSITIES = {
+    value: name.removeprefix("INTENSITY_").lower()
+    for name, value in common_pb2.Intensity.items()
+    if value != common_pb2.INTENSITY_UNSPECIFIED
+}
+"""Intensity numbers and the labels recovery's domain and spans use."""
+LABELS = {label: value for value, label in INTENSITIES.items()}
 
 
 def _timestamp(seconds: float) -> Timestamp:
@@ -42,6 +51,11 @@ def failure_from_proto(report: pb.FailureReport) -> Failure:
         raise ValueError("report.agent_id and report.browser_id may not contain '/'")
     if report.shard_index < -1:
         raise ValueError(f"report.shard_index {report.shard_index} is below -1 (no shard)")
+    if report.fault_intensity and report.fault_intensity not in INTENSITIES:
+        raise ValueError(
+            "report.fault_intensity must be unspecified, mild, moderate or severe "
+            f"(got {report.fault_intensity})"
+        )
     return Failure(
         source=FailureSource(report.source),
         kind=FailureKind(report.kind),
@@ -51,6 +65,8 @@ def failure_from_proto(report: pb.FailureReport) -> Failure:
         shard_index=report.shard_index,
         request_id=report.request_id,
         fault_id=report.fault_id,
+        fault_intensity=INTENSITIES.get(report.fault_intensity, ""),
+        fault_traceparent=report.fault_traceparent,
         message=report.message,
         detected_at=(
             report.detected_at.ToNanoseconds() / 1e9 if report.HasField("detected_at") else None
@@ -69,6 +85,8 @@ def failure_to_proto(failure: Failure) -> pb.FailureReport:
         shard_index=failure.shard_index,
         request_id=failure.request_id,
         fault_id=failure.fault_id,
+        fault_intensity=LABELS.get(failure.fault_intensity, common_pb2.INTENSITY_UNSPECIFIED),
+        fault_traceparent=failure.fault_traceparent,
         message=failure.message,
     )
     if failure.detected_at is not None:

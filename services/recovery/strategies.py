@@ -138,6 +138,10 @@ class Failure:
     request_id: str = ""
     fault_id: str = ""
     """The injected fault that caused it, when known."""
+    fault_intensity: str = ""
+    """That fault's intensity (mild, moderate, severe), when known."""
+    fault_traceparent: str = ""
+    """The W3C traceparent of that fault's injection, when known."""
     message: str = ""
     detected_at: float | None = None
     """Seconds since the epoch; None when the reporter did not say."""

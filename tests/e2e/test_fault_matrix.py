@@ -16,6 +16,7 @@ from collections.abc import Iterator
 import pytest
 import webshard
 from webshard.cli.local import LocalCluster
+from webshard.common.v1 import common_pb2
 from webshard.fault_injector.v1 import fault_injector_pb2 as fi
 from webshard.recovery.v1 import recovery_pb2
 
@@ -32,6 +33,8 @@ KINDS = (
     "multiple_failures",
 )
 STRATEGIES = ("simple", "progressive", "coordinated")
+AGENT_SEEN = frozenset({"connection_lost", "browser_crash", "memory_pressure", "multiple_failures"})
+"""The kinds whose failures the agent that applied the fault sees and reports."""
 FAULT_S = 3.0
 
 
@@ -104,3 +107,12 @@ def test_requests_stay_correct_and_the_fault_is_recovered(
         assert all(p.duration.ToNanoseconds() >= 0 for p in recovery.phases)
         assert recovery.duration.ToNanoseconds() > 0
     assert stored == len(recoveries)
+    # A failure the agent saw (a crash, a lost page, a page over its memory) names the
+    # fault that caused it, and its intensity; the data path alone (component_failure)
+    # cannot know the fault.
+    faults = {fault.fault_id, *(child.fault_id for child in fault.children)}
+    named = [r.report for r in recoveries if r.report.fault_id]
+    assert all(r.fault_id in faults for r in named), (faults, named)
+    assert all(r.fault_intensity == common_pb2.INTENSITY_MODERATE for r in named), named
+    if kind in AGENT_SEEN:
+        assert named, f"no recovery of the {kind} names its fault"

@@ -41,6 +41,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 from webshard.aio import Client, RecoveryClient
+from webshard.common.v1 import common_pb2
 from webshard.recovery.v1 import recovery_pb2
 
 from services.browser_agent import server as agent_server
@@ -58,6 +59,8 @@ MODEL = "minilm-l6"
 AGENTS = 3
 """Two hold the model's two replicas of each shard; the third is where a replica can move."""
 GRPC_SCOPE = "opentelemetry.instrumentation.grpc"
+INJECTION = "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01"
+"""The traceparent of the fault's injection, as the agent that applied it reports it."""
 # The gRPC service each webshard service serves.
 SERVED_BY = {
     "webshard.coordinator.v1.CoordinatorService": "coordinator",
@@ -263,6 +266,8 @@ async def recover(
                 model=MODEL,
                 shard_index=0,
                 fault_id="fault-trace-1",
+                fault_intensity=common_pb2.INTENSITY_SEVERE,
+                fault_traceparent=INJECTION,
                 message="reported by the test",
             ),
             strategy=strategy,
@@ -300,6 +305,9 @@ def check_root_and_phases(traced: Traced, strategy: str, kind: str) -> None:
     attributes = dict(root.attributes or {})
     assert attributes["recovery.id"] == done.recovery_id
     assert attributes["fault.id"] == "fault-trace-1"
+    assert attributes["fault.intensity"] == "severe"
+    # It links to the fault's injection, in the injector's trace.
+    assert INJECTION.split("-")[1] in [format(link.context.trace_id, "032x") for link in root.links]
     assert attributes["fault.kind"] == kind
     assert attributes["recovery.strategy"] == strategy
     assert (attributes["agent.id"], attributes["browser.id"]) == traced.replica

@@ -15,9 +15,16 @@ from webshard.coordinator.v1 import coordinator_pb2 as coord_pb
 from webshard.coordinator.v1 import coordinator_pb2_grpc as coord_grpc
 
 from services.browser_agent.agent import LoadedEntry, ShardHost
-from services.browser_agent.hooks import FaultHooks, HookError, HookRequest, Link
+from services.browser_agent.hooks import (
+    CAUSE_WINDOW_S,
+    FaultHooks,
+    HookError,
+    HookRequest,
+    Link,
+)
 from services.browser_agent.runtime import LoadResult
 from services.browser_agent.session import CoordinatorSession
+from services.common.failures import FaultCause
 from tests.conftest import until
 
 H = agent_pb.FaultHook
@@ -178,6 +185,45 @@ async def test_kill_and_crash_are_not_revertible_and_leave_the_browser_failed() 
     first.pid = exited.pid  # the browser's process is gone: there is nothing left to kill
     dead = await refused(hooks, request(H.FAULT_HOOK_KILL_BROWSER, browser_id="browser-0"))
     assert dead.code == "FAILED_PRECONDITION" and "exited" in dead.args[0]
+
+
+async def test_a_failure_names_the_fault_whose_effect_explains_it() -> None:
+    first, second = FakeBrowser("browser-0"), FakeBrowser("browser-1")
+    host = ShardHost(FakeNative(), lambda: [first, second])
+    now = [100.0]
+    hooks = FaultHooks(host, FakeSession(), clock=lambda: now[0])
+    moderate, severe = common_pb2.INTENSITY_MODERATE, common_pb2.INTENSITY_SEVERE
+    assert hooks.cause("browser-0") is None
+
+    # An effect in force on the whole agent explains any browser's failure ...
+    await hooks.apply(request(H.FAULT_HOOK_DELAY, delay_s=0.1, fault_id="lag", intensity=moderate))
+    assert hooks.cause("browser-1") == FaultCause("lag", moderate)
+    # ... but one on the failed browser itself comes first, with the hook call's trace.
+    await hooks.apply(
+        request(
+            H.FAULT_HOOK_KILL_BROWSER,
+            browser_id="browser-0",
+            fault_id="crash",
+            intensity=severe,
+            traceparent="00-" + "1" * 32 + "-" + "2" * 16 + "-01",
+        )
+    )
+    assert hooks.cause("browser-0") == FaultCause(
+        "crash", severe, "00-" + "1" * 32 + "-" + "2" * 16 + "-01"
+    )
+    assert hooks.cause("browser-1") == FaultCause("lag", moderate)
+
+    # A revertible effect explains failures while in force and for a while after.
+    await hooks.apply(request(H.FAULT_HOOK_OFFLINE, browser_id="browser-1", fault_id="off"))
+    now[0] += 3 * CAUSE_WINDOW_S
+    assert hooks.cause("browser-1") == FaultCause("off")
+    assert await hooks.revert("off") and await hooks.revert("lag")
+    now[0] += CAUSE_WINDOW_S / 2
+    assert hooks.cause("browser-1") == FaultCause("off")
+    # The kill ended (at once) long ago; the revert of the others ends their window.
+    assert hooks.cause("browser-0") == FaultCause("lag", moderate)
+    now[0] += CAUSE_WINDOW_S
+    assert hooks.cause("browser-0") is None and hooks.cause("browser-1") is None
 
 
 async def test_fail_session_fails_one_handle_or_every_session_of_the_browser() -> None:

@@ -100,7 +100,9 @@ class FakeHooks:
         self.gate: asyncio.Event | None = None
         self.slow: Callable[[], None] | None = None
 
-    async def apply(self, action: AgentAction, fault_id: str, duration_s: float) -> str:
+    async def apply(
+        self, action: AgentAction, fault_id: str, duration_s: float, intensity: int
+    ) -> str:
         if self.gate is not None:
             await self.gate.wait()
         if self.slow is not None:

@@ -97,6 +97,9 @@ async def harness() -> AsyncIterator[Harness]:
 
 # ----------------------------------------------------------------------------- bookkeeping
 
+INJECTION = "00-" + "1f" * 16 + "-" + "2e" * 8 + "-01"
+"""The traceparent of a fault's injection, as the agent that applied it reports it."""
+
 
 async def test_a_recovery_runs_from_detection_to_the_verify_that_passed(harness: Harness) -> None:
     harness.clock.advance(0.5)  # the report arrives half a second after detection
@@ -164,6 +167,33 @@ async def test_reports_of_one_failure_share_one_recovery_while_it_runs(harness: 
     # After it finished, the next report starts a new recovery.
     again, joined = harness.recoveries.report(failure())
     assert not joined and again.recovery_id not in (first.recovery_id, other.recovery_id)
+
+
+async def test_a_later_report_that_names_the_fault_gives_it_to_the_recovery(
+    harness: Harness,
+) -> None:
+    harness.actuator.gate = asyncio.Event()
+    # The coordinator's data path sees the crash first and knows no fault ...
+    first, _ = harness.recoveries.report(failure())
+    assert first.failure.fault_id == ""
+    # ... the agent that applied the fault reports it a moment later.
+    named = dataclasses.replace(
+        failure(), fault_id="fault-9", fault_intensity="moderate", fault_traceparent=INJECTION
+    )
+    joined, was_joined = harness.recoveries.report(named)
+    assert was_joined and joined.recovery_id == first.recovery_id
+    assert (joined.failure.fault_id, joined.failure.fault_intensity) == ("fault-9", "moderate")
+    assert joined.failure.source == first.failure.source  # still the first report's failure
+    # A third report naming another fault does not take it over.
+    other = dataclasses.replace(failure(), fault_id="fault-10", fault_intensity="mild")
+    assert harness.recoveries.report(other)[0].failure.fault_id == "fault-9"
+    harness.actuator.gate.set()
+    done = await harness.recoveries.wait(first.recovery_id)
+    assert done.failure.fault_id == "fault-9"
+    [root] = [s for s in harness.spans.get_finished_spans() if s.name == "recovery"]
+    attributes = dict(root.attributes or {})
+    assert (attributes["fault.id"], attributes["fault.intensity"]) == ("fault-9", "moderate")
+    assert [format(link.context.trace_id, "032x") for link in root.links] == ["1f" * 16]
 
 
 async def test_a_failed_recovery_is_started_again_until_one_succeeds(harness: Harness) -> None:
@@ -290,7 +320,10 @@ async def test_stopping_fails_the_running_recoveries(harness: Harness) -> None:
 async def test_each_recovery_is_one_trace_with_a_span_per_phase(harness: Harness) -> None:
     harness.actuator.script = {Action.RETRY_IN_PLACE: FAIL}
     reported = dataclasses.replace(
-        failure(FailureKind.SHARD_ERROR, model="vit-tiny"), fault_id="fault-7"
+        failure(FailureKind.SHARD_ERROR, model="vit-tiny"),
+        fault_id="fault-7",
+        fault_intensity="severe",
+        fault_traceparent=INJECTION,
     )
     harness.clock.advance(0.1)
     record, _ = harness.recoveries.report(reported)
@@ -304,6 +337,7 @@ async def test_each_recovery_is_one_trace_with_a_span_per_phase(harness: Harness
     assert len(done.trace_id) == 32 and done.trace_id == done.trace_id.lower()
     assert dict(root.attributes or {}) | {} == {
         "fault.id": "fault-7",
+        "fault.intensity": "severe",
         "fault.kind": "shard_error",
         "failure.source": "data_path",
         "agent.id": "agent-1",
@@ -316,6 +350,11 @@ async def test_each_recovery_is_one_trace_with_a_span_per_phase(harness: Harness
         "recovery.outcome": "succeeded",
         "recovery.highest_level": "reconnect",
     }
+    # It links to the fault's injection, in the injector's trace.
+    assert [
+        (format(link.context.trace_id, "032x"), format(link.context.span_id, "016x"))
+        for link in root.links
+    ] == [("1f" * 16, "2e" * 8)]
     assert root.start_time == round(T0 * 1e9)
     assert root.end_time == round(done.finished_at * 1e9)  # type: ignore[operator]
     assert [s.name for s in children] == [p.name for p in done.phases]
@@ -392,6 +431,7 @@ def report(**fields: Any) -> pb.FailureReport:
         "model": "minilm-l6",
         "shard_index": 1,
         "fault_id": "fault-1",
+        "fault_intensity": common_pb2.INTENSITY_MODERATE,
         "detected_at": Timestamp(seconds=int(T0)),
     }
     values.update(fields)
@@ -416,6 +456,7 @@ async def test_bad_input_gets_codes_that_say_what_is_wrong(served: Served) -> No
         report(kind=42),
         report(agent_id=""),
         report(shard_index=-2),
+        report(fault_intensity=7),
     ):
         request = pb.ReportFailureRequest(report=bad)
         assert await code_of(stub.ReportFailure(request)) == invalid, bad
@@ -448,6 +489,7 @@ async def test_report_get_list_and_breakers_over_grpc(served: Served) -> None:
     assert got.state == pb.RECOVERY_STATE_SUCCEEDED
     assert got.strategy == common_pb2.RECOVERY_STRATEGY_SIMPLE
     assert got.report.fault_id == "fault-1"
+    assert got.report.fault_intensity == common_pb2.INTENSITY_MODERATE
     assert got.report.detected_at.seconds == int(T0)
     assert [p.name for p in got.phases] == ["detect", "plan", "replace", "replace", "verify"]
     assert got.phases[2].level == pb.ESCALATION_LEVEL_REPLACE_ON_STANDBY

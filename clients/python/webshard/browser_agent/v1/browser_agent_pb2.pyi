@@ -402,6 +402,7 @@ class ApplyFaultHookRequest(_message.Message):
     DURATION_FIELD_NUMBER: _builtins.int
     DELAY_FIELD_NUMBER: _builtins.int
     DATA_PATH_ONLY_FIELD_NUMBER: _builtins.int
+    INTENSITY_FIELD_NUMBER: _builtins.int
     fault_id: _builtins.str
     """fault_id is the injector's fault id, recorded with every effect."""
     hook: Global___FaultHook.ValueType
@@ -415,6 +416,10 @@ class ApplyFaultHookRequest(_message.Message):
     data_path_only: _builtins.bool
     """data_path_only limits FAULT_HOOK_DELAY and FAULT_HOOK_DROP to RunShard
     activations and leaves the session stream alone.
+    """
+    intensity: _common_pb2.Intensity.ValueType
+    """intensity is the fault's intensity. The agent names the fault, with its
+    intensity and the trace of this call, in the failure reports the effect causes.
     """
     @_builtins.property
     def duration(self) -> _duration_pb2.Duration:
@@ -435,10 +440,11 @@ class ApplyFaultHookRequest(_message.Message):
         duration: _duration_pb2.Duration | None = ...,
         delay: _duration_pb2.Duration | None = ...,
         data_path_only: _builtins.bool = ...,
+        intensity: _common_pb2.Intensity.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["delay", b"delay", "duration", b"duration"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["browser_id", b"browser_id", "data_path_only", b"data_path_only", "delay", b"delay", "duration", b"duration", "fault_id", b"fault_id", "hook", b"hook", "memory_bytes", b"memory_bytes", "shard_handle", b"shard_handle"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["browser_id", b"browser_id", "data_path_only", b"data_path_only", "delay", b"delay", "duration", b"duration", "fault_id", b"fault_id", "hook", b"hook", "intensity", b"intensity", "memory_bytes", b"memory_bytes", "shard_handle", b"shard_handle"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

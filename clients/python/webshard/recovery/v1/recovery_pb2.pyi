@@ -202,6 +202,8 @@ class FailureReport(_message.Message):
     FAULT_ID_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     DETECTED_AT_FIELD_NUMBER: _builtins.int
+    FAULT_INTENSITY_FIELD_NUMBER: _builtins.int
+    FAULT_TRACEPARENT_FIELD_NUMBER: _builtins.int
     source: Global___FailureSource.ValueType
     """source is who detected it."""
     kind: Global___FailureKind.ValueType
@@ -220,6 +222,12 @@ class FailureReport(_message.Message):
     """fault_id is the injected fault that caused it, when known."""
     message: _builtins.str
     """message is the error text as detected."""
+    fault_intensity: _common_pb2.Intensity.ValueType
+    """fault_intensity is the intensity of the fault named by fault_id."""
+    fault_traceparent: _builtins.str
+    """fault_traceparent is the W3C traceparent of the fault's injection, when known;
+    the recovery's root span links to it.
+    """
     @_builtins.property
     def detected_at(self) -> _timestamp_pb2.Timestamp:
         """detected_at is when it was detected."""
@@ -237,10 +245,12 @@ class FailureReport(_message.Message):
         fault_id: _builtins.str = ...,
         message: _builtins.str = ...,
         detected_at: _timestamp_pb2.Timestamp | None = ...,
+        fault_intensity: _common_pb2.Intensity.ValueType = ...,
+        fault_traceparent: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["detected_at", b"detected_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "browser_id", b"browser_id", "detected_at", b"detected_at", "fault_id", b"fault_id", "kind", b"kind", "message", b"message", "model", b"model", "request_id", b"request_id", "shard_index", b"shard_index", "source", b"source"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "browser_id", b"browser_id", "detected_at", b"detected_at", "fault_id", b"fault_id", "fault_intensity", b"fault_intensity", "fault_traceparent", b"fault_traceparent", "kind", b"kind", "message", b"message", "model", b"model", "request_id", b"request_id", "shard_index", b"shard_index", "source", b"source"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -329,10 +329,22 @@ class FaultHooks:
                 # A retried apply: the effect is in force already and must not stack.
                 return same.result
             browser = None if hook in AGENT_HOOKS else self._browser(request)
+            # Recorded first: the failure an effect causes (a killed browser's exit) may
+            # be reported before the hook returns.
+            effect = _Effect(
+                FaultCause(request.fault_id, request.intensity, request.traceparent),
+                browser.runtime_id if browser is not None else "",
+                None,
+            )
+            self._effects.append(effect)
             try:
                 applied = await self._perform(hook, browser, request)
             except ShardRuntimeError as exc:
+                self._effects.remove(effect)
                 raise HookError(exc.code, str(exc)) from exc
+            except HookError:
+                self._effects.remove(effect)
+                raise
             log.info(
                 "fault hook applied",
                 extra={
@@ -342,12 +354,9 @@ class FaultHooks:
                     "detail": applied.result.detail,
                 },
             )
-            applied.effect = _Effect(
-                FaultCause(request.fault_id, request.intensity, request.traceparent),
-                "" if hook in AGENT_HOOKS else applied.result.browser_id,
-                None if applied.result.revertible else self._clock(),
-            )
-            self._effects.append(applied.effect)
+            applied.effect = effect
+            if not applied.result.revertible:
+                effect.ended_at = self._clock()  # done at once (a kill, a crash)
             if applied.result.revertible:
                 self._applied.append(applied)
                 if request.duration_s > 0:

@@ -198,7 +198,17 @@ async def test_a_failure_names_the_fault_whose_effect_explains_it() -> None:
     # An effect in force on the whole agent explains any browser's failure ...
     await hooks.apply(request(H.FAULT_HOOK_DELAY, delay_s=0.1, fault_id="lag", intensity=moderate))
     assert hooks.cause("browser-1") == FaultCause("lag", moderate)
-    # ... but one on the failed browser itself comes first, with the hook call's trace.
+    # ... but one on the failed browser itself comes first, with the hook call's trace,
+    # and from the moment the hook acts: the browser's exit may be reported before the
+    # hook returns.
+    seen: list[FaultCause | None] = []
+    killing = first.kill
+
+    async def kill() -> None:
+        seen.append(hooks.cause("browser-0"))
+        await killing()
+
+    first.kill = kill  # type: ignore[method-assign]
     await hooks.apply(
         request(
             H.FAULT_HOOK_KILL_BROWSER,
@@ -211,6 +221,11 @@ async def test_a_failure_names_the_fault_whose_effect_explains_it() -> None:
     assert hooks.cause("browser-0") == FaultCause(
         "crash", severe, "00-" + "1" * 32 + "-" + "2" * 16 + "-01"
     )
+    assert seen == [hooks.cause("browser-0")]
+    assert hooks.cause("browser-1") == FaultCause("lag", moderate)
+    # A hook that could not act names nothing.
+    with pytest.raises(HookError):
+        await hooks.apply(request(H.FAULT_HOOK_LOSE_DEVICE, browser_id="browser-1", fault_id="x"))
     assert hooks.cause("browser-1") == FaultCause("lag", moderate)
 
     # A revertible effect explains failures while in force and for a while after.

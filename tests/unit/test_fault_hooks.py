@@ -201,6 +201,7 @@ async def test_a_failure_names_the_fault_whose_effect_explains_it() -> None:
     # ... but one on the failed browser itself comes first, with the hook call's trace,
     # and from the moment the hook acts: the browser's exit may be reported before the
     # hook returns.
+    injection = "00-" + "1" * 32 + "-" + "2" * 16 + "-01"
     seen: list[FaultCause | None] = []
     killing = first.kill
 
@@ -215,12 +216,10 @@ async def test_a_failure_names_the_fault_whose_effect_explains_it() -> None:
             browser_id="browser-0",
             fault_id="crash",
             intensity=severe,
-            traceparent="00-" + "1" * 32 + "-" + "2" * 16 + "-01",
+            traceparent=injection,
         )
     )
-    assert hooks.cause("browser-0") == FaultCause(
-        "crash", severe, "00-" + "1" * 32 + "-" + "2" * 16 + "-01"
-    )
+    assert hooks.cause("browser-0") == FaultCause("crash", severe, injection)
     assert seen == [hooks.cause("browser-0")]
     assert hooks.cause("browser-1") == FaultCause("lag", moderate)
     # A hook that could not act names nothing.

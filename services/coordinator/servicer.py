@@ -331,20 +331,23 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             )
         if replacement is None:  # moved already: a retry, or another recovery did it
             return pb.ReplaceShardResponse(placement=self._deployments.placement(request.model))
-        async with self._writes:
-            placement = self._deployments.placement_after(replacement)
-            if placement is None:  # moved meanwhile by another recovery, or undeployed
-                await self._deployments.unload(replacement.replica)
-                try:
-                    current = self._deployments.placement(request.model)
-                except DeployError as exc:
-                    await context.abort(exc.code, exc.message)
-                return pb.ReplaceShardResponse(placement=current)
+        # The new replica serves nobody unless committed; it is unloaded after the lock
+        # is released, so an unload waiting on its agent holds up no other commit.
+        try:
+            async with self._writes:
+                placement = self._deployments.placement_after(replacement)
+                if placement is not None:
+                    await self._commit(placement_command(placement), context)
+        except BaseException:
+            await self._deployments.unload(replacement.replica)
+            raise
+        if placement is None:  # moved meanwhile by another recovery, or undeployed
+            await self._deployments.unload(replacement.replica)
             try:
-                await self._commit(placement_command(placement), context)
-            except BaseException:
-                await self._deployments.unload(replacement.replica)
-                raise
+                current = self._deployments.placement(request.model)
+            except DeployError as exc:
+                await context.abort(exc.code, exc.message)
+            return pb.ReplaceShardResponse(placement=current)
         self._deployments.unload_later(replacement.replaced)
         log.info(
             "shard replaced",

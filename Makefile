@@ -39,7 +39,7 @@ $(VENV)/.installed: pyproject.toml clients/python/pyproject.toml
 	touch $@
 
 node_modules/.installed: package.json package-lock.json
-	npm install --no-audit --no-fund --loglevel=error
+	npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
 proto: setup ## regenerate Python messages, gRPC stubs and typed stubs into clients/python (offline)

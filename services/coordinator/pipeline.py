@@ -266,26 +266,40 @@ class RequestLedger:
 
     A request that failed is forgotten, so a retry runs it again; one that
     succeeded is answered from here for ``ttl_s`` seconds (and up to ``capacity``
-    answers), so a retry after a lost response never runs the model twice.
+    answers), so a retry after a lost response never runs the model twice. As with
+    idempotency keys, the id stands for one request: a request that reuses it but
+    asks something else (another fingerprint) is refused, never given the other's
+    answer.
     """
 
     def __init__(self, ttl_s: float = 300.0, capacity: int = 10_000) -> None:
         self._ttl = ttl_s
         self._capacity = capacity
-        self._entries: OrderedDict[str, tuple[float, asyncio.Future[pb.InferResponse]]] = (
-            OrderedDict()
-        )
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()
 
     async def answer(
-        self, request_id: str, run: Callable[[], Awaitable[pb.InferResponse]]
+        self,
+        request_id: str,
+        fingerprint: bytes,
+        run: Callable[[], Awaitable[pb.InferResponse]],
     ) -> pb.InferResponse:
-        """The answer for ``request_id``: from the ledger, or by running ``run`` once."""
+        """The answer for ``request_id``: from the ledger, or by running ``run`` once.
+
+        Raises InferError (INVALID_ARGUMENT) when the id is held by a request with
+        another ``fingerprint``.
+        """
         self._expire()
         entry = self._entries.get(request_id)
         if entry is not None:
-            return await asyncio.shield(entry[1])
+            if entry.fingerprint != fingerprint:
+                raise InferError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"request id {request_id[:64]!r} was used for a different request in "
+                    f"the last {self._ttl:.0f} s; send a new id for a new request",
+                )
+            return await asyncio.shield(entry.future)
         future: asyncio.Future[pb.InferResponse] = asyncio.get_running_loop().create_future()
-        self._entries[request_id] = (time.monotonic(), future)
+        self._entries[request_id] = _Entry(time.monotonic(), fingerprint, future)
         try:
             response = await run()
         except BaseException as exc:
@@ -302,7 +316,16 @@ class RequestLedger:
     def _expire(self) -> None:
         now = time.monotonic()
         while self._entries:
-            request_id, (at, future) = next(iter(self._entries.items()))
-            if not future.done() or (now - at < self._ttl and len(self._entries) <= self._capacity):
+            request_id, entry = next(iter(self._entries.items()))
+            if not entry.future.done() or (
+                now - entry.at < self._ttl and len(self._entries) <= self._capacity
+            ):
                 break
             del self._entries[request_id]
+
+
+@dataclass(frozen=True)
+class _Entry:
+    at: float
+    fingerprint: bytes
+    future: asyncio.Future[pb.InferResponse]

@@ -26,6 +26,8 @@ class AgentRecord:
     in_flight: int = 0
     memory_used_bytes: int = 0
     session: int = 0
+    detached_at: float = 0.0
+    """When its session here ended, or (never attached here) when this replica learnt of it."""
 
 
 class AgentRegistry:
@@ -59,6 +61,7 @@ class AgentRegistry:
                 memory_budget_bytes=memory_budget_bytes,
                 browsers=list(browsers),
                 connected=False,
+                detached_at=self._clock(),
             )
         else:
             record.address = address
@@ -105,6 +108,18 @@ class AgentRegistry:
         record = self._agents.get(agent_id)
         if record is not None and record.session == session:
             record.connected = False
+            record.detached_at = self._clock()
+
+    def reattaching(self, within_s: float) -> list[str]:
+        """Agents known to the cluster whose session is not open here but ended (or who
+        became known here) within ``within_s``: after a leader change, or a session cut
+        short, such an agent is on its way back."""
+        now = self._clock()
+        return sorted(
+            r.agent_id
+            for r in self._agents.values()
+            if not r.connected and now - r.detached_at <= within_s
+        )
 
     def healthy(self, record: AgentRecord) -> bool:
         """True while the session is open and the last heartbeat is recent."""

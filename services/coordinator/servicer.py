@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import hashlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
@@ -17,7 +19,7 @@ from webshard.coordinator.v1 import coordinator_pb2_grpc as pb_grpc
 from webshard.tensors import decode_tensor, encode_tensor
 
 from services.common.durations import duration
-from services.common.server import Lifecycle
+from services.common.server import MAX_MESSAGE_BYTES, Lifecycle
 from services.coordinator.barriers import BarrierError, ModelBarriers
 from services.coordinator.cluster_state import (
     AgentEntry,
@@ -41,7 +43,8 @@ from services.coordinator.raft import (
 )
 from services.coordinator.registry import AgentRegistry
 from services.coordinator.settings import CoordinatorSettings
-from services.models import prepare_inputs
+from services.models import ModelInfo, model_info, prepare_inputs
+from services.models.validate import InputError, InputTooLarge, check_feeds, check_texts
 
 log = logging.getLogger(__name__)
 
@@ -54,34 +57,73 @@ UNAVAILABLE_RETRY_S = 0.2
 RAFT_SERVICE = pb.DESCRIPTOR.services_by_name["RaftService"].full_name
 
 
-def prepare_request_inputs(
-    request: pb.InferRequest, input_names: Sequence[str]
-) -> list[common_pb2.Tensor]:
-    """The request's input tensors, from texts or tensors, checked against the model's inputs."""
+MAX_ACTIVATION_BYTES = MAX_MESSAGE_BYTES - 1024 * 1024
+"""The largest tensor a request may send or cause between shards: one message, less room
+for the rest of the message."""
+
+
+def prepare_request(
+    request: pb.InferRequest, info: ModelInfo, stages: int
+) -> tuple[list[common_pb2.Tensor], dict[int, Pin], bytes]:
+    """The request's input tensors, pins and fingerprint, checked against the model.
+
+    CPU work (tokenizing, decoding, checking every value): run it off the event loop.
+    Raises InferError: INVALID_ARGUMENT for inputs the model cannot take,
+    RESOURCE_EXHAUSTED for inputs larger than a message between shards carries.
+    """
     if request.texts and request.inputs:
         raise InferError(grpc.StatusCode.INVALID_ARGUMENT, "send texts or input tensors, not both")
-    if request.texts:
-        try:
-            arrays = prepare_inputs(request.model, texts=list(request.texts))
-        except ValueError as exc:
-            raise InferError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
-        return [encode_tensor(name, value) for name, value in arrays.items()]
-    given = {t.name: t for t in request.inputs}
-    missing = [n for n in input_names if n not in given]
-    unknown = sorted(set(given) - set(input_names))
-    if missing or unknown:
-        raise InferError(
-            grpc.StatusCode.INVALID_ARGUMENT,
-            f"{request.model} takes inputs {', '.join(input_names)}"
-            + (f"; missing {', '.join(missing)}" if missing else "")
-            + (f"; unknown {', '.join(unknown)}" if unknown else ""),
-        )
-    for tensor in request.inputs:
-        try:
-            decode_tensor(tensor)
-        except ValueError as exc:
-            raise InferError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
-    return list(request.inputs)
+    pins: dict[int, Pin] = {}
+    for pin in request.pins:
+        if not 0 <= pin.shard_index < stages or not pin.agent_id:
+            raise InferError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"a pin needs an agent_id and a shard_index in [0, {stages}) "
+                f"({request.model} has {stages} shards); got shard_index {pin.shard_index}",
+            )
+        pins[pin.shard_index] = Pin(pin.agent_id, pin.browser_id)
+    try:
+        if request.texts:
+            check_texts(request.texts)
+            feeds = prepare_inputs(request.model, texts=list(request.texts))
+            tensors = [encode_tensor(name, value) for name, value in feeds.items()]
+        else:
+            names = [t.name for t in request.inputs]
+            if len(set(names)) != len(names):
+                raise InputError("each input tensor may be sent once")
+            feeds = {t.name: decode_tensor(t) for t in request.inputs}
+            tensors = list(request.inputs)
+        check_feeds(info, feeds, max_message_bytes=MAX_ACTIVATION_BYTES)
+    except InputTooLarge as exc:
+        raise InferError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from exc
+    except ValueError as exc:
+        raise InferError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
+    return tensors, pins, request_fingerprint(request)
+
+
+def request_fingerprint(request: pb.InferRequest) -> bytes:
+    """What a request asks, apart from its id and deadline: a reused id must ask the same."""
+    asked = pb.InferRequest()
+    asked.CopyFrom(request)
+    asked.ClearField("request_id")
+    return hashlib.sha256(asked.SerializeToString(deterministic=True)).digest()
+
+
+class Pulse:
+    """Wakes everyone waiting at the moment it fires (here: an agent attached)."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def fire(self) -> None:
+        """Wake the current waiters; later waiters wait for the next firing."""
+        self._event.set()
+        self._event = asyncio.Event()
+
+    async def wait(self, timeout: float) -> None:
+        """Return at the next firing, or after ``timeout`` seconds."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._event.wait(), max(0.0, timeout))
 
 
 class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
@@ -106,12 +148,14 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         self._ledger = RequestLedger()
         self._writes = asyncio.Lock()  # deploys, undeploys and moves one at a time
         self._barriers = ModelBarriers()
+        self._attached = Pulse()
 
     async def _not_leader(self, context: Context, error: NotLeaderError | None = None) -> None:
         """End a call this replica cannot serve, pointing at the leader when it knows one."""
         error = error or self._replicator.not_leader()
+        # An empty leader tells clients an election is under way: retry shortly.
+        context.set_trailing_metadata((("webshard-leader", error.leader_address or ""),))
         if error.leader_address:
-            context.set_trailing_metadata((("webshard-leader", error.leader_address),))
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
         await context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
 
@@ -167,6 +211,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         await self._commit(agent_command(entry), context)
         session = self._registry.attach(reg.agent_id)
         self._deployments.mark_agent(reg.agent_id, healthy=True)
+        self._attached.fire()
         log.info("agent registered", extra={"agent_id": reg.agent_id, "agent_address": reg.address})
         interval = Duration()
         interval.FromMilliseconds(int(self._settings.heartbeat_interval_s * 1000))
@@ -256,10 +301,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
                 done = self._state.placement_for_deploy(request.request_id)
                 if done is not None:
                     return pb.DeployModelResponse(placement=self._deployments.placement(done.model))
-            try:
-                placement = await self._deployments.prepare(request)
-            except DeployError as exc:
-                await context.abort(exc.code, exc.message)
+            placement = await self._prepare_deploy(request, context)
             previous = self._state.placements.get(request.model)
             try:
                 await self._commit(deploy_command(placement), context)
@@ -276,6 +318,29 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
                 },
             )
             return pb.DeployModelResponse(placement=self._deployments.placement(request.model))
+
+    async def _prepare_deploy(
+        self, request: pb.DeployModelRequest, context: Context
+    ) -> pb.Placement:
+        """Prepare a deploy; while too few agents are attached but others known to the
+        cluster are reattaching (a leader change moves every session), wait for them
+        within the call's deadline instead of failing."""
+        deadline = time.monotonic() + (
+            context.time_remaining() or self._settings.default_deadline_s
+        )
+        while True:
+            try:
+                return await self._deployments.prepare(request)
+            except DeployError as exc:
+                waiting = self._registry.reattaching(self._settings.reattach_wait_s)
+                left = deadline - time.monotonic() - 1.0  # keep a second to load and commit
+                if exc.code != grpc.StatusCode.FAILED_PRECONDITION or not waiting or left <= 0:
+                    await context.abort(exc.code, exc.message)
+                log.info(
+                    "deploy waits for agents reattaching",
+                    extra={"model": request.model, "agents": waiting, "reason": exc.message},
+                )
+                await self._attached.wait(min(left, self._settings.reattach_wait_s))
 
     async def UndeployModel(
         self, request: pb.UndeployModelRequest, context: Context
@@ -452,10 +517,14 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         if deployment is None:
             self._deployments.placement(request.model)  # raises NOT_FOUND naming the deployed
         assert deployment is not None
-        inputs = prepare_request_inputs(request, deployment.input_names)
         deadline = time.monotonic() + (timeout or self._settings.default_deadline_s)
+        inputs, pins, fingerprint = await asyncio.to_thread(
+            prepare_request,
+            request,
+            model_info(request.model),
+            len(deployment.pipeline.stages),
+        )
         request_id = request.request_id or uuid.uuid4().hex
-        pins = {p.shard_index: Pin(p.agent_id, p.browser_id) for p in request.pins}
         if not pins and self._barriers.held(request.model):
             try:
                 await self._barriers.wait(request.model, deadline)
@@ -468,6 +537,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             try:
                 return await self._ledger.answer(
                     request_id,
+                    fingerprint,
                     functools.partial(serving.pipeline.run, request_id, inputs, deadline, pins),
                 )
             except InferError as exc:

@@ -61,6 +61,11 @@ class CoordinatorSettings(ServerSettings):
         3.0,
         "An agent silent for this long is marked unhealthy (three missed heartbeats by default).",
     )
+    reattach_wait_s: float = setting(
+        15.0,
+        "A deploy that finds too few agents waits (within its deadline) for agents known to "
+        "the cluster whose session ended or moved this long ago at most (a leader change).",
+    )
 
     def peer_addresses(self) -> dict[str, str]:
         """The peers as a replica id -> address map; raises SettingsError on a malformed entry."""

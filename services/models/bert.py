@@ -25,6 +25,7 @@ from services.models.spec import (
     BETWEEN_COMPONENTS,
     INSIDE_BLOCK,
     CutPoint,
+    InputLimits,
     ModelInfo,
     TensorSpec,
 )
@@ -100,6 +101,16 @@ def info(name: str, config: BertConfig, *, description: str, real: bool, version
         ),
         outputs=(TensorSpec("sentence_embedding", "float32", ("batch", config.hidden)),),
         cut_points=cut_points(config),
+        limits=InputLimits(
+            max_dims={"seq": config.max_positions},
+            value_ranges={
+                "input_ids": (0, config.vocab),
+                "attention_mask": (0, 2),
+                "token_type_ids": (0, config.type_vocab),
+            },
+            activation_dims=ids,
+            activation_width=config.hidden,
+        ),
     )
 
 

@@ -34,6 +34,7 @@ from services.models.spec import (
     BETWEEN_COMPONENTS,
     INSIDE_BLOCK,
     CutPoint,
+    InputLimits,
     ModelInfo,
     TensorSpec,
 )
@@ -137,6 +138,10 @@ def info(name: str, version: str) -> ModelInfo:
         ),
         outputs=(TensorSpec("logits_per_image", "float32", ("n_images", "n_texts")),),
         cut_points=cut_points(c),
+        limits=InputLimits(
+            max_dims={"seq": c.text.context},
+            value_ranges={"input_ids": (0, c.text.vocab)},
+        ),
     )
 
 

@@ -30,6 +30,7 @@ from services.models.spec import (
     BETWEEN_COMPONENTS,
     INSIDE_BLOCK,
     CutPoint,
+    InputLimits,
     ModelInfo,
     TensorSpec,
 )
@@ -117,6 +118,12 @@ def info(name: str, version: str) -> ModelInfo:
         inputs=(TensorSpec("input_ids", "int64", ("batch", "seq")),),
         outputs=(TensorSpec("logits", "float32", ("batch", "seq", c.vocab)),),
         cut_points=cut_points(c),
+        limits=InputLimits(
+            max_dims={"seq": c.max_positions},
+            value_ranges={"input_ids": (0, c.vocab)},
+            activation_dims=("batch", "seq"),
+            activation_width=max(c.hidden, c.vocab),  # the last shard's logits
+        ),
     )
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
 
 # Sharding strategies, as DESIGN.md §4 names them.
 LAYER = "layer"
@@ -52,6 +54,35 @@ class CutPoint:
 
 
 @dataclass(frozen=True)
+class InputLimits:
+    """What a model accepts beyond its inputs' names, types and shapes.
+
+    Checked before any shard runs, so a request the model cannot take is the
+    sender's error and never looks like a browser's failure.
+    """
+
+    max_dims: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
+    """Symbolic dimension -> the largest size the model takes (e.g. ``seq``: its positions)."""
+    value_ranges: Mapping[str, tuple[int, int]] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
+    """Integer input -> the values it may hold, ``[low, high)`` (token ids below the vocab)."""
+    activation_dims: tuple[str, ...] = ()
+    """The symbolic dimensions the widest tensor between shards grows with."""
+    activation_width: int = 0
+    """float32 values per element of ``activation_dims`` in that tensor (e.g. the hidden size)."""
+
+    def activation_bytes(self, dims: Mapping[str, int]) -> int:
+        """Bytes of the widest tensor a shard boundary carries for inputs of these dims."""
+        if not self.activation_width:
+            return 0
+        size = 4 * self.activation_width
+        for name in self.activation_dims:
+            size *= dims.get(name, 1)
+        return size
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     """A catalogue entry: enough to plan a placement without building the graph."""
 
@@ -63,6 +94,7 @@ class ModelInfo:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     cut_points: tuple[CutPoint, ...]
+    limits: InputLimits = field(default_factory=InputLimits)
 
     @property
     def strategies(self) -> tuple[str, ...]:

@@ -14,7 +14,12 @@ import numpy as np
 import pytest
 import webshard
 from webshard.cli.local import LocalCluster
-from webshard.errors import InvalidArgumentError, NotFoundError, RPCError
+from webshard.errors import (
+    InvalidArgumentError,
+    NotFoundError,
+    ResourceExhaustedError,
+    RPCError,
+)
 from webshard.recovery.v1 import recovery_pb2
 
 from services.models import prepare_inputs, reference_session
@@ -155,6 +160,50 @@ def test_bad_requests_get_clear_errors_and_change_nothing(client: webshard.Clien
 
     assert [a.agent_id for a in client.list_agents()] == before_agents
     assert client.placement("minilm-l6") == before
+
+
+def test_poison_requests_are_the_senders_error_and_start_no_recovery(
+    cluster: LocalCluster, client: webshard.Client
+) -> None:
+    client.deploy("minilm-l6", sharding="layer", shards=2, replicas=2, runtime="native")
+    good = prepare_inputs("minilm-l6", ["The cat sits on the mat."])
+    with webshard.RecoveryClient(cluster.address("recovery"), timeout=30) as recovery:
+        before = len(recovery.list_recoveries())
+        poison: list[tuple[str, dict[str, np.ndarray] | None, list[str] | None]] = [
+            # the mask's shape disagrees with the ids'
+            ("must agree", {**good, "attention_mask": np.ones((1, 7), np.int64)}, None),
+            # more tokens than the model has positions
+            (
+                "at most 512",
+                {k: np.ones((1, 600), np.int64) for k in good},
+                None,
+            ),
+            ("input_ids values", {**good, "input_ids": good["input_ids"] + 10**6}, None),
+            ("empty dimension", {k: np.ones((0, 0), np.int64) for k in good}, None),
+            ("float32", {**good, "attention_mask": good["attention_mask"].astype("f4")}, None),
+        ]
+        for match, inputs, texts in poison:
+            with pytest.raises(InvalidArgumentError, match=match):
+                client.infer("minilm-l6", inputs=inputs, texts=texts, timeout=10)
+        # 360 texts of 128 tokens: an activation of ~70 MB, over a message's limit
+        with pytest.raises(ResourceExhaustedError, match="MiB"):
+            client.infer("minilm-l6", texts=["word " * 200] * 360, timeout=10)
+        with pytest.raises(ResourceExhaustedError, match="characters"):
+            client.infer("minilm-l6", texts=["x" * 5_000_000], timeout=10)
+
+        # A reused request id that asks something else is refused, never answered
+        # with the first request's answer.
+        client.infer("minilm-l6", texts=["first"], request_id="reused-id")
+        with pytest.raises(InvalidArgumentError, match="different request"):
+            client.infer("minilm-l6", texts=["second"], request_id="reused-id")
+        with pytest.raises(InvalidArgumentError, match="shard_index"):
+            client.infer("minilm-l6", texts=["x"], pins={999: "agent-0"})
+
+        # Correct requests still answer, and nothing was counted against an agent.
+        expected = reference_embeddings(["still fine"])[0]
+        result = client.infer("minilm-l6", texts=["still fine"])
+        assert cosine(result.outputs["sentence_embedding"][0], expected) >= 0.99999
+        assert len(recovery.list_recoveries()) == before
 
 
 def test_a_killed_agent_is_replaced_by_the_next_replica(

@@ -55,3 +55,19 @@ def test_registration_needs_an_id_and_an_address(agent_id: str, address: str) ->
     registry = AgentRegistry(heartbeat_timeout_s=3.0)
     with pytest.raises(ValueError, match=r"agent_id|address"):
         registry.register(agent_id, address, 0, [])
+
+
+def test_agents_known_but_not_attached_are_reattaching_for_a_while() -> None:
+    clock = Clock()
+    registry = AgentRegistry(heartbeat_timeout_s=3.0, clock=clock)
+    # Learnt from the replicated state (a new leader): known, not attached here yet.
+    registry.upsert("agent-0", "127.0.0.1:1", 1 << 30, [])
+    session = registry.register("agent-1", "127.0.0.1:2", 1 << 30, [])
+    assert registry.reattaching(within_s=10) == ["agent-0"]
+    clock.now += 5
+    registry.disconnected("agent-1", session)
+    assert registry.reattaching(within_s=10) == ["agent-0", "agent-1"]
+    clock.now += 6  # agent-0 has been away too long to count as on its way back
+    assert registry.reattaching(within_s=10) == ["agent-1"]
+    registry.register("agent-1", "127.0.0.1:2", 1 << 30, [])
+    assert registry.reattaching(within_s=10) == []

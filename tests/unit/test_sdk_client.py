@@ -152,16 +152,28 @@ class Coordinator(coordinator_pb2_grpc.CoordinatorServiceServicer):
         self.name = name
         self.leader = leader
         self.unavailable = False
+        self.electing_answers = 0
+        self.watch: tuple[int, asyncio.Event] | None = None
+        """(n, event): set the event once n calls have arrived."""
         self.calls: list[str] = []
         self.time_remaining: list[float | None] = []
         self.requests: list[Any] = []
 
     async def _enter(self, method: str, request: Any, context: CONTEXT) -> None:
         self.calls.append(method)
+        if self.watch is not None and len(self.calls) >= self.watch[0]:
+            self.watch[1].set()
         self.time_remaining.append(context.time_remaining())
         self.requests.append(request)
         if self.unavailable:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"{self.name} is draining")
+        if self.electing_answers:
+            self.electing_answers -= 1
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                f"{self.name} knows no leader yet",
+                trailing_metadata=(("webshard-leader", ""),),
+            )
         if self.leader is not None:
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -406,6 +418,39 @@ async def test_redirects_are_bounded(serve: Callable[..., Awaitable[Server]]) ->
     assert caught.value.metadata_value("webshard-leader") in (server_a.address, server_b.address)
     # At most len(replicas) + 2 redirects, so at most that many + 1 attempts.
     assert len(a.calls) + len(b.calls) <= 2 + 2 + 1
+
+
+async def test_a_call_waits_out_an_election_within_its_deadline(
+    serve: Callable[..., Awaitable[Server]],
+) -> None:
+    electing = Coordinator("electing")
+    server = await serve(coordinator_adder(electing))
+    electing.electing_answers = 3  # "no leader known yet" three times, then it leads
+    async with webshard.aio.Client([server.address], timeout=10.0) as client:
+        placement = await client.deploy("minilm-l6")
+    assert placement.model == "minilm-l6"
+    assert electing.calls == ["DeployModel"] * 4
+
+
+async def test_a_redirect_to_a_dead_leader_waits_for_the_new_one(
+    serve: Callable[..., Awaitable[Server]], dead_address: str
+) -> None:
+    # The follower still names the leader that died; after a while it names the new one.
+    follower = Coordinator("follower", leader=dead_address)
+    server = await serve(coordinator_adder(follower))
+    new_leader = Coordinator("new-leader")
+    leader_server = await serve(coordinator_adder(new_leader))
+    async with webshard.aio.Client([dead_address, server.address], timeout=10.0) as client:
+        task = asyncio.create_task(client.deploy("minilm-l6"))
+        # Far past the redirect budget, the call is still waiting for a leader.
+        eighth = asyncio.Event()
+        follower.watch = (8, eighth)
+        await asyncio.wait_for(eighth.wait(), 10)
+        assert not task.done()
+        follower.leader = leader_server.address
+        placement = await task
+    assert placement.model == "minilm-l6"
+    assert new_leader.calls == ["DeployModel"]
 
 
 async def test_fails_over_past_a_replica_that_is_down(

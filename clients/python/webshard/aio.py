@@ -218,6 +218,19 @@ def _serialize(message: Message) -> bytes:
     return message.SerializeToString()
 
 
+def _leader_named(err: grpc.RpcError) -> str | None:
+    """The leader a replica's answer names in its trailing metadata: "" when it knows
+    none, None when the answer names nothing."""
+    return next(
+        (
+            (value.decode() if isinstance(value, bytes) else value).strip()
+            for key, value in trailing_metadata_pairs(err)
+            if key == LEADER_METADATA_KEY
+        ),
+        None,
+    )
+
+
 async def _connects(channel: grpc.aio.Channel, budget: float) -> bool:
     """Waits up to ``budget`` seconds for ``channel`` to connect.
 
@@ -351,14 +364,7 @@ class _Transport:
         """Returns where to try again after ``err`` from ``address``, or None to give up."""
         code = err.code()
         if code is grpc.StatusCode.FAILED_PRECONDITION:
-            leader = next(
-                (
-                    value.decode() if isinstance(value, bytes) else value
-                    for key, value in trailing_metadata_pairs(err)
-                    if key == LEADER_METADATA_KEY
-                ),
-                "",
-            ).strip()
+            leader = _leader_named(err)
             if not leader or leader == address:
                 return None
             if leader not in self._addresses:
@@ -390,12 +396,34 @@ class _Transport:
         deadline = self.deadline(timeout)
         redirects_left = len(self._addresses) + 2
         skipped: set[str] = set()
+        waits = 0
         while True:
             address = await self.select(deadline, skipped) if replayable else self._current
             channel = self.channel(address)
             try:
                 return await invoke(channel, self.remaining(deadline))
             except grpc.RpcError as err:
+                leader = _leader_named(err) if replayable else None
+                electing = leader == "" and err.code() is grpc.StatusCode.UNAVAILABLE
+                stale = err.code() is grpc.StatusCode.FAILED_PRECONDITION and leader in skipped
+                if electing or stale:
+                    # No leader yet, or one this call could not reach (the replica has not
+                    # noticed its loss yet): an election is under way, and the replica
+                    # did nothing. Wait (50 ms, doubling to 1 s) within the deadline, then
+                    # try the named leader or the next replica; the last answer is the
+                    # error when the deadline comes first.
+                    waits += 1
+                    pause = min(1.0, 0.05 * 2 ** (waits - 1))
+                    if deadline - asyncio.get_running_loop().time() <= pause:
+                        raise from_rpc_error(err) from err
+                    await asyncio.sleep(pause)
+                    if stale:
+                        assert leader is not None
+                        skipped.discard(leader)
+                        self._current = leader
+                    else:
+                        self._current = self._next_address(address, skipped) or address
+                    continue
                 target = None
                 if replayable and redirects_left > 0:
                     target = self._follow(err, address, idempotent=idempotent, skipped=skipped)

@@ -45,6 +45,7 @@ from services.fault_injector.spec import (
     Limits,
     Plan,
     Refusal,
+    bounded,
     breaker_allows,
     intensity_name,
     kind_name,
@@ -232,7 +233,8 @@ class FaultInjector:
         record = FaultRecord(
             pb.Fault(
                 fault_id=self.book.new_id(),
-                spec=spec,
+                # Cut to the limits: a refused spec is kept too, and must stay small.
+                spec=bounded(spec),
                 state=State.FAULT_STATE_PENDING,
                 created_at=timestamp(self._clock.now()),
             )

@@ -481,4 +481,5 @@ def test_view_requests_ask_only_for_what_the_selectors_need() -> None:
     del every.target.ids[:]
     assert view_request(validate(every, force=False, limits=limits)).models is None
     leader = pb.FaultSpec(kind=K.FAULT_KIND_LEADER_LOSS, intensity=Level.INTENSITY_MILD)
+    leader.duration.FromSeconds(5)
     assert view_request(validate(leader, force=False, limits=limits)) == ViewRequest(replicas=True)

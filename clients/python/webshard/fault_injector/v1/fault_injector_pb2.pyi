@@ -220,11 +220,16 @@ class FaultSpec(_message.Message):
 
     @_builtins.property
     def duration(self) -> _duration_pb2.Duration:
-        """duration is how long the fault lasts before it reverts by itself; at most the service's maximum."""
+        """duration is how long the fault lasts before it reverts by itself. Required on a
+        top-level spec (positive, at most the service's maximum); a child without one
+        takes its parent's.
+        """
 
     @_builtins.property
     def children(self) -> _containers.RepeatedCompositeFieldContainer[Global___FaultSpec]:
-        """children are the faults of a multiple_failures or cascade fault."""
+        """children are the faults of a multiple_failures or cascade fault: at most 16 in
+        one composite, and at most 16 leaf faults in a whole spec.
+        """
 
     @_builtins.property
     def interval(self) -> _duration_pb2.Duration:

@@ -274,9 +274,12 @@ class BrowserAgentServicer(pb_grpc.BrowserAgentServiceServicer):
             result = await self._hooks.apply(hook)
         except HookError as exc:
             await context.abort(grpc.StatusCode[exc.code], str(exc))
-        return pb.ApplyFaultHookResponse(
+        response = pb.ApplyFaultHookResponse(
             browser_id=result.browser_id, detail=result.detail, revertible=result.revertible
         )
+        if result.began_at:
+            response.effect_began_at.FromNanoseconds(round(result.began_at * 1e9))
+        return response
 
     async def RevertFaultHook(
         self, request: pb.RevertFaultHookRequest, context: Context

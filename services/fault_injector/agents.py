@@ -9,7 +9,7 @@ from webshard.browser_agent.v1 import browser_agent_pb2_grpc as agent_grpc
 
 from services.common.durations import duration
 from services.fault_injector.actions import AgentAction
-from services.fault_injector.injector import ActionError
+from services.fault_injector.injector import ActionError, HookOutcome
 
 
 class GrpcAgentHooks:
@@ -32,8 +32,9 @@ class GrpcAgentHooks:
 
     async def apply(
         self, action: AgentAction, fault_id: str, duration_s: float, intensity: int
-    ) -> str:
-        """Have the agent perform the action; its detail, or ActionError."""
+    ) -> HookOutcome:
+        """Have the agent perform the action; its detail and when its effect began,
+        or ActionError."""
         request = agent_pb.ApplyFaultHookRequest(
             fault_id=fault_id,
             hook=action.hook,  # type: ignore[arg-type]
@@ -54,7 +55,10 @@ class GrpcAgentHooks:
             raise ActionError(
                 f"{action.agent_id} answered {exc.code().name}: {exc.details()}"
             ) from exc
-        return response.detail or action.describe()
+        began_at = None
+        if response.HasField("effect_began_at"):  # an older agent does not say
+            began_at = response.effect_began_at.ToNanoseconds() / 1e9
+        return HookOutcome(response.detail or action.describe(), began_at)
 
     async def revert(self, agent_id: str, address: str, fault_id: str) -> bool:
         """Have the agent undo what it did for ``fault_id``."""

@@ -240,6 +240,27 @@ async def test_a_failure_names_the_fault_whose_effect_explains_it() -> None:
     assert hooks.cause("browser-0") is None and hooks.cause("browser-1") is None
 
 
+async def test_a_hook_says_when_its_effect_began_before_it_acted() -> None:
+    browser = FakeBrowser("browser-0")
+    host = ShardHost(FakeNative(), lambda: [browser])
+    wall = [1_700_000_000.0]
+    hooks = FaultHooks(host, FakeSession(), wall_clock=lambda: wall[0])
+    killing = browser.kill
+
+    async def slow_kill() -> None:
+        await killing()
+        wall[0] += 1.67  # the browser takes its time to die; the effect began before
+
+    browser.kill = slow_kill  # type: ignore[method-assign]
+    killed = await hooks.apply(request(H.FAULT_HOOK_KILL_BROWSER, browser_id="browser-0"))
+    assert killed.began_at == 1_700_000_000.0
+    # A retried apply of an effect in force keeps the first one's time.
+    wall[0] += 5
+    await hooks.apply(request(H.FAULT_HOOK_OFFLINE, browser_id="browser-0", fault_id="off"))
+    again = await hooks.apply(request(H.FAULT_HOOK_OFFLINE, browser_id="browser-0", fault_id="off"))
+    assert again.began_at == 1_700_000_000.0 + 1.67 + 5
+
+
 async def test_fail_session_fails_one_handle_or_every_session_of_the_browser() -> None:
     browser = FakeBrowser("browser-0")
     browser.handles = ["a", "b"]

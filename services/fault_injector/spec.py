@@ -391,12 +391,6 @@ def validate(
     # spec with thousands of children is refused in microseconds.
     _check_bounds(spec, where)
     if parent is None:
-        if not spec.HasField("duration"):
-            raise Refusal(
-                "INVALID_ARGUMENT",
-                f"duration is required, at most {limits.max_duration_s:g} s "
-                "(this injector's maximum)",
-            )
         leaves = _count_leaves(spec)
         if leaves > MAX_LEAF_FAULTS:
             raise Refusal(
@@ -411,6 +405,12 @@ def validate(
         raise Refusal(
             "INVALID_ARGUMENT",
             f"{where}unknown fault kind {kind}; kinds: {_names(list(Kind.keys()), 'FAULT_KIND_')}",
+        )
+    if parent is None and not effective.HasField("duration"):
+        # Unset once meant the maximum: ten minutes of a fault nobody asked for.
+        raise Refusal(
+            "INVALID_ARGUMENT",
+            f"duration is required, at most {limits.max_duration_s:g} s (this injector's maximum)",
         )
     if parent is not None:
         # A child takes what it leaves unset from its parent.

@@ -391,7 +391,10 @@ Global___GetStatusResponse: _TypeAlias = GetStatusResponse  # noqa: Y015
 
 @_typing.final
 class ApplyFaultHookRequest(_message.Message):
-    """ApplyFaultHookRequest asks the agent to perform a fault."""
+    """ApplyFaultHookRequest asks the agent to perform a fault. When the agent runs
+    with WEBSHARD_FAULT_TOKEN set, ApplyFaultHook and RevertFaultHook calls must
+    carry "authorization: Bearer <token>" metadata, as calls to the fault-injector do.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -27,6 +27,10 @@ Effects that several faults share (one page offline for two faults, memory held
 for two, two delays on one path) last while any of those faults holds them:
 reverting one fault undoes only its own part.
 
+Each result carries the wall-clock time its effect began, stamped just before
+the hook acts: the injector dates the fault by it, so no failure or recovery the
+effect causes seems to start before its fault.
+
 Plain logic over the agent's runtimes and session; the servicer maps it to gRPC.
 """
 
@@ -237,6 +241,9 @@ class HookResult:
     browser_id: str
     detail: str
     revertible: bool
+    began_at: float = 0.0
+    """Wall-clock seconds (``time.time``) when the effect began: stamped just before
+    the hook acted, so nothing the effect causes is reported before it."""
 
 
 @dataclasses.dataclass
@@ -272,11 +279,17 @@ class FaultHooks:
     """Performs fault hooks on an agent's browsers, data path and session."""
 
     def __init__(
-        self, host: ShardHost, session: Session, clock: Callable[[], float] = time.monotonic
+        self,
+        host: ShardHost,
+        session: Session,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self._host = host
         self._session = session
         self._clock = clock
+        # The effect's start is told to the injector, on another machine maybe: wall time.
+        self._wall_clock = wall_clock
         self._effects: deque[_Effect] = deque(maxlen=64)
         self.data_path = Link()
         """Conditions on RunShard activations; the servicer carries each through it."""
@@ -337,6 +350,7 @@ class FaultHooks:
                 None,
             )
             self._effects.append(effect)
+            began_at = self._wall_clock()
             try:
                 applied = await self._perform(hook, browser, request)
             except ShardRuntimeError as exc:
@@ -355,6 +369,7 @@ class FaultHooks:
                 },
             )
             applied.effect = effect
+            applied.result = dataclasses.replace(applied.result, began_at=began_at)
             if not applied.result.revertible:
                 effect.ended_at = self._clock()  # done at once (a kill, a crash)
             if applied.result.revertible:

@@ -20,6 +20,7 @@ from services.browser_agent.runtime import ShardRuntimeError
 from services.browser_agent.session import CoordinatorSession
 from services.browser_agent.settings import AgentSettings
 from services.browser_agent.store import ShardStore, StoreError, check_sha256
+from services.common.auth import require_token
 from services.common.durations import duration
 from services.common.server import Lifecycle
 from services.common.tracing import extract_context, inject_traceparent
@@ -58,6 +59,11 @@ class BrowserAgentServicer(pb_grpc.BrowserAgentServiceServicer):
         self._host = host
         self._lifecycle = lifecycle
         self._hooks = hooks
+
+    async def _authorize(self, context: Context, method: str) -> None:
+        await require_token(
+            context, self._settings.fault_token, method=method, service="browser agent"
+        )
 
     async def LoadShard(
         self, request_iterator: AsyncIterator[pb.LoadShardRequest], context: Context
@@ -257,7 +263,12 @@ class BrowserAgentServicer(pb_grpc.BrowserAgentServiceServicer):
     async def ApplyFaultHook(
         self, request: pb.ApplyFaultHookRequest, context: Context
     ) -> pb.ApplyFaultHookResponse:
-        """Perform a fault hook for real and record it under the request's fault id."""
+        """Perform a fault hook for real and record it under the request's fault id.
+
+        With a fault token configured the call must carry it, as calls to the
+        fault-injector must: otherwise anyone who reaches the agent could break it.
+        """
+        await self._authorize(context, "ApplyFaultHook")
         hook = HookRequest(
             fault_id=request.fault_id,
             hook=request.hook,
@@ -274,14 +285,18 @@ class BrowserAgentServicer(pb_grpc.BrowserAgentServiceServicer):
             result = await self._hooks.apply(hook)
         except HookError as exc:
             await context.abort(grpc.StatusCode[exc.code], str(exc))
-        return pb.ApplyFaultHookResponse(
+        response = pb.ApplyFaultHookResponse(
             browser_id=result.browser_id, detail=result.detail, revertible=result.revertible
         )
+        if result.began_at:
+            response.effect_began_at.FromNanoseconds(round(result.began_at * 1e9))
+        return response
 
     async def RevertFaultHook(
         self, request: pb.RevertFaultHookRequest, context: Context
     ) -> pb.RevertFaultHookResponse:
         """Undo what a fault's hooks did; reverted is false when nothing was in force."""
+        await self._authorize(context, "RevertFaultHook")
         if not request.fault_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "fault_id must not be empty")
         try:

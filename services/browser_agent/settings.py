@@ -41,6 +41,11 @@ class AgentSettings(ServerSettings):
         "after its last load is reported out of memory, so recovery moves its shards.",
     )
     memory_check_ms: float = setting(250.0, "How often the browsers' memory is sampled.")
+    fault_token: str = setting(
+        "",
+        "When set, ApplyFaultHook and RevertFaultHook calls must carry "
+        "'authorization: Bearer <token>' metadata: the fault-injector's token.",
+    )
 
     def validate(self) -> None:
         """Check the agent's identity and coordinators."""

@@ -15,6 +15,11 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+MAX_PAUSE_S = 60.0
+"""The longest a barrier may hold a model: a recovery moves a group of shards in
+seconds, and a longer pause would stall the model's callers past any sane deadline
+(an event loop timer of 10^15 s would also hold the model for good)."""
+
 
 class BarrierError(Exception):
     """A barrier request that cannot be granted."""
@@ -47,10 +52,15 @@ class ModelBarriers:
         """Hold new requests for ``model``; return the barrier's id.
 
         A model already held keeps its barrier; the caller gets that barrier's id and
-        its expiry moves to ``max_pause_s`` from now.
+        its expiry moves to ``max_pause_s`` from now. BarrierError unless
+        ``0 < max_pause_s <= MAX_PAUSE_S``.
         """
-        if max_pause_s <= 0:
-            raise BarrierError(f"max pause {max_pause_s} s must be positive")
+        # "not <" also refuses NaN, which compares false with everything.
+        if not 0 < max_pause_s <= MAX_PAUSE_S:
+            raise BarrierError(
+                f"max pause {max_pause_s:g} s is out of range: it must be positive "
+                f"and at most {MAX_PAUSE_S:g} s"
+            )
         barrier = self._barriers.get(model)
         if barrier is None:
             barrier = _Barrier(uuid.uuid4().hex, time.monotonic())

@@ -8,7 +8,9 @@ Every fault goes through the same steps, each one able to stop it:
    moderate; open: none): every target blocked -> REFUSED;
 4. a dry run stops here -> DRY_RUN, with the actions it would have taken;
 5. the actions, performed by the agents (hooks) or on the leader's workload:
-   any took effect -> ACTIVE until its duration ends, none -> FAILED.
+   any took effect -> ACTIVE until its duration ends, none -> FAILED. The
+   fault is dated (``injected_at``) by its first effect, as the agent stamped
+   it, not by when the actions returned; its duration counts from there.
 
 The end of the duration reverts the fault; so do RevertFault and RevertAll. The
 agents are also told the duration, so they revert by themselves if this
@@ -45,6 +47,7 @@ from services.fault_injector.spec import (
     Limits,
     Plan,
     Refusal,
+    bounded,
     breaker_allows,
     intensity_name,
     kind_name,
@@ -67,6 +70,25 @@ Kind = common_pb2.FaultKind
 
 class ActionError(Exception):
     """An action that did not take effect; the message says why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class HookOutcome:
+    """What an agent's fault hook did, and when its effect began."""
+
+    detail: str
+    began_at: float | None = None
+    """Wall-clock seconds when the agent began the effect; None when it did not say."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """One action's outcome: whether it took effect, what was done, and when it began."""
+
+    ok: bool
+    detail: str
+    began_at: float = 0.0
+    """Seconds on the injector's clock; meaningful only when ``ok``."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,9 +135,9 @@ class AgentHooks(Protocol):
 
     async def apply(
         self, action: AgentAction, fault_id: str, duration_s: float, intensity: int
-    ) -> str:
-        """Perform one hook for a fault of ``intensity``; returns the agent's detail,
-        raises ActionError."""
+    ) -> HookOutcome:
+        """Perform one hook for a fault of ``intensity``; returns the agent's detail and
+        the time its effect began, raises ActionError."""
         ...
 
     async def revert(self, agent_id: str, address: str, fault_id: str) -> bool:
@@ -232,7 +254,8 @@ class FaultInjector:
         record = FaultRecord(
             pb.Fault(
                 fault_id=self.book.new_id(),
-                spec=spec,
+                # Cut to the limits: a refused spec is kept too, and must stay small.
+                spec=bounded(spec),
                 state=State.FAULT_STATE_PENDING,
                 created_at=timestamp(self._clock.now()),
             )
@@ -377,12 +400,12 @@ class FaultInjector:
             *(self._apply(record, action, plan.duration_s) for action in actions)
         )
         failures = []
-        for action, (ok, detail) in zip(actions, outcomes, strict=True):
-            record.fault.targets.append(_target_message(action, detail))
-            if ok:
+        for action, outcome in zip(actions, outcomes, strict=True):
+            record.fault.targets.append(_target_message(action, outcome.detail))
+            if outcome.ok:
                 record.applied.append(action)
             else:
-                failures.append(detail)
+                failures.append(outcome.detail)
         if record.state in TERMINAL:
             # Reverted while its actions were in flight: undo what took effect, now.
             await self._undo(record)
@@ -394,7 +417,9 @@ class FaultInjector:
             return
         if failures:
             notes.insert(0, f"{len(failures)} of {len(actions)} actions failed")
-        now = self._clock.now()
+        # The fault began with its first effect, not when its actions returned:
+        # what the effect causes (a browser's exit, a recovery) may come before that.
+        now = min(o.began_at for o in outcomes if o.ok)
         record.fault.state = State.FAULT_STATE_ACTIVE
         record.fault.detail = "; ".join(notes)
         record.fault.injected_at.CopyFrom(timestamp(now))
@@ -475,24 +500,29 @@ class FaultInjector:
             replica_address=leader.address,
         )
 
-    async def _apply(
-        self, record: FaultRecord, action: Action, duration_s: float
-    ) -> tuple[bool, str]:
+    async def _apply(self, record: FaultRecord, action: Action, duration_s: float) -> Outcome:
+        """Perform one action; when it took effect, its start is when its effect began.
+
+        An agent's hook says when its effect began; that time is kept within the
+        call's span (a clock skewed between machines cannot move it outside). An
+        action without a hook (leader_loss) began just before it was started.
+        """
         with self._tracer.start_as_current_span(
             "fault.apply",
             attributes={"webshard.fault_id": record.fault_id, "webshard.action": action.describe()},
         ) as span:
+            started = self._clock.now()
             try:
                 if isinstance(action, LeaderAction):
-                    detail = await self._leader.act(action, duration_s)
-                else:
-                    detail = await self._hooks.apply(
-                        action, record.fault_id, duration_s, record.fault.spec.intensity
-                    )
+                    return Outcome(True, await self._leader.act(action, duration_s), started)
+                hooked = await self._hooks.apply(
+                    action, record.fault_id, duration_s, record.fault.spec.intensity
+                )
             except ActionError as exc:
                 span.set_status(Status(StatusCode.ERROR, str(exc)))
-                return False, f"failed: {exc}"
-            return True, detail
+                return Outcome(False, f"failed: {exc}")
+            began = started if hooked.began_at is None else hooked.began_at
+            return Outcome(True, hooked.detail, min(max(began, started), self._clock.now()))
 
     # --- revert ---------------------------------------------------------------
 
@@ -617,21 +647,36 @@ class FaultInjector:
         if any(s == State.FAULT_STATE_ACTIVE for s in states) or (
             any(s == State.FAULT_STATE_PENDING for s in states) and not record.reverting
         ):
+            changed = False
             if record.state != State.FAULT_STATE_ACTIVE and any(
                 s == State.FAULT_STATE_ACTIVE for s in states
             ):
                 record.fault.state = State.FAULT_STATE_ACTIVE
-                first = min(
-                    (
-                        c.fault.injected_at.ToNanoseconds()
-                        for c in record.children
-                        if c.fault.HasField("injected_at")
-                    ),
-                    default=0,
+                changed = True
+            # The earliest first effect of any child: children applied at once may
+            # become active in another order than their effects began.
+            first = min(
+                (
+                    c.fault.injected_at.ToNanoseconds()
+                    for c in record.children
+                    if c.fault.HasField("injected_at")
+                ),
+                default=0,
+            )
+            if (
+                first
+                and record.state == State.FAULT_STATE_ACTIVE
+                and (
+                    not record.fault.HasField("injected_at")
+                    or first < record.fault.injected_at.ToNanoseconds()
                 )
-                if first:
-                    record.fault.injected_at.FromNanoseconds(first)
+            ):
+                record.fault.injected_at.FromNanoseconds(first)
+                changed = True
+            if changed:
                 self.book.publish(record)
+                if record.parent is not None:  # a nested composite: its parent follows
+                    self._settle(record.parent)
             return
         if any(s == State.FAULT_STATE_PENDING for s in states):
             return  # a revert is cancelling the pending children now

@@ -19,7 +19,7 @@ def make_app(settings: FaultInjectorSettings, lifecycle: Lifecycle) -> BasicApp:
     """The fault-injector: the injector over the coordinator, recovery and the agents."""
     cluster = CoordinatorCluster(settings.coordinators)
     breakers = RecoveryBreakers(settings.recovery)
-    hooks = GrpcAgentHooks(timeout_s=settings.agent_timeout_s)
+    hooks = GrpcAgentHooks(timeout_s=settings.agent_timeout_s, token=settings.fault_token)
     leader = leader_control(settings.cluster_state, settings.pod_namespace)
     injector = FaultInjector(
         limits=Limits(max_duration_s=settings.max_duration_s),

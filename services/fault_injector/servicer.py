@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
-import hmac
-import logging
 from collections.abc import AsyncIterator
 
 import grpc
 from webshard.fault_injector.v1 import fault_injector_pb2 as pb
 from webshard.fault_injector.v1 import fault_injector_pb2_grpc as pb_grpc
 
+from services.common.auth import require_token
 from services.common.server import Lifecycle
 from services.fault_injector.injector import FaultInjector
 from services.fault_injector.spec import FaultError
 
-log = logging.getLogger(__name__)
-
 SERVICE = pb.DESCRIPTOR.services_by_name["FaultInjectorService"].full_name
 Context = grpc.aio.ServicerContext[object, object]
-
-_BEARER = "bearer "
 
 
 class FaultInjectorServicer(pb_grpc.FaultInjectorServiceServicer):
@@ -33,29 +28,11 @@ class FaultInjectorServicer(pb_grpc.FaultInjectorServiceServicer):
 
     def __init__(self, injector: FaultInjector, token: str, lifecycle: Lifecycle) -> None:
         self._injector = injector
-        self._token = token.encode()
+        self._token = token
         self._lifecycle = lifecycle
 
     async def _authorize(self, context: Context, method: str) -> None:
-        if not self._token:
-            return
-        values = [
-            value
-            for key, value in (context.invocation_metadata() or ())
-            if key.lower() == "authorization"
-        ]
-        raw = values[0] if values else ""
-        header = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
-        if not header.lower().startswith(_BEARER) or not header[len(_BEARER) :].strip():
-            log.warning("call without a fault token refused", extra={"method": method})
-            await context.abort(
-                grpc.StatusCode.UNAUTHENTICATED,
-                "this fault-injector requires 'authorization: Bearer <token>' metadata",
-            )
-        given = header[len(_BEARER) :].strip().encode()
-        if not hmac.compare_digest(given, self._token):
-            log.warning("call with a wrong fault token refused", extra={"method": method})
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "the fault token is wrong")
+        await require_token(context, self._token, method=method, service="fault-injector")
 
     @staticmethod
     async def _fail(context: Context, exc: FaultError) -> None:

@@ -34,8 +34,9 @@ class FaultInjectorSettings(ServerSettings):
     )
     memory_pressure_cap_mb: int = setting(
         1024,
-        "memory_pressure allocates its share (25/50/90 %) of the agent's memory budget or "
-        "of this cap, whichever is smaller, in MiB.",
+        # No percent sign: argparse formats help texts with %.
+        "memory_pressure allocates its share (25, 50 or 90 percent) of the agent's memory "
+        "budget or of this cap, whichever is smaller, in MiB.",
     )
     agent_timeout_s: float = setting(
         30.0, "Deadline of each fault hook call to an agent, in seconds."

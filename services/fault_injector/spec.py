@@ -52,8 +52,13 @@ cascade applies them one after another, ``interval`` apart.
 Latency and partition act on the path between the coordinator and the agent,
 inside the agent (hooks DELAY and DROP), so they need no network privileges.
 
-Guardrails: a duration must be positive and at most the service's maximum
-(unset means the maximum); an unscoped selector (no ids and no model, with mode
+Guardrails: a top-level spec must name its duration, positive and at most the
+service's maximum (a child without one takes its parent's); a composite has at
+most ``MAX_CHILDREN`` children and a whole spec at most ``MAX_LEAF_FAULTS`` leaf
+faults; a cascade's interval must be positive and shorter than its duration;
+selectors, labels and names are bounded too (``MAX_IDS``, ``MAX_LABELS``,
+``MAX_TEXT``), so a spec that makes no sense is refused at once instead of
+tying up the injector; an unscoped selector (no ids and no model, with mode
 all or percent >= 50) needs ``force``; unknown kinds, intensities, modes and
 target kinds are refused. Breakers adapt what is allowed: closed allows every
 intensity, half-open mild and moderate, open none (see :func:`breaker_allows`).
@@ -98,6 +103,28 @@ MAX_DEPTH = 3
 
 UNSCOPED_PERCENT = 50
 """A percent selector with no ids and no model hitting at least this many needs force."""
+
+MAX_CHILDREN = 16
+"""Children one multiple_failures or cascade may have: enough for any scenario, and
+each child is resolved and applied at once (thousands froze the injector)."""
+
+MAX_LEAF_FAULTS = 16
+"""Leaf faults one spec may hold, counted through every level of nesting."""
+
+MAX_IDS = 64
+"""Ids one selector may name."""
+
+MAX_FIXED = 1000
+"""The largest count a SELECTOR_MODE_FIXED selector may ask for."""
+
+MAX_LABELS = 32
+"""Labels one spec may carry."""
+
+MAX_TEXT = 256
+"""The longest id, model, peer service, label key or label value, in characters."""
+
+_QUOTED = 32
+"""How much of a rejected text a refusal quotes."""
 
 
 class FaultError(Exception):
@@ -193,6 +220,93 @@ def breaker_allows(state: int, intensity: int) -> bool:
     return True
 
 
+def _quote(text: str) -> str:
+    """A short prefix of ``text``, quoted, for a refusal's message."""
+    return repr(text[:_QUOTED] + ("..." if len(text) > _QUOTED else ""))
+
+
+def _count_leaves(spec: pb.FaultSpec) -> int:
+    """Leaf faults in ``spec``; stops counting once past the limit (it is refused anyway),
+    so a huge spec costs no more to count than a small one."""
+    if not spec.children:
+        return 1
+    total = 0
+    for child in spec.children:
+        total += _count_leaves(child)
+        if total > MAX_LEAF_FAULTS:
+            break
+    return total
+
+
+def bounded(spec: pb.FaultSpec, depth: int = 0) -> pb.FaultSpec:
+    """A copy of ``spec`` cut to the limits, to be recorded in the fault book.
+
+    A refused spec is recorded as well; cut, one with thousands of children cannot
+    swell the book or make every ListFaults answer too big to receive. A spec within
+    the limits comes back unchanged.
+    """
+    cut = pb.FaultSpec()
+    cut.CopyFrom(spec)
+    if len(cut.children) > MAX_CHILDREN:
+        del cut.children[MAX_CHILDREN:]
+    if depth >= MAX_DEPTH:
+        del cut.children[:]
+    for index, child in enumerate(spec.children[: len(cut.children)]):
+        cut.children[index].CopyFrom(bounded(child, depth + 1))
+    if len(cut.target.ids) > MAX_IDS:
+        del cut.target.ids[MAX_IDS:]
+    for index, text in enumerate(cut.target.ids):
+        cut.target.ids[index] = text[:MAX_TEXT]
+    cut.target.model = cut.target.model[:MAX_TEXT]
+    cut.target.peer_service = cut.target.peer_service[:MAX_TEXT]
+    labels = sorted(cut.labels.items())
+    cut.labels.clear()
+    for key, value in labels[:MAX_LABELS]:
+        cut.labels[key[:MAX_TEXT]] = value[:MAX_TEXT]
+    if not spec.HasField("target"):
+        cut.ClearField("target")
+    return cut
+
+
+def _check_bounds(spec: pb.FaultSpec, where: str) -> None:
+    """Refuse lists and texts past their limits, before anything walks them."""
+    if len(spec.children) > MAX_CHILDREN:
+        raise Refusal(
+            "INVALID_ARGUMENT",
+            f"{where}{kind_name(spec.kind)} has {len(spec.children)} children; "
+            f"a fault takes at most {MAX_CHILDREN}",
+        )
+    if len(spec.labels) > MAX_LABELS:
+        raise Refusal(
+            "INVALID_ARGUMENT",
+            f"{where}{len(spec.labels)} labels; a fault carries at most {MAX_LABELS}",
+        )
+    for key, value in spec.labels.items():
+        if not key or len(key) > MAX_TEXT or len(value) > MAX_TEXT:
+            raise Refusal(
+                "INVALID_ARGUMENT",
+                f"{where}label {_quote(key)}: keys must be 1 to {MAX_TEXT} characters "
+                f"and values at most {MAX_TEXT}",
+            )
+    if not spec.HasField("target"):
+        return
+    selector = spec.target
+    if len(selector.ids) > MAX_IDS:
+        raise Refusal(
+            "INVALID_ARGUMENT",
+            f"{where}the selector names {len(selector.ids)} ids; it may name at most {MAX_IDS}",
+        )
+    texts = [("id", i) for i in selector.ids]
+    texts += [("model", selector.model), ("peer service", selector.peer_service)]
+    for what, text in texts:
+        if len(text) > MAX_TEXT:
+            raise Refusal(
+                "INVALID_ARGUMENT",
+                f"{where}{what} {_quote(text)} is {len(text)} characters; "
+                f"at most {MAX_TEXT} are allowed",
+            )
+
+
 def _check_selector(spec: pb.FaultSpec, force: bool) -> None:
     kind = spec.kind
     if not spec.HasField("target"):
@@ -225,8 +339,11 @@ def _check_selector(spec: pb.FaultSpec, force: bool) -> None:
             f"unknown selector mode {selector.mode}; "
             f"modes: {_names(list(Mode.keys()), 'SELECTOR_MODE_')}",
         )
-    if selector.mode == Mode.SELECTOR_MODE_FIXED and selector.value < 1:
-        raise Refusal("INVALID_ARGUMENT", f"mode fixed needs a value >= 1, not {selector.value}")
+    if selector.mode == Mode.SELECTOR_MODE_FIXED and not 1 <= selector.value <= MAX_FIXED:
+        raise Refusal(
+            "INVALID_ARGUMENT",
+            f"mode fixed needs a value in 1..{MAX_FIXED}, not {selector.value}",
+        )
     if selector.mode == Mode.SELECTOR_MODE_PERCENT and not 1 <= selector.value <= 100:
         raise Refusal(
             "INVALID_ARGUMENT", f"mode percent needs a value in 1..100, not {selector.value}"
@@ -269,14 +386,31 @@ def validate(
     depth: int = 0,
 ) -> Plan:
     """Check a spec against the guardrails and fill in what it inherits; raise Refusal."""
+    where = f"child {depth}: " if parent is not None else ""
+    # Checked on the spec as given, before it is copied or its children walked: a
+    # spec with thousands of children is refused in microseconds.
+    _check_bounds(spec, where)
+    if parent is None:
+        leaves = _count_leaves(spec)
+        if leaves > MAX_LEAF_FAULTS:
+            raise Refusal(
+                "INVALID_ARGUMENT",
+                f"the spec holds more than {MAX_LEAF_FAULTS} leaf faults (nested ones "
+                f"counted, at most {MAX_DEPTH} deep); split it into several faults",
+            )
     effective = pb.FaultSpec()
     effective.CopyFrom(spec)
     kind = effective.kind
-    where = f"child {depth}: " if parent is not None else ""
     if kind not in TARGET_KINDS and kind not in COMPOSITE_KINDS:
         raise Refusal(
             "INVALID_ARGUMENT",
             f"{where}unknown fault kind {kind}; kinds: {_names(list(Kind.keys()), 'FAULT_KIND_')}",
+        )
+    if parent is None and not effective.HasField("duration"):
+        # Unset once meant the maximum: ten minutes of a fault nobody asked for.
+        raise Refusal(
+            "INVALID_ARGUMENT",
+            f"duration is required, at most {limits.max_duration_s:g} s (this injector's maximum)",
         )
     if parent is not None:
         # A child takes what it leaves unset from its parent.
@@ -301,21 +435,16 @@ def validate(
             f"{where}unknown intensity {effective.intensity} for {kind_name(kind)}; "
             f"intensities: {_names(list(Intensity.keys()), 'INTENSITY_')}",
         )
-    if effective.HasField("duration"):
-        duration_s = _seconds(effective.duration)
-        if duration_s <= 0:
-            raise Refusal(
-                "INVALID_ARGUMENT", f"{where}duration must be positive, not {duration_s:g} s"
-            )
-        if duration_s > limits.max_duration_s:
-            raise Refusal(
-                "INVALID_ARGUMENT",
-                f"{where}duration {duration_s:g} s exceeds this injector's maximum of "
-                f"{limits.max_duration_s:g} s",
-            )
-    else:
-        duration_s = limits.max_duration_s
-        effective.duration.FromNanoseconds(round(duration_s * 1e9))
+    # Set here: a top-level spec must have one, a child takes its parent's.
+    duration_s = _seconds(effective.duration)
+    if duration_s <= 0:
+        raise Refusal("INVALID_ARGUMENT", f"{where}duration must be positive, not {duration_s:g} s")
+    if duration_s > limits.max_duration_s:
+        raise Refusal(
+            "INVALID_ARGUMENT",
+            f"{where}duration {duration_s:g} s exceeds this injector's maximum of "
+            f"{limits.max_duration_s:g} s",
+        )
     plan = Plan(spec=effective, duration_s=duration_s)
     if kind in COMPOSITE_KINDS:
         if depth >= MAX_DEPTH:
@@ -324,8 +453,12 @@ def validate(
             raise Refusal("INVALID_ARGUMENT", f"{where}{kind_name(kind)} needs children")
         if kind == Kind.FAULT_KIND_CASCADE:
             plan.interval_s = _seconds(effective.interval) if effective.HasField("interval") else 0
-            if plan.interval_s <= 0:
-                raise Refusal("INVALID_ARGUMENT", f"{where}cascade needs a positive interval")
+            if not 0 < plan.interval_s < duration_s:
+                raise Refusal(
+                    "INVALID_ARGUMENT",
+                    f"{where}cascade needs an interval that is positive and shorter than "
+                    f"its duration ({duration_s:g} s), not {plan.interval_s:g} s",
+                )
             last_start = plan.interval_s * (len(effective.children) - 1)
             if last_start >= duration_s:
                 raise Refusal(

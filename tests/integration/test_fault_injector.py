@@ -44,8 +44,10 @@ def grpcurl(
     args = [GRPCURL, "-plaintext", "-max-time", "30"]
     for header in headers:
         args += ["-H", header]
+    # The body goes on stdin: a spec with thousands of children is too long for argv.
     return subprocess.run(
-        [*args, "-d", json.dumps(body), address, f"{API}/{method}"],
+        [*args, "-d", "@", address, f"{API}/{method}"],
+        input=json.dumps(body),
         capture_output=True,
         text=True,
     )
@@ -120,6 +122,26 @@ def test_calls_without_the_right_token_are_refused(guarded: ServiceProcess) -> N
         ),
         (crash_spec("agent-0/browser-0", duration="-5s"), "must be positive"),
         (crash_spec("agent-0/browser-0", duration="3600s"), "maximum of 60 s"),
+        (
+            {
+                "spec": {
+                    "kind": "FAULT_KIND_BROWSER_CRASH",
+                    "intensity": "INTENSITY_MILD",
+                    "target": {"kind": "TARGET_KIND_BROWSER", "ids": ["agent-0/browser-0"]},
+                }
+            },
+            "duration is required, at most 60 s",
+        ),
+        (
+            {
+                "spec": {
+                    "kind": "FAULT_KIND_MULTIPLE_FAILURES",
+                    "duration": "5s",
+                    "children": [crash_spec("agent-0/browser-0")["spec"]] * 2000,
+                }
+            },
+            "2000 children; a fault takes at most 16",
+        ),
     ],
 )
 def test_bad_specs_are_invalid_arguments_and_recorded_as_refused(

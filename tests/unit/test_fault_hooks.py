@@ -5,14 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 import pytest
 from webshard.browser_agent.v1 import browser_agent_pb2 as agent_pb
+from webshard.browser_agent.v1 import browser_agent_pb2_grpc as agent_grpc
+from webshard.cli.local import plan
 from webshard.common.v1 import common_pb2
 from webshard.coordinator.v1 import coordinator_pb2 as coord_pb
 from webshard.coordinator.v1 import coordinator_pb2_grpc as coord_grpc
+from webshard.fault_injector.v1 import fault_injector_pb2 as fi_pb
 
 from services.browser_agent.agent import LoadedEntry, ShardHost
 from services.browser_agent.hooks import (
@@ -23,8 +28,14 @@ from services.browser_agent.hooks import (
     Link,
 )
 from services.browser_agent.runtime import LoadResult
+from services.browser_agent.servicer import BrowserAgentServicer
 from services.browser_agent.session import CoordinatorSession
+from services.browser_agent.settings import AgentSettings
 from services.common.failures import FaultCause
+from services.common.server import Lifecycle
+from services.fault_injector.actions import AgentAction
+from services.fault_injector.agents import GrpcAgentHooks
+from services.fault_injector.injector import ActionError
 from tests.conftest import until
 
 H = agent_pb.FaultHook
@@ -240,6 +251,27 @@ async def test_a_failure_names_the_fault_whose_effect_explains_it() -> None:
     assert hooks.cause("browser-0") is None and hooks.cause("browser-1") is None
 
 
+async def test_a_hook_says_when_its_effect_began_before_it_acted() -> None:
+    browser = FakeBrowser("browser-0")
+    host = ShardHost(FakeNative(), lambda: [browser])
+    wall = [1_700_000_000.0]
+    hooks = FaultHooks(host, FakeSession(), wall_clock=lambda: wall[0])
+    killing = browser.kill
+
+    async def slow_kill() -> None:
+        await killing()
+        wall[0] += 1.67  # the browser takes its time to die; the effect began before
+
+    browser.kill = slow_kill  # type: ignore[method-assign]
+    killed = await hooks.apply(request(H.FAULT_HOOK_KILL_BROWSER, browser_id="browser-0"))
+    assert killed.began_at == 1_700_000_000.0
+    # A retried apply of an effect in force keeps the first one's time.
+    wall[0] += 5
+    await hooks.apply(request(H.FAULT_HOOK_OFFLINE, browser_id="browser-0", fault_id="off"))
+    again = await hooks.apply(request(H.FAULT_HOOK_OFFLINE, browser_id="browser-0", fault_id="off"))
+    assert again.began_at == 1_700_000_000.0 + 1.67 + 5
+
+
 async def test_fail_session_fails_one_handle_or_every_session_of_the_browser() -> None:
     browser = FakeBrowser("browser-0")
     browser.handles = ["a", "b"]
@@ -410,3 +442,133 @@ async def test_a_session_whose_heartbeats_fail_is_reopened() -> None:
         with pytest.raises(asyncio.CancelledError):
             await task
         await server.stop(0)
+
+
+TOKEN = "agent-s3cret"
+
+
+class Agent:
+    """An agent's servicer on loopback, over fake browsers, with or without a fault token."""
+
+    def __init__(self, address: str, browser: FakeBrowser) -> None:
+        self.address = address
+        self.browser = browser
+
+    def stub(self, channel: grpc.aio.Channel) -> agent_grpc.BrowserAgentServiceStub:
+        return agent_grpc.BrowserAgentServiceStub(channel)
+
+
+async def serve_agent(token: str) -> tuple[Agent, grpc.aio.Server]:
+    browser = FakeBrowser("browser-0")
+    hooks, session, host = hooks_with(browser)
+    servicer = BrowserAgentServicer(
+        AgentSettings(fault_token=token),
+        session,  # type: ignore[arg-type]  # hooks and status need only its link and cut
+        None,  # type: ignore[arg-type]  # no shard is loaded here
+        host,
+        Lifecycle(),
+        hooks=hooks,
+    )
+    server = grpc.aio.server()
+    agent_grpc.add_BrowserAgentServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return Agent(f"127.0.0.1:{port}", browser), server
+
+
+@pytest.fixture
+async def guarded_agent() -> AsyncIterator[Agent]:
+    agent, server = await serve_agent(TOKEN)
+    try:
+        yield agent
+    finally:
+        await server.stop(0)
+
+
+def kill(fault_id: str = "f-1") -> agent_pb.ApplyFaultHookRequest:
+    return agent_pb.ApplyFaultHookRequest(
+        fault_id=fault_id, hook=H.FAULT_HOOK_KILL_BROWSER, browser_id="browser-0"
+    )
+
+
+async def test_an_agent_with_a_fault_token_refuses_hooks_without_it(guarded_agent: Agent) -> None:
+    async with grpc.aio.insecure_channel(guarded_agent.address) as channel:
+        stub = guarded_agent.stub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as missing:
+            await stub.ApplyFaultHook(kill(), timeout=5)
+        assert missing.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "Bearer" in (missing.value.details() or "")
+        with pytest.raises(grpc.aio.AioRpcError) as wrong:
+            await stub.ApplyFaultHook(
+                kill(), timeout=5, metadata=(("authorization", "Bearer nope"),)
+            )
+        assert wrong.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        with pytest.raises(grpc.aio.AioRpcError) as revert:
+            await stub.RevertFaultHook(agent_pb.RevertFaultHookRequest(fault_id="f-1"), timeout=5)
+        assert revert.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert guarded_agent.browser.calls == []  # nothing was performed
+        before = time.time()
+        done = await stub.ApplyFaultHook(
+            kill(), timeout=5, metadata=(("authorization", f"Bearer {TOKEN}"),)
+        )
+        assert guarded_agent.browser.calls == [("kill", os.getpid())]
+        began = done.effect_began_at.ToNanoseconds() / 1e9
+        assert before <= began <= time.time()
+
+
+async def test_an_agent_without_a_token_takes_hooks_from_anyone() -> None:
+    agent, server = await serve_agent("")
+    try:
+        async with grpc.aio.insecure_channel(agent.address) as channel:
+            done = await agent.stub(channel).ApplyFaultHook(kill(), timeout=5)
+        assert done.HasField("effect_began_at") and agent.browser.calls
+    finally:
+        await server.stop(0)
+
+
+async def test_the_injector_sends_its_token_to_the_agents(guarded_agent: Agent) -> None:
+    action = AgentAction(
+        agent_id="agent-0",
+        address=guarded_agent.address,
+        hook=H.FAULT_HOOK_OFFLINE,
+        target_kind=fi_pb.TARGET_KIND_BROWSER,
+        target_id="agent-0/browser-0",
+        browser_id="browser-0",
+    )
+    anonymous, wrong, injector = (
+        GrpcAgentHooks(timeout_s=5),
+        GrpcAgentHooks(timeout_s=5, token="nope"),
+        GrpcAgentHooks(timeout_s=5, token=TOKEN),
+    )
+    try:
+        with pytest.raises(ActionError, match="UNAUTHENTICATED"):
+            await anonymous.apply(action, "f-1", 30.0, common_pb2.INTENSITY_MODERATE)
+        with pytest.raises(ActionError, match="PERMISSION_DENIED"):
+            await wrong.apply(action, "f-1", 30.0, common_pb2.INTENSITY_MODERATE)
+        assert guarded_agent.browser.calls == []
+        before = time.time()
+        outcome = await injector.apply(action, "f-1", 30.0, common_pb2.INTENSITY_MODERATE)
+        assert "offline" in outcome.detail
+        assert outcome.began_at is not None and before <= outcome.began_at <= time.time()
+        with pytest.raises(ActionError, match="UNAUTHENTICATED"):
+            await anonymous.revert("agent-0", guarded_agent.address, "f-1")
+        assert await injector.revert("agent-0", guarded_agent.address, "f-1") is True
+        assert guarded_agent.browser.calls == [("set_offline", True), ("set_offline", False)]
+    finally:
+        for hooks in (anonymous, wrong, injector):
+            await hooks.close()
+
+
+def test_a_local_cluster_gives_its_agents_the_injectors_fault_token(tmp_path: Path) -> None:
+    guarded = plan(
+        agents=2,
+        data_dir=tmp_path,
+        auto_ports=True,
+        extra_args={"fault_injector": ["--fault-token", TOKEN]},
+    )
+    agents = [p for p in guarded if p.service == "browser_agent"]
+    assert len(agents) == 2
+    assert all(p.args[-2:] == ["--fault-token", TOKEN] for p in agents)
+    # Without a token, none is invented (one in the environment reaches them by itself).
+    open_cluster = plan(agents=1, data_dir=tmp_path, auto_ports=True)
+    assert not any("--fault-token" in p.args for p in open_cluster)

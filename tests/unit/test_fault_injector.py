@@ -21,6 +21,7 @@ from services.fault_injector.injector import (
     ActionError,
     BreakerStates,
     FaultInjector,
+    HookOutcome,
     ViewRequest,
     view_request,
 )
@@ -93,24 +94,39 @@ class FakeBreakers:
 
 
 class FakeHooks:
-    def __init__(self) -> None:
+    """Agents' hooks: each effect begins when the hook acts, stamped on the clock."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
         self.applied: list[tuple[AgentAction, str, float]] = []
         self.reverted: list[tuple[str, str]] = []
         self.failing: set[str] = set()
         self.gate: asyncio.Event | None = None
         self.slow: Callable[[], None] | None = None
+        """Called before the effect begins (the call on its way to the agent)."""
+        self.after: Callable[[AgentAction], None] | None = None
+        """Called after the effect began (the agent slow to answer)."""
+        self.stamps = True
+        """False: an agent that does not say when its effect began."""
+        self.held: dict[str, asyncio.Event] = {}
+        """Agents whose answer waits on the event after their effect began."""
 
     async def apply(
         self, action: AgentAction, fault_id: str, duration_s: float, intensity: int
-    ) -> str:
+    ) -> HookOutcome:
         if self.gate is not None:
             await self.gate.wait()
         if self.slow is not None:
             self.slow()
         if action.agent_id in self.failing:
             raise ActionError(f"{action.agent_id} answered UNAVAILABLE: gone")
+        began = self.clock.now()
         self.applied.append((action, fault_id, duration_s))
-        return f"did {action.describe()}"
+        if self.after is not None:
+            self.after(action)
+        if action.agent_id in self.held:
+            await self.held[action.agent_id].wait()
+        return HookOutcome(f"did {action.describe()}", began if self.stamps else None)
 
     async def revert(self, agent_id: str, address: str, fault_id: str) -> bool:
         self.reverted.append((agent_id, fault_id))
@@ -121,9 +137,13 @@ class FakeLeader:
     def __init__(self) -> None:
         self.acts: list[LeaderAction] = []
         self.undos: list[LeaderAction] = []
+        self.slow: Callable[[], None] | None = None
+        """Called after the signal is sent (the process slow to be seen stopped)."""
 
     async def act(self, action: LeaderAction, duration_s: float) -> str:
         self.acts.append(action)
+        if self.slow is not None:
+            self.slow()
         return action.describe()
 
     async def undo(self, action: LeaderAction) -> str:
@@ -136,7 +156,7 @@ class Rig:
         self.clock = FakeClock()
         self.cluster = FakeCluster(cluster_view())
         self.breakers = FakeBreakers()
-        self.hooks = FakeHooks()
+        self.hooks = FakeHooks(self.clock)
         self.leader = FakeLeader()
         self.injector = FaultInjector(
             limits=Limits(max_duration_s=60.0),
@@ -203,6 +223,109 @@ async def test_inject_applies_the_hook_and_reverts_when_the_duration_ends(rig: R
     assert reverted.reverted_at.ToSeconds() == int(START + 10.1)
     # A kill cannot be undone on the agent: nothing is asked of it.
     assert rig.hooks.reverted == []
+
+
+def seconds(stamp: object) -> float:
+    nanos: int = stamp.ToNanoseconds()  # type: ignore[attr-defined]
+    return nanos / 1e9
+
+
+def at(expected: float | list[float]) -> object:
+    """Equal to within a millisecond (a relative tolerance is useless at epoch values)."""
+    return pytest.approx(expected, rel=0, abs=1e-3)
+
+
+async def test_a_fault_is_dated_by_when_its_first_effect_began(rig: Rig) -> None:
+    """Agents slow to answer: the fault began with the first effect, not when the
+    actions returned (a recovery of what it caused may start before that)."""
+
+    def slow_answer(action: AgentAction) -> None:
+        rig.clock.t += 1.67
+
+    rig.hooks.after = slow_answer
+    spec = fault_spec(
+        K.FAULT_KIND_LATENCY,
+        Level.INTENSITY_MILD,
+        ids=["agent-0", "agent-1"],
+        target_kind=T.TARGET_KIND_AGENT,
+        duration_s=10,
+    )
+    fault = await rig.injector.inject(spec)
+    assert rig.clock.now() == at(START + 2 * 1.67)
+    assert seconds(fault.injected_at) == at(START)
+    assert seconds(fault.reverts_at) == at(START + 10)
+    await rig.clock.advance(10 - 2 * 1.67 + 0.1)
+    await until(lambda: rig.injector.get(fault.fault_id).state == S.FAULT_STATE_REVERTED, "end")
+
+
+async def test_without_a_stamp_a_fault_is_dated_by_when_its_action_started(rig: Rig) -> None:
+    """An agent that does not say, and leader_loss (a signal, no hook): the time just
+    before the action started."""
+    rig.hooks.stamps = False
+
+    def slow_answer(action: AgentAction) -> None:
+        rig.clock.t += 2
+
+    rig.hooks.after = slow_answer
+    fault = await rig.injector.inject(fault_spec(duration_s=10))
+    assert seconds(fault.injected_at) == at(START)
+
+    def slow_signal() -> None:
+        rig.clock.t += 3
+
+    rig.leader.slow = slow_signal
+    mild = pb.FaultSpec(kind=K.FAULT_KIND_LEADER_LOSS, intensity=Level.INTENSITY_MILD)
+    mild.duration.FromSeconds(5)
+    before = rig.clock.now()
+    leader = await rig.injector.inject(mild)
+    assert seconds(leader.injected_at) == at(before)
+    assert seconds(leader.reverts_at) == at(before + 5)
+
+
+async def test_an_agents_stamp_is_kept_within_its_call(rig: Rig) -> None:
+    """A clock skewed between machines cannot date the fault outside the hook call."""
+
+    class Skewed(FakeHooks):
+        async def apply(
+            self, action: AgentAction, fault_id: str, duration_s: float, intensity: int
+        ) -> HookOutcome:
+            outcome = await super().apply(action, fault_id, duration_s, intensity)
+            return HookOutcome(outcome.detail, START - 3600)
+
+    rig.injector._hooks = Skewed(rig.clock)
+    fault = await rig.injector.inject(fault_spec(duration_s=10))
+    assert seconds(fault.injected_at) == at(START)
+
+
+async def test_a_composite_is_dated_by_its_earliest_childs_first_effect(rig: Rig) -> None:
+    """Children applied at once may answer in another order than their effects began."""
+
+    def on_its_way() -> None:
+        rig.clock.t += 1
+
+    rig.hooks.slow = on_its_way
+    rig.hooks.held["agent-0"] = asyncio.Event()
+    spec = pb.FaultSpec(kind=K.FAULT_KIND_MULTIPLE_FAILURES, intensity=Level.INTENSITY_MILD)
+    spec.duration.FromSeconds(20)
+    spec.children.extend(
+        [
+            fault_spec(ids=["agent-0/browser-0"]),
+            fault_spec(K.FAULT_KIND_CONNECTION_LOST, ids=["agent-1/browser-0"]),
+        ]
+    )
+    injecting = asyncio.create_task(rig.injector.inject(spec))
+    await until(lambda: len(rig.hooks.applied) == 2, "both effects to begin")
+    [parent] = rig.injector.faults()
+    await until(
+        lambda: rig.injector.get(f"{parent.fault_id}-2").state == S.FAULT_STATE_ACTIVE,
+        "the second child to answer first",
+    )
+    assert seconds(rig.injector.get(parent.fault_id).injected_at) == at(START + 2)
+    rig.hooks.held["agent-0"].set()
+    fault = await injecting
+    assert [seconds(c.injected_at) for c in fault.children] == at([START + 1, START + 2])
+    assert seconds(fault.injected_at) == at(START + 1)
+    assert seconds(fault.reverts_at) == at(START + 21)
 
 
 async def test_revertible_hooks_are_reverted_on_their_agent(rig: Rig) -> None:
@@ -481,4 +604,5 @@ def test_view_requests_ask_only_for_what_the_selectors_need() -> None:
     del every.target.ids[:]
     assert view_request(validate(every, force=False, limits=limits)).models is None
     leader = pb.FaultSpec(kind=K.FAULT_KIND_LEADER_LOSS, intensity=Level.INTENSITY_MILD)
+    leader.duration.FromSeconds(5)
     assert view_request(validate(leader, force=False, limits=limits)) == ViewRequest(replicas=True)

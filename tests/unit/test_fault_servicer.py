@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 from webshard.aio import FaultInjectorClient, target_selector
+from webshard.common.v1 import common_pb2
 from webshard.errors import (
     InvalidArgumentError,
     NotFoundError,
@@ -15,6 +16,7 @@ from webshard.errors import (
     UnauthenticatedError,
     UnavailableError,
 )
+from webshard.fault_injector.v1 import fault_injector_pb2 as fi_pb
 from webshard.fault_injector.v1 import fault_injector_pb2_grpc as pb_grpc
 
 from services.common.server import Lifecycle
@@ -85,7 +87,9 @@ async def test_refusals_answer_their_status_and_name_the_recorded_fault(served: 
 
 async def test_watch_ends_with_unavailable_when_the_server_drains(served: Served) -> None:
     async with FaultInjectorClient(served.address, token=TOKEN, timeout=5) as client:
-        await client.inject(kind="browser_crash", target="browser:agent-1/browser-0", dry_run=True)
+        await client.inject(
+            kind="browser_crash", target="browser:agent-1/browser-0", duration_s=5, dry_run=True
+        )
         seen = []
 
         async def watch() -> None:
@@ -97,3 +101,36 @@ async def test_watch_ends_with_unavailable_when_the_server_drains(served: Served
         with pytest.raises(UnavailableError, match="shutting down"):
             await asyncio.wait_for(watch(), timeout=5)
         assert seen == [6]  # DRY_RUN
+
+
+async def test_a_spec_past_the_limits_is_refused_and_loses_nothing_accepted(
+    served: Served,
+) -> None:
+    async with FaultInjectorClient(served.address, token=TOKEN, timeout=5) as client:
+        active = await client.inject(
+            kind="browser_crash", target="browser:agent-1/browser-0", duration_s=30
+        )
+        child = fi_pb.FaultSpec(
+            kind=common_pb2.FAULT_KIND_BROWSER_CRASH,
+            target=target_selector("browser", "agent-1/browser-0"),
+        )
+        huge = fi_pb.FaultSpec(
+            kind=common_pb2.FAULT_KIND_MULTIPLE_FAILURES,
+            intensity=common_pb2.INTENSITY_MILD,
+            children=[child] * 2000,
+        )
+        huge.duration.FromSeconds(5)
+        with pytest.raises(InvalidArgumentError, match="2000 children; a fault takes at most 16"):
+            await client.inject(huge)
+        with pytest.raises(InvalidArgumentError, match="duration is required, at most 60 s"):
+            await client.inject(kind="browser_crash", target="browser:agent-1/browser-0")
+        faults = await client.list_faults()
+        assert [f.state for f in faults] == [
+            fi_pb.FAULT_STATE_ACTIVE,
+            fi_pb.FAULT_STATE_REFUSED,
+            fi_pb.FAULT_STATE_REFUSED,
+        ]
+        assert faults[0].fault_id == active.fault_id
+        # The refused spec is recorded cut to the limits, so the book stays small.
+        assert len(faults[1].spec.children) == 16
+        assert len(served.rig.hooks.applied) == 1  # none of the 2,000 children was applied

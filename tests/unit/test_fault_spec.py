@@ -6,7 +6,20 @@ import pytest
 from webshard.common.v1 import common_pb2
 from webshard.fault_injector.v1 import fault_injector_pb2 as pb
 
-from services.fault_injector.spec import Limits, Refusal, breaker_allows, is_unscoped, validate
+from services.fault_injector.spec import (
+    MAX_CHILDREN,
+    MAX_FIXED,
+    MAX_IDS,
+    MAX_LABELS,
+    MAX_LEAF_FAULTS,
+    MAX_TEXT,
+    Limits,
+    Refusal,
+    bounded,
+    breaker_allows,
+    is_unscoped,
+    validate,
+)
 
 K = common_pb2.FaultKind
 Level = common_pb2.Intensity
@@ -46,10 +59,20 @@ def test_a_scoped_spec_passes_and_keeps_its_duration() -> None:
     assert not plan.composite
 
 
-def test_an_unset_duration_means_the_maximum() -> None:
-    plan = validate(spec(duration_s=None), force=False, limits=LIMITS)
-    assert plan.duration_s == 60.0
-    assert plan.spec.duration.ToSeconds() == 60
+def test_a_spec_without_a_duration_is_refused_naming_the_maximum() -> None:
+    # Taken as the maximum, an unset duration broke things for ten minutes by accident.
+    refusal = refused(spec(duration_s=None))
+    assert refusal.code == "INVALID_ARGUMENT"
+    assert refusal.reason == "duration is required, at most 60 s (this injector's maximum)"
+    composite = spec(
+        K.FAULT_KIND_MULTIPLE_FAILURES,
+        duration_s=None,
+        children=[pb.FaultSpec(kind=K.FAULT_KIND_BROWSER_CRASH)],
+    )
+    assert "duration is required" in refused(composite).reason
+    # A child without one takes its parent's.
+    composite.duration.FromSeconds(7)
+    assert validate(composite, force=False, limits=LIMITS).children[0].duration_s == 7
 
 
 @pytest.mark.parametrize("seconds", [0.0, -3.0])
@@ -86,6 +109,14 @@ def test_a_duration_over_the_maximum_is_refused_naming_it() -> None:
             spec(target=pb.TargetSelector(kind=T.TARGET_KIND_AGENT, mode=4, value=101)),
             "1..100",
         ),
+        (
+            spec(target=pb.TargetSelector(kind=T.TARGET_KIND_AGENT, mode=4, value=-5)),
+            "1..100",
+        ),
+        (
+            spec(target=pb.TargetSelector(kind=T.TARGET_KIND_AGENT, mode=3, value=MAX_FIXED + 1)),
+            f"fixed needs a value in 1..{MAX_FIXED}",
+        ),
     ],
 )
 def test_unknown_or_malformed_parts_are_invalid_arguments(
@@ -98,9 +129,11 @@ def test_unknown_or_malformed_parts_are_invalid_arguments(
 
 def test_a_leaf_without_a_target_is_refused_but_leader_loss_needs_none() -> None:
     no_target = pb.FaultSpec(kind=K.FAULT_KIND_BROWSER_CRASH, intensity=Level.INTENSITY_MILD)
+    no_target.duration.FromSeconds(5)
     assert "needs a target" in refused(no_target).reason
     leader = pb.FaultSpec(kind=K.FAULT_KIND_LEADER_LOSS, intensity=Level.INTENSITY_MILD)
-    assert validate(leader, force=False, limits=LIMITS).duration_s == 60.0
+    leader.duration.FromSeconds(5)
+    assert validate(leader, force=False, limits=LIMITS).duration_s == 5.0
     # It hits the one leader whatever the selector's mode, so it needs no force.
     leader.target.CopyFrom(pb.TargetSelector(kind=T.TARGET_KIND_REPLICA, mode=M.SELECTOR_MODE_ALL))
     validate(leader, force=False, limits=LIMITS)
@@ -209,7 +242,9 @@ def test_composites_need_children_and_a_cascade_a_fitting_interval() -> None:
     assert "needs children" in refused(spec(K.FAULT_KIND_MULTIPLE_FAILURES)).reason
     children = [pb.FaultSpec(kind=K.FAULT_KIND_BROWSER_CRASH)] * 3
     cascade = spec(K.FAULT_KIND_CASCADE, duration_s=10, children=children)
-    assert "positive interval" in refused(cascade).reason
+    assert "interval that is positive" in refused(cascade).reason
+    cascade.interval.FromSeconds(10)  # as long as the cascade: it could never step
+    assert "shorter than its duration (10 s), not 10 s" in refused(cascade).reason
     cascade.interval.FromSeconds(5)  # the third child would start at 10 s, as it ends
     assert "would start after 10 s" in refused(cascade).reason
     cascade.interval.FromSeconds(4)
@@ -231,3 +266,64 @@ def test_breakers_allow_by_state_and_intensity() -> None:
     assert breaker_allows(half, Level.INTENSITY_MILD)
     assert breaker_allows(half, Level.INTENSITY_MODERATE)
     assert not breaker_allows(half, Level.INTENSITY_SEVERE)
+
+
+def leaves(count: int) -> list[pb.FaultSpec]:
+    return [pb.FaultSpec(kind=K.FAULT_KIND_BROWSER_CRASH) for _ in range(count)]
+
+
+def test_a_composite_with_too_many_children_is_refused_naming_the_cap() -> None:
+    # 2,000 children once froze the injector while it applied them one by one.
+    huge = spec(K.FAULT_KIND_MULTIPLE_FAILURES, children=leaves(2000))
+    refusal = refused(huge)
+    assert refusal.code == "INVALID_ARGUMENT"
+    assert refusal.reason == (
+        f"multiple_failures has 2000 children; a fault takes at most {MAX_CHILDREN}"
+    )
+    assert validate(
+        spec(K.FAULT_KIND_MULTIPLE_FAILURES, children=leaves(MAX_CHILDREN)),
+        force=False,
+        limits=LIMITS,
+    )
+    # Nested composites count every leaf: 4 x 5 leaves is too many in one spec.
+    nested = spec(
+        K.FAULT_KIND_MULTIPLE_FAILURES,
+        children=[
+            pb.FaultSpec(kind=K.FAULT_KIND_MULTIPLE_FAILURES, children=leaves(5)) for _ in range(4)
+        ],
+    )
+    assert f"more than {MAX_LEAF_FAULTS} leaf faults" in refused(nested).reason
+    # A child composite is held to the cap too.
+    inner = spec(
+        K.FAULT_KIND_MULTIPLE_FAILURES,
+        children=[pb.FaultSpec(kind=K.FAULT_KIND_MULTIPLE_FAILURES, children=leaves(17))],
+    )
+    assert refused(inner).code == "INVALID_ARGUMENT"
+
+
+def test_selectors_labels_and_names_are_bounded() -> None:
+    many = pb.TargetSelector(
+        kind=T.TARGET_KIND_AGENT, ids=[f"a-{i}" for i in range(MAX_IDS + 1)], mode=1
+    )
+    assert (
+        f"names {MAX_IDS + 1} ids; it may name at most {MAX_IDS}"
+        in refused(spec(target=many)).reason
+    )
+    long_id = "x" * 100_000
+    refusal = refused(spec(target=pb.TargetSelector(kind=1, ids=[long_id], mode=1)))
+    assert f"at most {MAX_TEXT}" in refusal.reason
+    assert len(refusal.reason) < 200  # quotes only a short prefix of what it rejects
+    labels = {f"k{i}": "v" for i in range(MAX_LABELS + 1)}
+    assert f"at most {MAX_LABELS}" in refused(spec(labels=labels)).reason
+    assert "values at most" in refused(spec(labels={"run": "v" * (MAX_TEXT + 1)})).reason
+
+
+def test_bounded_cuts_a_spec_to_the_limits_and_keeps_a_fitting_one() -> None:
+    fitting = spec(labels={"run": "r1"})
+    assert bounded(fitting) == fitting
+    huge = spec(K.FAULT_KIND_MULTIPLE_FAILURES, children=leaves(2000))
+    huge.target.ids[:] = ["y" * 1000] * 1000
+    cut = bounded(huge)
+    assert len(cut.children) == MAX_CHILDREN and len(cut.target.ids) == MAX_IDS
+    assert all(len(i) == MAX_TEXT for i in cut.target.ids)
+    assert not bounded(pb.FaultSpec(kind=K.FAULT_KIND_LEADER_LOSS)).HasField("target")

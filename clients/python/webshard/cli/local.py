@@ -175,6 +175,18 @@ def plan(
     )
     for proc in procs:
         proc.args += (extra_args or {}).get(proc.service, [])
+    # Agents given the injector's fault token require it of its fault hooks; one set in
+    # the environment (WEBSHARD_FAULT_TOKEN) reaches every process already.
+    given = (extra_args or {}).get("fault_injector", [])
+    tokens = [v for f, v in itertools.pairwise(given) if f == "--fault-token"]
+    tokens += [a.split("=", 1)[1] for a in given if a.startswith("--fault-token=")]
+    for proc in procs:
+        if (
+            tokens
+            and proc.service == "browser_agent"
+            and not any(a.startswith("--fault-token") for a in proc.args)
+        ):
+            proc.args += ["--fault-token", tokens[-1]]
     return procs
 
 

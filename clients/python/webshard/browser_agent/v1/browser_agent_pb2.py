@@ -23,54 +23,55 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from webshard.common.v1 import common_pb2 as webshard_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n-webshard/browser_agent/v1/browser_agent.proto\x12\x19webshard.browser_agent.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fwebshard/common/v1/common.proto\"\x94\x02\n\x0fLoadShardHeader\x12\x33\n\x05shard\x18\x01 \x01(\x0b\x32\x1d.webshard.common.v1.ShardSpecR\x05shard\x12\x35\n\x07runtime\x18\x02 \x01(\x0e\x32\x1b.webshard.common.v1.RuntimeR\x07runtime\x12T\n\x12\x65xecution_provider\x18\x03 \x01(\x0e\x32%.webshard.common.v1.ExecutionProviderR\x11\x65xecutionProvider\x12\x1d\n\nbrowser_id\x18\x04 \x01(\tR\tbrowserId\x12 \n\x0c\x62y_hash_only\x18\x05 \x01(\x08R\nbyHashOnly\"x\n\x10LoadShardRequest\x12\x44\n\x06header\x18\x01 \x01(\x0b\x32*.webshard.browser_agent.v1.LoadShardHeaderH\x00R\x06header\x12\x16\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00R\x05\x63hunkB\x06\n\x04part\"\xb9\x01\n\x11LoadShardResponse\x12\x35\n\x05shard\x18\x01 \x01(\x0b\x32\x1f.webshard.common.v1.LoadedShardR\x05shard\x12\x1d\n\nbrowser_id\x18\x02 \x01(\tR\tbrowserId\x12\x16\n\x06\x63\x61\x63hed\x18\x03 \x01(\x08R\x06\x63\x61\x63hed\x12\x36\n\tload_time\x18\x04 \x01(\x0b\x32\x19.google.protobuf.DurationR\x08loadTime\"\xba\x01\n\x0fRunShardRequest\x12\x16\n\x06handle\x18\x01 \x01(\tR\x06handle\x12\x1d\n\nrequest_id\x18\x02 \x01(\tR\trequestId\x12\x1a\n\x08sequence\x18\x03 \x01(\x04R\x08sequence\x12\x32\n\x06inputs\x18\x04 \x03(\x0b\x32\x1a.webshard.common.v1.TensorR\x06inputs\x12 \n\x0btraceparent\x18\x05 \x01(\tR\x0btraceparent\"\xf1\x02\n\x10RunShardResponse\x12\x1a\n\x08sequence\x18\x01 \x01(\x04R\x08sequence\x12\x1d\n\nrequest_id\x18\x02 \x01(\tR\trequestId\x12\x34\n\x07outputs\x18\x03 \x03(\x0b\x32\x1a.webshard.common.v1.TensorR\x07outputs\x12\x33\n\x07\x63ompute\x18\x04 \x01(\x0b\x32\x19.google.protobuf.DurationR\x07\x63ompute\x12\x1d\n\nbrowser_id\x18\x05 \x01(\tR\tbrowserId\x12T\n\x12\x65xecution_provider\x18\x06 \x01(\x0e\x32%.webshard.common.v1.ExecutionProviderR\x11\x65xecutionProvider\x12\x1d\n\nerror_code\x18\x07 \x01(\x05R\terrorCode\x12#\n\rerror_message\x18\x08 \x01(\tR\x0c\x65rrorMessage\",\n\x12UnloadShardRequest\x12\x16\n\x06handle\x18\x01 \x01(\tR\x06handle\"6\n\x13UnloadShardResponse\x12\x1f\n\x0b\x66reed_bytes\x18\x01 \x01(\x03R\nfreedBytes\"\x12\n\x10GetStatusRequest\"\xfc\x01\n\x11GetStatusResponse\x12\x19\n\x08\x61gent_id\x18\x01 \x01(\tR\x07\x61gentId\x12;\n\x08\x62rowsers\x18\x02 \x03(\x0b\x32\x1f.webshard.common.v1.BrowserInfoR\x08\x62rowsers\x12.\n\x13memory_budget_bytes\x18\x03 \x01(\x03R\x11memoryBudgetBytes\x12.\n\x13\x63\x61\x63hed_shard_sha256\x18\x04 \x03(\tR\x11\x63\x61\x63hedShardSha256\x12/\n\x13\x63oordinator_address\x18\x05 \x01(\tR\x12\x63oordinatorAddress\"\x9c\x03\n\x15\x41pplyFaultHookRequest\x12\x19\n\x08\x66\x61ult_id\x18\x01 \x01(\tR\x07\x66\x61ultId\x12\x38\n\x04hook\x18\x02 \x01(\x0e\x32$.webshard.browser_agent.v1.FaultHookR\x04hook\x12\x1d\n\nbrowser_id\x18\x03 \x01(\tR\tbrowserId\x12!\n\x0cshard_handle\x18\x04 \x01(\tR\x0bshardHandle\x12!\n\x0cmemory_bytes\x18\x05 \x01(\x03R\x0bmemoryBytes\x12\x35\n\x08\x64uration\x18\x06 \x01(\x0b\x32\x19.google.protobuf.DurationR\x08\x64uration\x12/\n\x05\x64\x65lay\x18\x07 \x01(\x0b\x32\x19.google.protobuf.DurationR\x05\x64\x65lay\x12$\n\x0e\x64\x61ta_path_only\x18\x08 \x01(\x08R\x0c\x64\x61taPathOnly\x12;\n\tintensity\x18\t \x01(\x0e\x32\x1d.webshard.common.v1.IntensityR\tintensity\"o\n\x16\x41pplyFaultHookResponse\x12\x1d\n\nbrowser_id\x18\x01 \x01(\tR\tbrowserId\x12\x16\n\x06\x64\x65tail\x18\x02 \x01(\tR\x06\x64\x65tail\x12\x1e\n\nrevertible\x18\x03 \x01(\x08R\nrevertible\"3\n\x16RevertFaultHookRequest\x12\x19\n\x08\x66\x61ult_id\x18\x01 \x01(\tR\x07\x66\x61ultId\"5\n\x17RevertFaultHookResponse\x12\x1a\n\x08reverted\x18\x01 \x01(\x08R\x08reverted\"6\n\x15RestartBrowserRequest\x12\x1d\n\nbrowser_id\x18\x01 \x01(\tR\tbrowserId\"o\n\rReloadedShard\x12\'\n\x0fprevious_handle\x18\x01 \x01(\tR\x0epreviousHandle\x12\x35\n\x05shard\x18\x02 \x01(\x0b\x32\x1f.webshard.common.v1.LoadedShardR\x05shard\"\x9c\x01\n\x16RestartBrowserResponse\x12\x1d\n\nbrowser_id\x18\x01 \x01(\tR\tbrowserId\x12@\n\x06shards\x18\x02 \x03(\x0b\x32(.webshard.browser_agent.v1.ReloadedShardR\x06shards\x12!\n\x0c\x66rom_standby\x18\x03 \x01(\x08R\x0b\x66romStandby\"m\n\x17ReconnectBrowserRequest\x12\x1d\n\nbrowser_id\x18\x01 \x01(\tR\tbrowserId\x12\x33\n\x07timeout\x18\x02 \x01(\x0b\x32\x19.google.protobuf.DurationR\x07timeout\"M\n\x18ReconnectBrowserResponse\x12\x31\n\x06waited\x18\x01 \x01(\x0b\x32\x19.google.protobuf.DurationR\x06waited*\x97\x02\n\tFaultHook\x12\x1a\n\x16\x46\x41ULT_HOOK_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x46\x41ULT_HOOK_KILL_BROWSER\x10\x01\x12\x19\n\x15\x46\x41ULT_HOOK_CRASH_PAGE\x10\x02\x12\x16\n\x12\x46\x41ULT_HOOK_OFFLINE\x10\x03\x12\x1a\n\x16\x46\x41ULT_HOOK_CUT_SESSION\x10\x04\x12\x1b\n\x17\x46\x41ULT_HOOK_FAIL_SESSION\x10\x05\x12\x1a\n\x16\x46\x41ULT_HOOK_LOSE_DEVICE\x10\x06\x12\x1e\n\x1a\x46\x41ULT_HOOK_ALLOCATE_MEMORY\x10\x07\x12\x14\n\x10\x46\x41ULT_HOOK_DELAY\x10\x08\x12\x13\n\x0f\x46\x41ULT_HOOK_DROP\x10\t2\xa3\x07\n\x13\x42rowserAgentService\x12h\n\tLoadShard\x12+.webshard.browser_agent.v1.LoadShardRequest\x1a,.webshard.browser_agent.v1.LoadShardResponse(\x01\x12g\n\x08RunShard\x12*.webshard.browser_agent.v1.RunShardRequest\x1a+.webshard.browser_agent.v1.RunShardResponse(\x01\x30\x01\x12l\n\x0bUnloadShard\x12-.webshard.browser_agent.v1.UnloadShardRequest\x1a..webshard.browser_agent.v1.UnloadShardResponse\x12\x66\n\tGetStatus\x12+.webshard.browser_agent.v1.GetStatusRequest\x1a,.webshard.browser_agent.v1.GetStatusResponse\x12u\n\x0e\x41pplyFaultHook\x12\x30.webshard.browser_agent.v1.ApplyFaultHookRequest\x1a\x31.webshard.browser_agent.v1.ApplyFaultHookResponse\x12x\n\x0fRevertFaultHook\x12\x31.webshard.browser_agent.v1.RevertFaultHookRequest\x1a\x32.webshard.browser_agent.v1.RevertFaultHookResponse\x12u\n\x0eRestartBrowser\x12\x30.webshard.browser_agent.v1.RestartBrowserRequest\x1a\x31.webshard.browser_agent.v1.RestartBrowserResponse\x12{\n\x10ReconnectBrowser\x12\x32.webshard.browser_agent.v1.ReconnectBrowserRequest\x1a\x33.webshard.browser_agent.v1.ReconnectBrowserResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n-webshard/browser_agent/v1/browser_agent.proto\x12\x19webshard.browser_agent.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1fwebshard/common/v1/common.proto\"\x94\x02\n\x0fLoadShardHeader\x12\x33\n\x05shard\x18\x01 \x01(\x0b\x32\x1d.webshard.common.v1.ShardSpecR\x05shard\x12\x35\n\x07runtime\x18\x02 \x01(\x0e\x32\x1b.webshard.common.v1.RuntimeR\x07runtime\x12T\n\x12\x65xecution_provider\x18\x03 \x01(\x0e\x32%.webshard.common.v1.ExecutionProviderR\x11\x65xecutionProvider\x12\x1d\n\nbrowser_id\x18\x04 \x01(\tR\tbrowserId\x12 \n\x0c\x62y_hash_only\x18\x05 \x01(\x08R\nbyHashOnly\"x\n\x10LoadShardRequest\x12\x44\n\x06header\x18\x01 \x01(\x0b\x32*.webshard.browser_agent.v1.LoadShardHeaderH\x00R\x06header\x12\x16\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00R\x05\x63hunkB\x06\n\x04part\"\xb9\x01\n\x11LoadShardResponse\x12\x35\n\x05shard\x18\x01 \x01(\x0b\x32\x1f.webshard.common.v1.LoadedShardR\x05shard\x12\x1d\n\nbrowser_id\x18\x02 \x01(\tR\tbrowserId\x12\x16\n\x06\x63\x61\x63hed\x18\x03 \x01(\x08R\x06\x63\x61\x63hed\x12\x36\n\tload_time\x18\x04 \x01(\x0b\x32\x19.google.protobuf.DurationR\x08loadTime\"\xba\x01\n\x0fRunShardRequest\x12\x16\n\x06handle\x18\x01 \x01(\tR\x06handle\x12\x1d\n\nrequest_id\x18\x02 \x01(\tR\trequestId\x12\x1a\n\x08sequence\x18\x03 \x01(\x04R\x08sequence\x12\x32\n\x06inputs\x18\x04 \x03(\x0b\x32\x1a.webshard.common.v1.TensorR\x06inputs\x12 \n\x0btraceparent\x18\x05 \x01(\tR\x0btraceparent\"\xf1\x02\n\x10RunShardResponse\x12\x1a\n\x08sequence\x18\x01 \x01(\x04R\x08sequence\x12\x1d\n\nrequest_id\x18\x02 \x01(\tR\trequestId\x12\x34\n\x07outputs\x18\x03 \x03(\x0b\x32\x1a.webshard.common.v1.TensorR\x07outputs\x12\x33\n\x07\x63ompute\x18\x04 \x01(\x0b\x32\x19.google.protobuf.DurationR\x07\x63ompute\x12\x1d\n\nbrowser_id\x18\x05 \x01(\tR\tbrowserId\x12T\n\x12\x65xecution_provider\x18\x06 \x01(\x0e\x32%.webshard.common.v1.ExecutionProviderR\x11\x65xecutionProvider\x12\x1d\n\nerror_code\x18\x07 \x01(\x05R\terrorCode\x12#\n\rerror_message\x18\x08 \x01(\tR\x0c\x65rrorMessage\",\n\x12UnloadShardRequest\x12\x16\n\x06handle\x18\x01 \x01(\tR\x06handle\"6\n\x13UnloadShardResponse\x12\x1f\n\x0b\x66reed_bytes\x18\x01 \x01(\x03R\nfreedBytes\"\x12\n\x10GetStatusRequest\"\xfc\x01\n\x11GetStatusResponse\x12\x19\n\x08\x61gent_id\x18\x01 \x01(\tR\x07\x61gentId\x12;\n\x08\x62rowsers\x18\x02 \x03(\x0b\x32\x1f.webshard.common.v1.BrowserInfoR\x08\x62rowsers\x12.\n\x13memory_budget_bytes\x18\x03 \x01(\x03R\x11memoryBudgetBytes\x12.\n\x13\x63\x61\x63hed_shard_sha256\x18\x04 \x03(\tR\x11\x63\x61\x63hedShardSha256\x12/\n\x13\x63oordinator_address\x18\x05 \x01(\tR\x12\x63oordinatorAddress\"\x9c\x03\n\x15\x41pplyFaultHookRequest\x12\x19\n\x08\x66\x61ult_id\x18\x01 \x01(\tR\x07\x66\x61ultId\x12\x38\n\x04hook\x18\x02 \x01(\x0e\x32$.webshard.browser_agent.v1.FaultHookR\x04hook\x12\x1d\n\nbrowser_id\x18\x03 \x01(\tR\tbrowserId\x12!\n\x0cshard_handle\x18\x04 \x01(\tR\x0bshardHandle\x12!\n\x0cmemory_bytes\x18\x05 \x01(\x03R\x0bmemoryBytes\x12\x35\n\x08\x64uration\x18\x06 \x01(\x0b\x32\x19.google.protobuf.DurationR\x08\x64uration\x12/\n\x05\x64\x65lay\x18\x07 \x01(\x0b\x32\x19.google.protobuf.DurationR\x05\x64\x65lay\x12$\n\x0e\x64\x61ta_path_only\x18\x08 \x01(\x08R\x0c\x64\x61taPathOnly\x12;\n\tintensity\x18\t \x01(\x0e\x32\x1d.webshard.common.v1.IntensityR\tintensity\"\xb3\x01\n\x16\x41pplyFaultHookResponse\x12\x1d\n\nbrowser_id\x18\x01 \x01(\tR\tbrowserId\x12\x16\n\x06\x64\x65tail\x18\x02 \x01(\tR\x06\x64\x65tail\x12\x1e\n\nrevertible\x18\x03 \x01(\x08R\nrevertible\x12\x42\n\x0f\x65\x66\x66\x65\x63t_began_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\reffectBeganAt\"3\n\x16RevertFaultHookRequest\x12\x19\n\x08\x66\x61ult_id\x18\x01 \x01(\tR\x07\x66\x61ultId\"5\n\x17RevertFaultHookResponse\x12\x1a\n\x08reverted\x18\x01 \x01(\x08R\x08reverted\"6\n\x15RestartBrowserRequest\x12\x1d\n\nbrowser_id\x18\x01 \x01(\tR\tbrowserId\"o\n\rReloadedShard\x12\'\n\x0fprevious_handle\x18\x01 \x01(\tR\x0epreviousHandle\x12\x35\n\x05shard\x18\x02 \x01(\x0b\x32\x1f.webshard.common.v1.LoadedShardR\x05shard\"\x9c\x01\n\x16RestartBrowserResponse\x12\x1d\n\nbrowser_id\x18\x01 \x01(\tR\tbrowserId\x12@\n\x06shards\x18\x02 \x03(\x0b\x32(.webshard.browser_agent.v1.ReloadedShardR\x06shards\x12!\n\x0c\x66rom_standby\x18\x03 \x01(\x08R\x0b\x66romStandby\"m\n\x17ReconnectBrowserRequest\x12\x1d\n\nbrowser_id\x18\x01 \x01(\tR\tbrowserId\x12\x33\n\x07timeout\x18\x02 \x01(\x0b\x32\x19.google.protobuf.DurationR\x07timeout\"M\n\x18ReconnectBrowserResponse\x12\x31\n\x06waited\x18\x01 \x01(\x0b\x32\x19.google.protobuf.DurationR\x06waited*\x97\x02\n\tFaultHook\x12\x1a\n\x16\x46\x41ULT_HOOK_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x46\x41ULT_HOOK_KILL_BROWSER\x10\x01\x12\x19\n\x15\x46\x41ULT_HOOK_CRASH_PAGE\x10\x02\x12\x16\n\x12\x46\x41ULT_HOOK_OFFLINE\x10\x03\x12\x1a\n\x16\x46\x41ULT_HOOK_CUT_SESSION\x10\x04\x12\x1b\n\x17\x46\x41ULT_HOOK_FAIL_SESSION\x10\x05\x12\x1a\n\x16\x46\x41ULT_HOOK_LOSE_DEVICE\x10\x06\x12\x1e\n\x1a\x46\x41ULT_HOOK_ALLOCATE_MEMORY\x10\x07\x12\x14\n\x10\x46\x41ULT_HOOK_DELAY\x10\x08\x12\x13\n\x0f\x46\x41ULT_HOOK_DROP\x10\t2\xa3\x07\n\x13\x42rowserAgentService\x12h\n\tLoadShard\x12+.webshard.browser_agent.v1.LoadShardRequest\x1a,.webshard.browser_agent.v1.LoadShardResponse(\x01\x12g\n\x08RunShard\x12*.webshard.browser_agent.v1.RunShardRequest\x1a+.webshard.browser_agent.v1.RunShardResponse(\x01\x30\x01\x12l\n\x0bUnloadShard\x12-.webshard.browser_agent.v1.UnloadShardRequest\x1a..webshard.browser_agent.v1.UnloadShardResponse\x12\x66\n\tGetStatus\x12+.webshard.browser_agent.v1.GetStatusRequest\x1a,.webshard.browser_agent.v1.GetStatusResponse\x12u\n\x0e\x41pplyFaultHook\x12\x30.webshard.browser_agent.v1.ApplyFaultHookRequest\x1a\x31.webshard.browser_agent.v1.ApplyFaultHookResponse\x12x\n\x0fRevertFaultHook\x12\x31.webshard.browser_agent.v1.RevertFaultHookRequest\x1a\x32.webshard.browser_agent.v1.RevertFaultHookResponse\x12u\n\x0eRestartBrowser\x12\x30.webshard.browser_agent.v1.RestartBrowserRequest\x1a\x31.webshard.browser_agent.v1.RestartBrowserResponse\x12{\n\x10ReconnectBrowser\x12\x32.webshard.browser_agent.v1.ReconnectBrowserRequest\x1a\x33.webshard.browser_agent.v1.ReconnectBrowserResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'webshard.browser_agent.v1.browser_agent_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FAULTHOOK']._serialized_start=2823
-  _globals['_FAULTHOOK']._serialized_end=3102
-  _globals['_LOADSHARDHEADER']._serialized_start=142
-  _globals['_LOADSHARDHEADER']._serialized_end=418
-  _globals['_LOADSHARDREQUEST']._serialized_start=420
-  _globals['_LOADSHARDREQUEST']._serialized_end=540
-  _globals['_LOADSHARDRESPONSE']._serialized_start=543
-  _globals['_LOADSHARDRESPONSE']._serialized_end=728
-  _globals['_RUNSHARDREQUEST']._serialized_start=731
-  _globals['_RUNSHARDREQUEST']._serialized_end=917
-  _globals['_RUNSHARDRESPONSE']._serialized_start=920
-  _globals['_RUNSHARDRESPONSE']._serialized_end=1289
-  _globals['_UNLOADSHARDREQUEST']._serialized_start=1291
-  _globals['_UNLOADSHARDREQUEST']._serialized_end=1335
-  _globals['_UNLOADSHARDRESPONSE']._serialized_start=1337
-  _globals['_UNLOADSHARDRESPONSE']._serialized_end=1391
-  _globals['_GETSTATUSREQUEST']._serialized_start=1393
-  _globals['_GETSTATUSREQUEST']._serialized_end=1411
-  _globals['_GETSTATUSRESPONSE']._serialized_start=1414
-  _globals['_GETSTATUSRESPONSE']._serialized_end=1666
-  _globals['_APPLYFAULTHOOKREQUEST']._serialized_start=1669
-  _globals['_APPLYFAULTHOOKREQUEST']._serialized_end=2081
-  _globals['_APPLYFAULTHOOKRESPONSE']._serialized_start=2083
-  _globals['_APPLYFAULTHOOKRESPONSE']._serialized_end=2194
-  _globals['_REVERTFAULTHOOKREQUEST']._serialized_start=2196
-  _globals['_REVERTFAULTHOOKREQUEST']._serialized_end=2247
-  _globals['_REVERTFAULTHOOKRESPONSE']._serialized_start=2249
-  _globals['_REVERTFAULTHOOKRESPONSE']._serialized_end=2302
-  _globals['_RESTARTBROWSERREQUEST']._serialized_start=2304
-  _globals['_RESTARTBROWSERREQUEST']._serialized_end=2358
-  _globals['_RELOADEDSHARD']._serialized_start=2360
-  _globals['_RELOADEDSHARD']._serialized_end=2471
-  _globals['_RESTARTBROWSERRESPONSE']._serialized_start=2474
-  _globals['_RESTARTBROWSERRESPONSE']._serialized_end=2630
-  _globals['_RECONNECTBROWSERREQUEST']._serialized_start=2632
-  _globals['_RECONNECTBROWSERREQUEST']._serialized_end=2741
-  _globals['_RECONNECTBROWSERRESPONSE']._serialized_start=2743
-  _globals['_RECONNECTBROWSERRESPONSE']._serialized_end=2820
-  _globals['_BROWSERAGENTSERVICE']._serialized_start=3105
-  _globals['_BROWSERAGENTSERVICE']._serialized_end=4036
+  _globals['_FAULTHOOK']._serialized_start=2925
+  _globals['_FAULTHOOK']._serialized_end=3204
+  _globals['_LOADSHARDHEADER']._serialized_start=175
+  _globals['_LOADSHARDHEADER']._serialized_end=451
+  _globals['_LOADSHARDREQUEST']._serialized_start=453
+  _globals['_LOADSHARDREQUEST']._serialized_end=573
+  _globals['_LOADSHARDRESPONSE']._serialized_start=576
+  _globals['_LOADSHARDRESPONSE']._serialized_end=761
+  _globals['_RUNSHARDREQUEST']._serialized_start=764
+  _globals['_RUNSHARDREQUEST']._serialized_end=950
+  _globals['_RUNSHARDRESPONSE']._serialized_start=953
+  _globals['_RUNSHARDRESPONSE']._serialized_end=1322
+  _globals['_UNLOADSHARDREQUEST']._serialized_start=1324
+  _globals['_UNLOADSHARDREQUEST']._serialized_end=1368
+  _globals['_UNLOADSHARDRESPONSE']._serialized_start=1370
+  _globals['_UNLOADSHARDRESPONSE']._serialized_end=1424
+  _globals['_GETSTATUSREQUEST']._serialized_start=1426
+  _globals['_GETSTATUSREQUEST']._serialized_end=1444
+  _globals['_GETSTATUSRESPONSE']._serialized_start=1447
+  _globals['_GETSTATUSRESPONSE']._serialized_end=1699
+  _globals['_APPLYFAULTHOOKREQUEST']._serialized_start=1702
+  _globals['_APPLYFAULTHOOKREQUEST']._serialized_end=2114
+  _globals['_APPLYFAULTHOOKRESPONSE']._serialized_start=2117
+  _globals['_APPLYFAULTHOOKRESPONSE']._serialized_end=2296
+  _globals['_REVERTFAULTHOOKREQUEST']._serialized_start=2298
+  _globals['_REVERTFAULTHOOKREQUEST']._serialized_end=2349
+  _globals['_REVERTFAULTHOOKRESPONSE']._serialized_start=2351
+  _globals['_REVERTFAULTHOOKRESPONSE']._serialized_end=2404
+  _globals['_RESTARTBROWSERREQUEST']._serialized_start=2406
+  _globals['_RESTARTBROWSERREQUEST']._serialized_end=2460
+  _globals['_RELOADEDSHARD']._serialized_start=2462
+  _globals['_RELOADEDSHARD']._serialized_end=2573
+  _globals['_RESTARTBROWSERRESPONSE']._serialized_start=2576
+  _globals['_RESTARTBROWSERRESPONSE']._serialized_end=2732
+  _globals['_RECONNECTBROWSERREQUEST']._serialized_start=2734
+  _globals['_RECONNECTBROWSERREQUEST']._serialized_end=2843
+  _globals['_RECONNECTBROWSERRESPONSE']._serialized_start=2845
+  _globals['_RECONNECTBROWSERRESPONSE']._serialized_end=2922
+  _globals['_BROWSERAGENTSERVICE']._serialized_start=3207
+  _globals['_BROWSERAGENTSERVICE']._serialized_end=4138
 # @@protoc_insertion_point(module_scope)

@@ -7,6 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from webshard.common.v1 import common_pb2 as _common_pb2
@@ -390,7 +391,10 @@ Global___GetStatusResponse: _TypeAlias = GetStatusResponse  # noqa: Y015
 
 @_typing.final
 class ApplyFaultHookRequest(_message.Message):
-    """ApplyFaultHookRequest asks the agent to perform a fault."""
+    """ApplyFaultHookRequest asks the agent to perform a fault. When the agent runs
+    with WEBSHARD_FAULT_TOKEN set, ApplyFaultHook and RevertFaultHook calls must
+    carry "authorization: Bearer <token>" metadata, as calls to the fault-injector do.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -459,22 +463,32 @@ class ApplyFaultHookResponse(_message.Message):
     BROWSER_ID_FIELD_NUMBER: _builtins.int
     DETAIL_FIELD_NUMBER: _builtins.int
     REVERTIBLE_FIELD_NUMBER: _builtins.int
+    EFFECT_BEGAN_AT_FIELD_NUMBER: _builtins.int
     browser_id: _builtins.str
     """browser_id is the browser acted on."""
     detail: _builtins.str
     """detail says what happened, for the fault's record."""
     revertible: _builtins.bool
     """revertible is true when RevertFaultHook can undo it."""
+    @_builtins.property
+    def effect_began_at(self) -> _timestamp_pb2.Timestamp:
+        """effect_began_at is the agent's wall-clock time when the hook's effect began:
+        stamped just before the agent acts, so it is never later than anything the
+        effect causes (a browser's exit may be reported before this call returns). A
+        retried apply of an effect already in force returns the first one's time.
+        """
+
     def __init__(
         self,
         *,
         browser_id: _builtins.str = ...,
         detail: _builtins.str = ...,
         revertible: _builtins.bool = ...,
+        effect_began_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["effect_began_at", b"effect_began_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["browser_id", b"browser_id", "detail", b"detail", "revertible", b"revertible"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["browser_id", b"browser_id", "detail", b"detail", "effect_began_at", b"effect_began_at", "revertible", b"revertible"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

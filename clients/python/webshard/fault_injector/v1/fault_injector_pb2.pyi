@@ -220,11 +220,16 @@ class FaultSpec(_message.Message):
 
     @_builtins.property
     def duration(self) -> _duration_pb2.Duration:
-        """duration is how long the fault lasts before it reverts by itself; at most the service's maximum."""
+        """duration is how long the fault lasts before it reverts by itself. Required on a
+        top-level spec (positive, at most the service's maximum); a child without one
+        takes its parent's.
+        """
 
     @_builtins.property
     def children(self) -> _containers.RepeatedCompositeFieldContainer[Global___FaultSpec]:
-        """children are the faults of a multiple_failures or cascade fault."""
+        """children are the faults of a multiple_failures or cascade fault: at most 16 in
+        one composite, and at most 16 leaf faults in a whole spec.
+        """
 
     @_builtins.property
     def interval(self) -> _duration_pb2.Duration:
@@ -327,11 +332,19 @@ class Fault(_message.Message):
 
     @_builtins.property
     def injected_at(self) -> _timestamp_pb2.Timestamp:
-        """injected_at is when the fault took effect."""
+        """injected_at is when the fault took effect: when its first effect began. For an
+        action through an agent's fault hook that is the time the agent stamped just
+        before it acted (ApplyFaultHookResponse.effect_began_at, kept within the hook
+        call's span, so a clock skewed between machines cannot move it outside); for an
+        action without a hook (leader_loss's signal or pod deletion) the time just before
+        the action started. A multiple_failures or cascade fault takes the earliest of
+        its children's. So nothing the fault causes (a failure, a recovery) starts
+        before it. Unset until the fault is active.
+        """
 
     @_builtins.property
     def reverts_at(self) -> _timestamp_pb2.Timestamp:
-        """reverts_at is when it will revert by itself."""
+        """reverts_at is when it will revert by itself: injected_at plus its duration."""
 
     @_builtins.property
     def reverted_at(self) -> _timestamp_pb2.Timestamp:

@@ -752,3 +752,11 @@ def test_settings_reach_the_knobs_and_bad_values_stop_startup() -> None:
         load_settings(RecoverySettings, ["--default-strategy", "fastest"], env={})
     with pytest.raises(SettingsError, match="minimum calls"):
         load_settings(RecoverySettings, ["--breaker-minimum-calls", "50"], env={})
+    probes = load_settings(
+        RecoverySettings, ["--breaker-probes", "off", "--breaker-probe-interval-s", "2.5"], env={}
+    ).breaker_config()
+    assert (probes.active_probes, probes.probe_interval_s) == (False, 2.5)
+    with pytest.raises(SettingsError, match="probe interval 0.0 s"):
+        load_settings(RecoverySettings, ["--breaker-probe-interval-s", "0"], env={})
+    with pytest.raises(SettingsError, match="probe timeout -1.0 s"):
+        load_settings(RecoverySettings, ["--breaker-probe-timeout-s", "-1"], env={})

@@ -109,10 +109,13 @@ class BreakerKey:
         if not target_id:
             raise ValueError("target_id is empty; give an agent id or agent/browser")
         parts = target_id.split("/")
+        shown = repr(target_id) if len(target_id) <= 40 else repr(target_id[:40]) + "..."
         if scope == BreakerScope.AGENT and len(parts) != 1:
-            raise ValueError(f"an agent breaker's id has no slash; {target_id!r} names a browser")
+            raise ValueError(f"an agent breaker's id has no slash; {shown} names a browser")
         if scope == BreakerScope.BROWSER and (len(parts) != 2 or not all(parts)):
-            raise ValueError(f"a browser breaker's id is agent/browser, not {target_id!r}")
+            raise ValueError(f"a browser breaker's id is agent/browser, not {shown}")
+        if len(target_id) > 2 * 200 + 1:
+            raise ValueError(f"target_id {shown} is too long to name an agent or browser")
         return cls(BreakerScope(scope), target_id)
 
     def __str__(self) -> str:
@@ -441,6 +444,10 @@ class Breakers:
         if breaker is None:
             return BreakerView(key, BreakerState.CLOSED, 0, 0.0, 0, None, None)
         return breaker.view()
+
+    def known(self, key: BreakerKey) -> bool:
+        """Whether the target's breaker has seen an outcome (is stored)."""
+        return key in self._breakers
 
     def is_open(self, key: BreakerKey) -> bool:
         """Whether the target's breaker is OPEN now."""

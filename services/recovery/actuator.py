@@ -34,6 +34,7 @@ from webshard.errors import InvalidArgumentError, NotFoundError, RPCError
 
 from services.common.tracing import client_interceptors
 from services.recovery.execution import ActionFailed, ActionResult, ActionUnavailable
+from services.recovery.probes import ClusterView, HeldShard, InputUnavailable
 from services.recovery.strategies import ModelPlacement, Replica, Strategy, Target
 
 log = logging.getLogger(__name__)
@@ -105,6 +106,33 @@ class CoordinatorActuator:
         except NotFoundError:
             return None
         return placement_from_proto(placement)
+
+    async def cluster_status(self) -> ClusterView:
+        """Every shard replica and every registered agent, as a breaker probe plans with."""
+        status = await self._client.cluster_status(timeout=self._timeout_s)
+        return ClusterView(
+            shards=[
+                HeldShard(placement.model, shard.shard.index, r.agent_id, r.browser_id)
+                for placement in sorted(status.placements, key=lambda p: p.model)
+                for shard in sorted(placement.shards, key=lambda s: s.shard.index)
+                for r in shard.replicas
+            ],
+            agents={agent.agent_id: agent.address for agent in status.agents},
+        )
+
+    async def infer_pinned(self, model: str, shard_index: int, where: str) -> float:
+        """One inference of ``model`` with its shard pinned to ``where`` (a probe of that
+        replica); the coordinator's total milliseconds.
+
+        Raises:
+            RPCError: the inference failed.
+            InputUnavailable: the model takes no text and has no example inputs.
+        """
+        try:
+            result = await self._infer(model, pins={shard_index: where})
+        except KeyError as exc:
+            raise InputUnavailable(f"{model} takes no text and has no example inputs") from exc
+        return result.total_ms
 
     async def retry_in_place(self, target: Target) -> ActionResult:
         """Probe the failed replica: one inference with its shard pinned there."""

@@ -9,6 +9,13 @@ target; the fault-injector scales its faults to the state (DESIGN §6).
 Plain logic with an injected clock; no gRPC here. An OPEN breaker turns HALF_OPEN
 lazily, the first time anyone looks at it after its open duration; the transition
 is recorded at the moment the duration ended, not at the moment it was noticed.
+
+Half-open breakers are probed actively, not only by the traffic that happens to
+come: this module decides when a probe is due (``Breakers.start_due_probes``) and
+what its result means (``Breakers.finish_probe``); ``services.recovery.probes`` runs
+them. A probe that answers counts as one half-open success, one that fails reopens
+the breaker, and one that could not run (the target holds nothing to probe, the
+coordinator is unreachable) leaves it half-open until the next attempt.
 """
 
 from __future__ import annotations
@@ -20,6 +27,9 @@ from dataclasses import dataclass
 
 Clock = Callable[[], float]
 """Seconds since the epoch; ``time.time`` in the service, a fake in tests."""
+
+MAX_DURATION_S = 86_400.0
+"""The longest open duration or probe interval accepted: a day."""
 
 
 class BreakerState(enum.IntEnum):
@@ -33,6 +43,38 @@ class BreakerState(enum.IntEnum):
     def label(self) -> str:
         """The state in lowercase, as logs and spans show it."""
         return self.name.lower()
+
+
+class Cause(enum.StrEnum):
+    """What made a breaker change state; logs and the transition history carry it."""
+
+    TRAFFIC = "traffic"
+    """An outcome of the work recovery did or saw (a recovery's action, a verify)."""
+    OPEN_DURATION = "open_duration"
+    """The open duration ended."""
+    PROBE = "probe"
+    """An active half-open probe answered or failed."""
+    RESET = "reset"
+    """Someone closed the breaker by hand."""
+
+
+class ProbeOutcome(enum.Enum):
+    """What one half-open probe found."""
+
+    PASSED = "passed"
+    """The target answered: one half-open success."""
+    FAILED = "failed"
+    """The target did not answer, or answered wrongly: the breaker reopens."""
+    SKIPPED = "skipped"
+    """Nothing could be asked of the target; the breaker stays half-open."""
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeResult:
+    """A probe's outcome and what it did, in words."""
+
+    outcome: ProbeOutcome
+    detail: str
 
 
 class BreakerScope(enum.IntEnum):
@@ -67,10 +109,13 @@ class BreakerKey:
         if not target_id:
             raise ValueError("target_id is empty; give an agent id or agent/browser")
         parts = target_id.split("/")
+        shown = repr(target_id) if len(target_id) <= 40 else repr(target_id[:40]) + "..."
         if scope == BreakerScope.AGENT and len(parts) != 1:
-            raise ValueError(f"an agent breaker's id has no slash; {target_id!r} names a browser")
+            raise ValueError(f"an agent breaker's id has no slash; {shown} names a browser")
         if scope == BreakerScope.BROWSER and (len(parts) != 2 or not all(parts)):
-            raise ValueError(f"a browser breaker's id is agent/browser, not {target_id!r}")
+            raise ValueError(f"a browser breaker's id is agent/browser, not {shown}")
+        if len(target_id) > 2 * 200 + 1:
+            raise ValueError(f"target_id {shown} is too long to name an agent or browser")
         return cls(BreakerScope(scope), target_id)
 
     def __str__(self) -> str:
@@ -97,6 +142,12 @@ class BreakerConfig:
     """An OPEN breaker turns HALF_OPEN after this many seconds."""
     half_open_probes: int = 3
     """A HALF_OPEN breaker closes after this many successes in a row; any failure reopens it."""
+    active_probes: bool = True
+    """Probe a HALF_OPEN breaker's target actively; False leaves it to traffic."""
+    probe_interval_s: float = 1.0
+    """After a probe that passed, a HALF_OPEN breaker that needs more successes is probed
+    again this many seconds later. A probe that could not run is tried again after
+    ``open_duration_s``, so a target with nothing to probe is not asked over and over."""
 
     def validate(self) -> None:
         """Raise ValueError naming the first value out of range."""
@@ -120,6 +171,16 @@ class BreakerConfig:
             raise ValueError(f"breaker open duration {self.open_duration_s} s must be positive")
         if self.half_open_probes < 1:
             raise ValueError(f"breaker half-open probes {self.half_open_probes} must be >= 1")
+        if not 0 < self.probe_interval_s <= MAX_DURATION_S:
+            raise ValueError(
+                f"breaker probe interval {self.probe_interval_s} s must be within "
+                f"(0, {MAX_DURATION_S:g}]"
+            )
+        if self.open_duration_s > MAX_DURATION_S:
+            raise ValueError(
+                f"breaker open duration {self.open_duration_s} s is over a day "
+                f"({MAX_DURATION_S:g} s); a breaker that long is a ban, reset it by hand instead"
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +193,21 @@ class Transition:
     at: float
     """When it changed, seconds since the epoch."""
     reason: str
+    cause: Cause = Cause.TRAFFIC
+    """What made it change."""
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeTicket:
+    """One probe begun: which breaker, and which of its half-open spells it probes.
+
+    A result that comes back after the breaker moved on (reset by hand, reopened by
+    traffic) belongs to a spell that is over and changes nothing.
+    """
+
+    key: BreakerKey
+    spell: int
+    started_at: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +247,13 @@ class CircuitBreaker:
         self._probe_successes = 0
         self._changed_at: float | None = None
         self._open_until: float | None = None
+        self._spell = 0
+        """Counts state changes, so a probe's result can tell whether its spell is over."""
+        self._probing = False
+        self._cause = Cause.TRAFFIC
+        """The cause the next transition is recorded with."""
+        self._probe_after: float | None = None
+        """While HALF_OPEN, the earliest time of the next probe; None: at once."""
 
     @property
     def state(self) -> BreakerState:
@@ -189,13 +272,20 @@ class CircuitBreaker:
         """Whether work may go to the target: CLOSED, or HALF_OPEN for a probe."""
         return self.state != BreakerState.OPEN
 
-    def record(self, ok: bool, reason: str) -> None:
+    def record(self, ok: bool, reason: str, cause: Cause = Cause.TRAFFIC) -> None:
         """Count one outcome and change state if a threshold says so.
 
         While OPEN, outcomes are counted but change nothing: the open duration is a
         promise to leave the target alone for that long.
         """
         self._advance()
+        self._cause = cause
+        try:
+            self._count(ok, reason)
+        finally:
+            self._cause = Cause.TRAFFIC
+
+    def _count(self, ok: bool, reason: str) -> None:
         self._outcomes.append(ok)
         self._consecutive = 0 if ok else self._consecutive + 1
         if not self._config.enabled:
@@ -210,7 +300,7 @@ class CircuitBreaker:
                 self._move(
                     BreakerState.CLOSED,
                     self._clock(),
-                    f"{self._probe_successes} half-open probes succeeded",
+                    f"{self._probe_successes} half-open probes succeeded; the last: {reason}",
                 )
         elif self._state == BreakerState.CLOSED and not ok:
             rate = self.failure_rate
@@ -236,6 +326,7 @@ class CircuitBreaker:
         """Close the breaker and forget its outcomes; recorded when it was not CLOSED."""
         self._advance()
         if self._state != BreakerState.CLOSED:
+            self._cause = Cause.RESET
             self._move(BreakerState.CLOSED, self._clock(), reason)
         self._outcomes.clear()
         self._consecutive = 0
@@ -253,12 +344,54 @@ class CircuitBreaker:
             next_probe_at=self._open_until if state == BreakerState.OPEN else None,
         )
 
+    def probe_due_at(self) -> float | None:
+        """When this breaker next wants a probe; None when it wants none (CLOSED,
+        probing now, or probes turned off)."""
+        if not (self._config.enabled and self._config.active_probes) or self._probing:
+            return None
+        if self._state == BreakerState.OPEN:
+            return self._open_until
+        if self._state == BreakerState.HALF_OPEN:
+            return self._probe_after if self._probe_after is not None else self._changed_at
+        return None
+
+    def begin_probe(self) -> ProbeTicket | None:
+        """Start a probe when one is due now; None when none is (one at a time)."""
+        self._advance()
+        due = self.probe_due_at()
+        now = self._clock()
+        if self._state != BreakerState.HALF_OPEN or due is None or now < due:
+            return None
+        self._probing = True
+        return ProbeTicket(self.key, self._spell, now)
+
+    def finish_probe(self, ticket: ProbeTicket, result: ProbeResult) -> bool:
+        """Apply a probe's result; False when its half-open spell was already over."""
+        self._probing = False
+        self._advance()
+        if ticket.spell != self._spell or self._state != BreakerState.HALF_OPEN:
+            return False
+        now = self._clock()
+        match result.outcome:
+            case ProbeOutcome.PASSED:
+                self.record(True, result.detail, Cause.PROBE)
+                if self._state == BreakerState.HALF_OPEN:
+                    self._probe_after = now + self._config.probe_interval_s
+            case ProbeOutcome.FAILED:
+                self.record(False, result.detail, Cause.PROBE)
+            case ProbeOutcome.SKIPPED:
+                # Nothing was learnt about the target; try again after as long as an
+                # open spell lasts, and meanwhile let traffic decide.
+                self._probe_after = now + self._config.open_duration_s
+        return True
+
     def _advance(self) -> None:
         if (
             self._state == BreakerState.OPEN
             and self._open_until is not None
             and self._clock() >= self._open_until
         ):
+            self._cause = Cause.OPEN_DURATION
             self._move(
                 BreakerState.HALF_OPEN,
                 self._open_until,
@@ -267,10 +400,13 @@ class CircuitBreaker:
             )
 
     def _move(self, to_state: BreakerState, at: float, reason: str) -> None:
-        transition = Transition(self.key, self._state, to_state, at, reason)
+        transition = Transition(self.key, self._state, to_state, at, reason, self._cause)
+        self._cause = Cause.TRAFFIC
         self._state = to_state
         self._changed_at = at
         self._probe_successes = 0
+        self._spell += 1
+        self._probe_after = None
         if to_state == BreakerState.OPEN:
             self._open_until = at + self._config.open_duration_s
         else:
@@ -309,6 +445,10 @@ class Breakers:
             return BreakerView(key, BreakerState.CLOSED, 0, 0.0, 0, None, None)
         return breaker.view()
 
+    def known(self, key: BreakerKey) -> bool:
+        """Whether the target's breaker has seen an outcome (is stored)."""
+        return key in self._breakers
+
     def is_open(self, key: BreakerKey) -> bool:
         """Whether the target's breaker is OPEN now."""
         breaker = self._breakers.get(key)
@@ -331,6 +471,38 @@ class Breakers:
             return self.get(key)
         breaker.reset(reason)
         return breaker.view()
+
+    def start_due_probes(self, limit: int | None = None) -> list[ProbeTicket]:
+        """Begin a probe of every breaker due one now (at most ``limit``), oldest due first.
+
+        A breaker already being probed is not due: one probe per target at a time.
+        """
+        now = self._clock()
+        due = sorted(
+            (at, _order(key), breaker)
+            for key, breaker in self._breakers.items()
+            if (at := breaker.probe_due_at()) is not None and at <= now
+        )
+        tickets: list[ProbeTicket] = []
+        for _, _, breaker in due:
+            if limit is not None and len(tickets) >= limit:
+                break
+            ticket = breaker.begin_probe()
+            if ticket is not None:
+                tickets.append(ticket)
+        return tickets
+
+    def next_probe_at(self) -> float | None:
+        """The earliest time a breaker will want a probe; None when none will."""
+        times = [
+            at for breaker in self._breakers.values() if (at := breaker.probe_due_at()) is not None
+        ]
+        return min(times, default=None)
+
+    def finish_probe(self, ticket: ProbeTicket, result: ProbeResult) -> bool:
+        """Apply a probe's result to its breaker; False when its spell was already over."""
+        breaker = self._breakers.get(ticket.key)
+        return breaker is not None and breaker.finish_probe(ticket, result)
 
     def list(self) -> list[BreakerView]:
         """Every breaker, agents first, then by id."""

@@ -10,6 +10,7 @@ from webshard.recovery.v1 import recovery_pb2_grpc as pb_grpc
 from services.common.server import BasicApp, Lifecycle
 from services.recovery.actuator import CoordinatorActuator
 from services.recovery.breakers import Breakers, Transition
+from services.recovery.probes import BreakerProber, ClusterProbes, GrpcAgentStatus
 from services.recovery.recoveries import Recoveries
 from services.recovery.servicer import SERVICE, RecoveryServicer
 from services.recovery.settings import RecoverySettings
@@ -28,6 +29,7 @@ def _log_transition(transition: Transition) -> None:
             "to": transition.to_state.label,
             "at": transition.at,
             "reason": transition.reason,
+            "cause": transition.cause.value,
         },
     )
 
@@ -58,9 +60,22 @@ def make_app(settings: RecoverySettings, lifecycle: Lifecycle) -> BasicApp:
         clock=clock,
     )
 
+    agent_status = GrpcAgentStatus()
+    prober = BreakerProber(
+        breakers,
+        ClusterProbes(actuator, agent_status, timeout_s=settings.breaker_probe_timeout_s),
+        clock,
+        timeout_s=settings.breaker_probe_timeout_s,
+    )
+
+    async def start() -> None:
+        prober.start()
+
     async def stop() -> None:
+        await prober.close()
         await recoveries.close()
         await actuator.close()
+        await agent_status.close()
 
     return BasicApp(
         service_names=(SERVICE,),
@@ -75,5 +90,6 @@ def make_app(settings: RecoverySettings, lifecycle: Lifecycle) -> BasicApp:
                 ),
             )
         ],
+        on_start=start,
         on_stop=stop,
     )

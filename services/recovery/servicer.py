@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import re
+import time
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -29,6 +31,21 @@ INTENSITIES = {
 """Intensity numbers and the labels recovery's domain and spans use."""
 LABELS = {label: value for value, label in INTENSITIES.items()}
 
+MAX_ID_CHARS = 200
+"""The longest id or name a report may carry (agent, browser, model, request, fault)."""
+MAX_CLOCK_SKEW_S = 60.0
+"""How far in the future a report's detection time may lie (clocks differ a little)."""
+MAX_REPORT_AGE_S = 3600.0
+"""How long ago a reported failure may have been detected; an older one is history,
+not something to recover from now."""
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+_ID = re.compile(r"[^\s/]+")
+
+
+def quote(text: str, limit: int = 40) -> str:
+    """``text`` quoted for an error message: at most a short prefix of it."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} chars)"
+
 
 def _timestamp(seconds: float) -> Timestamp:
     stamp = Timestamp()
@@ -36,8 +53,12 @@ def _timestamp(seconds: float) -> Timestamp:
     return stamp
 
 
-def failure_from_proto(report: pb.FailureReport) -> Failure:
-    """The report as recovery's domain sees it; ValueError says what is wrong with it."""
+def failure_from_proto(report: pb.FailureReport, now: float | None = None) -> Failure:
+    """The report as recovery's domain sees it; ValueError says what is wrong with it.
+
+    With ``now``, a detection time must lie within the last ``MAX_REPORT_AGE_S`` and
+    no more than ``MAX_CLOCK_SKEW_S`` ahead.
+    """
     if report.source not in {s.value for s in FailureSource}:
         raise ValueError(
             f"report.source must be data_path, heartbeat, page or agent (got {report.source})"
@@ -47,8 +68,29 @@ def failure_from_proto(report: pb.FailureReport) -> Failure:
         raise ValueError(f"report.kind must be one of {names} (got {report.kind})")
     if not report.agent_id:
         raise ValueError("report.agent_id is empty; name the agent involved")
-    if "/" in report.agent_id or "/" in report.browser_id:
-        raise ValueError("report.agent_id and report.browser_id may not contain '/'")
+    for name, value in (("agent_id", report.agent_id), ("browser_id", report.browser_id)):
+        if value and not _ID.fullmatch(value):
+            raise ValueError(
+                f"report.{name} {quote(value)} may not contain '/' or whitespace; "
+                "give the id the agent registered with"
+            )
+    for name, value in (
+        ("agent_id", report.agent_id),
+        ("browser_id", report.browser_id),
+        ("model", report.model),
+        ("request_id", report.request_id),
+        ("fault_id", report.fault_id),
+    ):
+        if len(value) > MAX_ID_CHARS:
+            raise ValueError(
+                f"report.{name} {quote(value)} is longer than {MAX_ID_CHARS} characters"
+            )
+    if report.fault_traceparent and not _TRACEPARENT.fullmatch(report.fault_traceparent):
+        raise ValueError(
+            f"report.fault_traceparent {quote(report.fault_traceparent)} is not a W3C "
+            "traceparent (00-<32 hex trace id>-<16 hex span id>-<2 hex flags>); leave it empty "
+            "when unknown"
+        )
     if report.shard_index < -1:
         raise ValueError(f"report.shard_index {report.shard_index} is below -1 (no shard)")
     if report.fault_intensity and report.fault_intensity not in INTENSITIES:
@@ -56,6 +98,7 @@ def failure_from_proto(report: pb.FailureReport) -> Failure:
             "report.fault_intensity must be unspecified, mild, moderate or severe "
             f"(got {report.fault_intensity})"
         )
+    detected_at = _detected_at(report, now)
     return Failure(
         source=FailureSource(report.source),
         kind=FailureKind(report.kind),
@@ -68,10 +111,34 @@ def failure_from_proto(report: pb.FailureReport) -> Failure:
         fault_intensity=INTENSITIES.get(report.fault_intensity, ""),
         fault_traceparent=report.fault_traceparent,
         message=report.message,
-        detected_at=(
-            report.detected_at.ToNanoseconds() / 1e9 if report.HasField("detected_at") else None
-        ),
+        detected_at=detected_at,
     )
+
+
+def _detected_at(report: pb.FailureReport, now: float | None) -> float | None:
+    if not report.HasField("detected_at"):
+        return None
+    try:
+        detected = report.detected_at.ToNanoseconds() / 1e9
+        report.detected_at.ToDatetime()  # checks the range ToNanoseconds does not
+    except (ValueError, OverflowError) as exc:
+        raise ValueError(
+            f"report.detected_at is not a valid timestamp ({exc}); leave it unset to mean now"
+        ) from None
+    if now is not None:
+        if detected > now + MAX_CLOCK_SKEW_S:
+            raise ValueError(
+                f"report.detected_at lies {detected - now:.0f} s in the future (more than "
+                f"{MAX_CLOCK_SKEW_S:g} s of clock skew); check the reporter's clock, or leave "
+                "it unset to mean now"
+            )
+        if detected < now - MAX_REPORT_AGE_S:
+            raise ValueError(
+                f"report.detected_at is {now - detected:.0f} s old (more than "
+                f"{MAX_REPORT_AGE_S:g} s); report failures as they are detected, or leave it "
+                "unset to mean now"
+            )
+    return detected
 
 
 def failure_to_proto(failure: Failure) -> pb.FailureReport:
@@ -155,11 +222,13 @@ class RecoveryServicer(pb_grpc.RecoveryServiceServicer):
         breakers: Breakers,
         lifecycle: Lifecycle,
         list_limit: int = 100,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._recoveries = recoveries
         self._breakers = breakers
         self._lifecycle = lifecycle
         self._list_limit = list_limit
+        self._clock = clock
 
     async def ReportFailure(
         self, request: pb.ReportFailureRequest, context: Context
@@ -174,7 +243,7 @@ class RecoveryServicer(pb_grpc.RecoveryServiceServicer):
                 f"strategy {request.strategy} is unknown; leave it unset or use {names}",
             )
         try:
-            failure = failure_from_proto(request.report)
+            failure = failure_from_proto(request.report, now=self._clock())
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         strategy = Strategy(request.strategy) if request.strategy else None
@@ -191,7 +260,7 @@ class RecoveryServicer(pb_grpc.RecoveryServiceServicer):
         if record is None:
             await context.abort(
                 grpc.StatusCode.NOT_FOUND,
-                f"no recovery {request.recovery_id!r} (unknown, or older than the "
+                f"no recovery {quote(request.recovery_id)} (unknown, or older than the "
                 "recoveries kept; ListRecoveries shows those kept)",
             )
         return pb.GetRecoveryResponse(recovery=recovery_to_proto(record))
@@ -239,8 +308,15 @@ class RecoveryServicer(pb_grpc.RecoveryServiceServicer):
     async def ResetBreaker(
         self, request: pb.ResetBreakerRequest, context: Context
     ) -> pb.ResetBreakerResponse:
-        """Close a breaker by hand."""
+        """Close a breaker by hand; one that has seen no outcome is not found."""
         key = await self._key(request.scope, request.target_id, context)
+        if not self._breakers.known(key):
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"no breaker for {key.scope.name.lower()} {quote(key.target_id)}: recovery has "
+                "seen no outcome of it, so it is closed already (ListBreakers shows the known "
+                "ones; check the id)",
+            )
         return pb.ResetBreakerResponse(breaker=breaker_to_proto(self._breakers.reset(key)))
 
     async def _key(self, scope: int, target_id: str, context: Context) -> BreakerKey:

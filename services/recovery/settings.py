@@ -52,6 +52,18 @@ class RecoverySettings(ServerSettings):
         _BREAKER.half_open_probes,
         "Successes in a row that close a half-open breaker; any failure reopens it.",
     )
+    breaker_probes: bool = setting(
+        _BREAKER.active_probes,
+        "Probe a breaker's target (a pinned inference of a shard it holds, else its agent's "
+        "status) when its open time ends; off leaves half-open breakers to traffic.",
+    )
+    breaker_probe_interval_s: float = setting(
+        _BREAKER.probe_interval_s,
+        "Seconds between the probes of a half-open breaker that needs more than one success.",
+    )
+    breaker_probe_timeout_s: float = setting(
+        10.0, "Deadline of one breaker probe; a probe that runs past it failed."
+    )
     dedupe_window_s: float = setting(
         _RECOVERIES.dedupe_window_s,
         "A report of the same agent, browser and shard within this many seconds joins the "
@@ -106,6 +118,8 @@ class RecoverySettings(ServerSettings):
             consecutive_failures=self.breaker_consecutive_failures,
             open_duration_s=self.breaker_open_s,
             half_open_probes=self.breaker_half_open_probes,
+            active_probes=self.breaker_probes,
+            probe_interval_s=self.breaker_probe_interval_s,
         )
         try:
             config.validate()
@@ -136,6 +150,10 @@ class RecoverySettings(ServerSettings):
         if not self.coordinators:
             raise SettingsError("coordinators is empty; give at least one host:port")
         self.breaker_config()
+        if not 0 < self.breaker_probe_timeout_s <= 600:
+            raise SettingsError(
+                f"breaker probe timeout {self.breaker_probe_timeout_s} s must be within (0, 600]"
+            )
         self.recoveries_config()
         if self.list_limit < 1:
             raise SettingsError(f"list limit {self.list_limit} must be at least 1")

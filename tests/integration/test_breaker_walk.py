@@ -19,6 +19,11 @@ What drives each transition, through the services' own APIs only:
   whose trail passes through an agent as that agent working. A failure reported on
   the victim itself would reopen the breaker, so each probe is a recovery of the
   other agent's shard: its verify runs the whole model, the victim's shard included.
+  Recovery's own active probes are off for this walk, so traffic alone decides.
+
+The second walk leaves the half-open breaker to recovery's active probes: pinned
+inferences of the victim's shard close it with no traffic at all, and once the
+victim is killed, a probe that finds it gone reopens it.
 
 The injector's decisions are dry runs of a latency fault on the victim: they resolve
 the target and consult the breaker exactly as a real injection does, without slowing
@@ -28,12 +33,13 @@ the verify inferences that close the breaker.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 import webshard
@@ -65,10 +71,20 @@ class Walk:
     coordinator: ServiceProcess
     recovery: ServiceProcess
     injector: ServiceProcess
+    agents: dict[str, ServiceProcess]
+    """By agent id."""
+
+
+PROBE_INTERVAL_S = 0.5
+"""Between the probes of the second walk's half-open breaker."""
 
 
 @pytest.fixture
-def walk(start_service: Callable[..., ServiceProcess]) -> Iterator[Walk]:
+def walk(
+    request: pytest.FixtureRequest, start_service: Callable[..., ServiceProcess]
+) -> Iterator[Walk]:
+    """The processes; ``walk`` parametrized with True turns recovery's active probes on."""
+    probes = bool(getattr(request, "param", False))
     coordinator = start_service("coordinator", wait=False)
     agents = [
         start_service(
@@ -95,6 +111,10 @@ def walk(start_service: Callable[..., ServiceProcess]) -> Iterator[Walk]:
         str(HALF_OPEN_PROBES),
         "--action-timeout-s",
         "20",
+        "--breaker-probes",
+        "on" if probes else "off",
+        "--breaker-probe-interval-s",
+        str(PROBE_INTERVAL_S),
         wait=False,
     )
     injector = start_service(
@@ -109,7 +129,7 @@ def walk(start_service: Callable[..., ServiceProcess]) -> Iterator[Walk]:
         proc.wait_serving()
     with webshard.Client(coordinator.address, timeout=10) as client:
         wait_for(lambda: len(client.list_agents()) == 2, 30, "both agents to register")
-    yield Walk(coordinator, recovery, injector)
+    yield Walk(coordinator, recovery, injector, {f"agent-{i}": a for i, a in enumerate(agents)})
 
 
 async def eventually(
@@ -126,17 +146,22 @@ async def eventually(
         await asyncio.sleep(0.05)
 
 
-def logged_transitions(log: Path) -> list[tuple[str, str, str, float]]:
-    """The breaker transitions the recovery process logged: (breaker, from, to, at)."""
+def logged(log: Path, message: str) -> list[dict[str, Any]]:
+    """The entries the recovery process logged with ``message``."""
     found = []
     for line in log.read_text().splitlines():
         try:
             entry = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if entry.get("message") == "breaker transition":
-            found.append((entry["breaker"], entry["from"], entry["to"], entry["at"]))
+        if entry.get("message") == message:
+            found.append(entry)
     return found
+
+
+def logged_transitions(log: Path) -> list[tuple[str, str, str, float]]:
+    """The breaker transitions the recovery process logged: (breaker, from, to, at)."""
+    return [(e["breaker"], e["from"], e["to"], e["at"]) for e in logged(log, "breaker transition")]
 
 
 def seconds(stamp: Timestamp) -> float:
@@ -284,3 +309,94 @@ async def test_one_failing_agent_walks_its_breaker_and_the_injector_follows(walk
         pytest.approx(seconds(half.changed_at), abs=1e-6),
         pytest.approx(seconds(closed.changed_at), abs=1e-6),
     ]
+
+
+async def open_the_breaker(recovery: RecoveryClient, victim: str) -> pb.Breaker:
+    """Report the victim gone until its breaker opens; each recovery finished first."""
+    for n in range(1, CONSECUTIVE_FAILURES + 1):
+        report = pb.FailureReport(
+            source=pb.FAILURE_SOURCE_HEARTBEAT,
+            kind=pb.FAILURE_KIND_AGENT_GONE,
+            agent_id=victim,
+            message=f"missed heartbeats, failure {n}",
+        )
+        reported = await recovery.report_failure(report)
+        await eventually(
+            functools.partial(recovery.get_recovery, reported.recovery_id),
+            lambda r: r.state != pb.RECOVERY_STATE_RUNNING,
+            f"recovery {reported.recovery_id} to finish",
+            30,
+        )
+    return await recovery.get_breaker(victim)
+
+
+@pytest.mark.parametrize("walk", [True], indirect=True)
+async def test_active_probes_close_a_breaker_whose_agent_answers_and_reopen_it_once_gone(
+    walk: Walk,
+) -> None:
+    async with (
+        Client(walk.coordinator.address, timeout=120) as coordinator,
+        RecoveryClient(walk.recovery.address, timeout=10) as recovery,
+    ):
+        placement = await coordinator.deploy(MODEL, shards=2, runtime="native")
+        holders = {s.shard.index: s.replicas[0] for s in placement.shards}
+        victim = holders[0].agent_id
+        where = f"{victim}/{holders[0].browser_id}"
+
+        async def victim_transitions() -> list[tuple[str, str, str, str]]:
+            entries = logged(walk.recovery.log, "breaker transition")
+            return [
+                (e["from"], e["to"], e["cause"], e["reason"])
+                for e in entries
+                if e["breaker"] == victim
+            ]
+
+        # 1. Opened by traffic; then no request and no report reaches recovery again.
+        opened = await open_the_breaker(recovery, victim)
+        assert opened.state == OPEN, opened
+
+        # 2. Its open time ends; the probes (pinned inferences of the victim's shard)
+        # close it with nothing else happening.
+        closed = await eventually(
+            lambda: recovery.get_breaker(victim),
+            lambda b: b.state == CLOSED,
+            "the probes to close the breaker",
+            60,
+        )
+        assert seconds(closed.changed_at) >= seconds(opened.next_probe_at)
+        walked = [t[:3] for t in await victim_transitions()]
+        assert walked[:2] == [
+            ("closed", "open", "traffic"),
+            ("open", "half_open", "open_duration"),
+        ], walked
+        assert walked[-1] == ("half_open", "closed", "probe"), walked
+        # A probe may fail on the way (the first run through a link the recoveries'
+        # reconnects just replaced can be cancelled, or hang past the probe's deadline);
+        # each failure is a probe's reopening, and the open time ending again.
+        assert set(walked[2:-1]) <= {
+            ("half_open", "open", "probe"),
+            ("open", "half_open", "open_duration"),
+        }, walked
+        probes = [e for e in logged(walk.recovery.log, "breaker probe") if e["breaker"] == victim]
+        assert [p["outcome"] for p in probes[-HALF_OPEN_PROBES:]] == ["passed"] * HALF_OPEN_PROBES
+        passed = [p["detail"] for p in probes if p["outcome"] == "passed"]
+        assert all(f"probe of shard 0 of {MODEL} on {where} answered" in d for d in passed)
+        before = len(walked)
+
+        # 3. The victim dies: traffic opens its breaker again, and the probe finds it
+        # gone and reopens it.
+        walk.agents[victim].stop()
+        assert (await open_the_breaker(recovery, victim)).state == OPEN
+        after = await eventually(
+            victim_transitions,
+            lambda ts: len(ts) >= before + 3,
+            "a probe to reopen the breaker",
+            60,
+        )
+
+    assert [t[:3] for t in after[before : before + 3]] == [
+        ("closed", "open", "traffic"),
+        ("open", "half_open", "open_duration"),
+        ("half_open", "open", "probe"),
+    ], after
+    assert after[before + 2][3].startswith("a half-open probe failed: probe of "), after

@@ -12,6 +12,9 @@ from services.recovery.breakers import (
     Breakers,
     BreakerScope,
     BreakerState,
+    Cause,
+    ProbeOutcome,
+    ProbeResult,
     Transition,
 )
 
@@ -141,7 +144,7 @@ def test_reset_closes_by_hand_and_is_recorded() -> None:
     assert view.state == BreakerState.CLOSED
     assert view.changed_at == T0 + 2
     assert seen[-1] == Transition(
-        AGENT, BreakerState.OPEN, BreakerState.CLOSED, T0 + 2, "reset by hand"
+        AGENT, BreakerState.OPEN, BreakerState.CLOSED, T0 + 2, "reset by hand", Cause.RESET
     )
     # Resetting a closed breaker changes no state, so records no transition.
     breakers.reset(AGENT)
@@ -199,6 +202,150 @@ def test_config_is_validated() -> None:
         Breakers(BreakerConfig(window=5, minimum_calls=6), FakeClock())
     with pytest.raises(ValueError, match="failure rate threshold"):
         BreakerConfig(failure_rate_threshold=0).validate()
+    with pytest.raises(ValueError, match="probe interval 0 s"):
+        BreakerConfig(probe_interval_s=0).validate()
+    with pytest.raises(ValueError, match=r"open duration 1000000\.0 s is over a day"):
+        BreakerConfig(open_duration_s=1e6).validate()
+
+
+# ------------------------------------------------------------------- active probes
+
+PASSED = ProbeResult(ProbeOutcome.PASSED, "probe of shard 0 of m on agent-1/b0 answered")
+FAILED = ProbeResult(ProbeOutcome.FAILED, "probe of shard 0 of m on agent-1/b0 failed: gone")
+SKIPPED = ProbeResult(ProbeOutcome.SKIPPED, "agent-1 holds no shard and is not registered")
+
+
+def opened(clock: FakeClock, **knobs: object) -> tuple[Breakers, list[Transition]]:
+    """A board whose agent breaker opened at T0 (open for 10 s, two probes close it)."""
+    values: dict[str, object] = {
+        "consecutive_failures": 1,
+        "open_duration_s": 10.0,
+        "half_open_probes": 2,
+        "probe_interval_s": 1.0,
+    }
+    values.update(knobs)
+    breakers, seen = board(clock, **values)
+    breakers.record(AGENT, False, "gone")
+    return breakers, seen
+
+
+def test_a_probe_is_due_when_the_open_time_ends_and_not_before() -> None:
+    clock = FakeClock()
+    breakers, seen = opened(clock)
+    assert breakers.next_probe_at() == T0 + 10
+    clock.advance(9.9)
+    assert breakers.start_due_probes() == []
+    clock.advance(0.2)
+    [ticket] = breakers.start_due_probes()
+    assert ticket.key == AGENT
+    # Noticing the end of the open time half-opens the breaker, recorded when it ended.
+    assert seen[-1].to_state == BreakerState.HALF_OPEN
+    assert (seen[-1].at, seen[-1].cause) == (T0 + 10, Cause.OPEN_DURATION)
+    # One probe per target at a time: none is due while it runs.
+    assert breakers.next_probe_at() is None
+    assert breakers.start_due_probes() == []
+
+
+def test_probes_that_answer_close_the_breaker_after_the_required_successes() -> None:
+    clock = FakeClock()
+    breakers, seen = opened(clock)
+    clock.advance(10)
+    [first] = breakers.start_due_probes()
+    clock.advance(0.5)
+    assert breakers.finish_probe(first, PASSED)
+    # One success of the two needed: still half-open, probed again after the interval.
+    assert breakers.get(AGENT).state == BreakerState.HALF_OPEN
+    assert breakers.next_probe_at() == T0 + 11.5
+    clock.advance(0.9)
+    assert breakers.start_due_probes() == []
+    clock.advance(0.1)
+    [second] = breakers.start_due_probes()
+    assert breakers.finish_probe(second, PASSED)
+    assert breakers.get(AGENT).state == BreakerState.CLOSED
+    last = seen[-1]
+    assert (last.from_state, last.to_state, last.cause) == (
+        BreakerState.HALF_OPEN,
+        BreakerState.CLOSED,
+        Cause.PROBE,
+    )
+    assert last.at == T0 + 11.5
+    assert last.reason == f"2 half-open probes succeeded; the last: {PASSED.detail}"
+    # A closed breaker wants no probe.
+    assert breakers.next_probe_at() is None
+
+
+def test_a_probe_that_fails_reopens_the_breaker_for_another_open_time() -> None:
+    clock = FakeClock()
+    breakers, seen = opened(clock)
+    clock.advance(12)
+    [ticket] = breakers.start_due_probes()
+    assert breakers.finish_probe(ticket, FAILED)
+    view = breakers.get(AGENT)
+    assert view.state == BreakerState.OPEN
+    assert view.next_probe_at == T0 + 22
+    assert (seen[-1].cause, seen[-1].reason) == (
+        Cause.PROBE,
+        f"a half-open probe failed: {FAILED.detail}",
+    )
+    assert breakers.next_probe_at() == T0 + 22
+
+
+def test_a_probe_that_could_not_run_leaves_the_breaker_half_open_until_a_later_try() -> None:
+    clock = FakeClock()
+    breakers, seen = opened(clock)
+    clock.advance(10)
+    [ticket] = breakers.start_due_probes()
+    transitions = len(seen)
+    assert breakers.finish_probe(ticket, SKIPPED)
+    assert breakers.get(AGENT).state == BreakerState.HALF_OPEN
+    assert len(seen) == transitions
+    # Tried again after an open duration, not at once.
+    assert breakers.next_probe_at() == T0 + 20
+    # Meanwhile traffic still decides: a success from a recovery counts.
+    breakers.record(AGENT, True, "verify passed")
+    breakers.record(AGENT, True, "verify passed")
+    assert breakers.get(AGENT).state == BreakerState.CLOSED
+    assert seen[-1].cause == Cause.TRAFFIC
+
+
+def test_a_probe_result_from_a_spell_that_is_over_changes_nothing() -> None:
+    clock = FakeClock()
+    breakers, seen = opened(clock)
+    clock.advance(10)
+    [ticket] = breakers.start_due_probes()
+    breakers.reset(AGENT)
+    assert not breakers.finish_probe(ticket, FAILED)
+    assert breakers.get(AGENT).state == BreakerState.CLOSED
+    assert seen[-1].cause == Cause.RESET
+    # Traffic reopens it, the new spell half-opens: the old ticket still does not count.
+    breakers.record(AGENT, False, "gone again")
+    clock.advance(10)
+    [fresh] = breakers.start_due_probes()
+    assert not breakers.finish_probe(ticket, PASSED)
+    assert breakers.finish_probe(fresh, FAILED)
+    assert breakers.get(AGENT).state == BreakerState.OPEN
+
+
+def test_probes_are_bounded_in_number_and_started_oldest_due_first() -> None:
+    clock = FakeClock()
+    breakers, _ = board(clock, consecutive_failures=1, open_duration_s=10.0)
+    targets = [BreakerKey.agent(f"agent-{i}") for i in range(3)]
+    for key in reversed(targets):  # agent-2 opens first, so its probe is due first
+        breakers.record(key, False, "gone")
+        clock.advance(1)
+    clock.advance(10)
+    first = breakers.start_due_probes(limit=2)
+    assert [t.key for t in first] == [targets[2], targets[1]]
+    assert [t.key for t in breakers.start_due_probes(limit=2)] == [targets[0]]
+
+
+def test_no_probes_when_probes_or_breakers_are_off() -> None:
+    clock = FakeClock()
+    for knobs in ({"active_probes": False}, {"enabled": False}):
+        breakers, _ = opened(clock, **knobs)
+        clock.advance(60)
+        assert breakers.start_due_probes() == []
+        assert breakers.next_probe_at() is None
 
 
 def test_enums_carry_the_contract_numbers() -> None:

@@ -412,6 +412,7 @@ async def served(harness: Harness) -> AsyncIterator[Served]:
             breakers=harness.breakers,
             lifecycle=lifecycle,
             list_limit=3,
+            clock=harness.clock,
         ),
         server,
     )
@@ -469,6 +470,75 @@ async def test_bad_input_gets_codes_that_say_what_is_wrong(served: Served) -> No
     assert await code_of(stub.GetBreaker(pb.GetBreakerRequest(target_id="agent-1"))) == invalid
     wrong_scope = pb.ResetBreakerRequest(scope=pb.BREAKER_SCOPE_BROWSER, target_id="agent-1")
     assert await code_of(stub.ResetBreaker(wrong_scope)) == invalid
+
+
+async def status_of(call: Any) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await call
+    return raised.value.code(), raised.value.details() or ""
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        # Timestamps out of protobuf's range: named, not a bare library message.
+        ({"detected_at": Timestamp(seconds=10**13)}, "report.detected_at is not a valid timestamp"),
+        ({"detected_at": Timestamp(seconds=1, nanos=-5)}, "report.detected_at is not a valid"),
+        # In range, but nonsense for a failure detected now (T0 on the fake clock).
+        ({"detected_at": Timestamp(seconds=int(T0) + 3600)}, "lies 3600 s in the future"),
+        ({"detected_at": Timestamp(seconds=1)}, "report.detected_at is 1699999999 s old"),
+        ({"agent_id": "agent 1"}, "report.agent_id 'agent 1' may not contain '/' or whitespace"),
+        ({"browser_id": "b0/x"}, "report.browser_id 'b0/x' may not contain"),
+        ({"model": "m" * 5000}, "report.model 'mmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmmm'... (5000"),
+        ({"fault_traceparent": "not-a-traceparent"}, "is not a W3C traceparent"),
+    ],
+)
+async def test_nonsense_in_a_report_is_rejected_with_a_message_to_act_on(
+    served: Served, fields: dict[str, Any], message: str
+) -> None:
+    request = pb.ReportFailureRequest(report=report(**fields))
+    code, details = await status_of(served.stub.ReportFailure(request))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in details
+    assert len(details) < 300, details  # quotes a prefix, never the whole input
+    assert served.harness.recoveries.list(10) == []
+
+
+async def test_a_report_within_the_clock_skew_and_age_is_taken(served: Served) -> None:
+    for stamp in (int(T0) + 30, int(T0) - 1800):
+        request = pb.ReportFailureRequest(
+            report=report(
+                detected_at=Timestamp(seconds=stamp),
+                fault_traceparent="00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+                shard_index=stamp % 7,
+            )
+        )
+        response = await served.stub.ReportFailure(request)
+        await served.harness.recoveries.wait(response.recovery_id)
+
+
+async def test_unknown_ids_are_not_found_and_quoted_short(served: Served) -> None:
+    code, details = await status_of(
+        served.stub.GetRecovery(pb.GetRecoveryRequest(recovery_id="r" * 1000))
+    )
+    assert code == grpc.StatusCode.NOT_FOUND
+    assert "no recovery 'rrrr" in details and "(1000 chars)" in details, details
+    assert len(details) < 300
+    # Resetting a breaker recovery never saw is a mistyped id, not a success.
+    code, details = await status_of(
+        served.stub.ResetBreaker(
+            pb.ResetBreakerRequest(scope=pb.BREAKER_SCOPE_AGENT, target_id="agent-typo")
+        )
+    )
+    assert code == grpc.StatusCode.NOT_FOUND
+    assert details.startswith("no breaker for agent 'agent-typo'"), details
+    code, details = await status_of(
+        served.stub.GetBreaker(
+            pb.GetBreakerRequest(scope=pb.BREAKER_SCOPE_BROWSER, target_id="a/" + "b" * 900)
+        )
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "too long" in details and len(details) < 300, details
 
 
 async def test_report_get_list_and_breakers_over_grpc(served: Served) -> None:
@@ -752,3 +822,11 @@ def test_settings_reach_the_knobs_and_bad_values_stop_startup() -> None:
         load_settings(RecoverySettings, ["--default-strategy", "fastest"], env={})
     with pytest.raises(SettingsError, match="minimum calls"):
         load_settings(RecoverySettings, ["--breaker-minimum-calls", "50"], env={})
+    probes = load_settings(
+        RecoverySettings, ["--breaker-probes", "off", "--breaker-probe-interval-s", "2.5"], env={}
+    ).breaker_config()
+    assert (probes.active_probes, probes.probe_interval_s) == (False, 2.5)
+    with pytest.raises(SettingsError, match=r"probe interval 0\.0 s"):
+        load_settings(RecoverySettings, ["--breaker-probe-interval-s", "0"], env={})
+    with pytest.raises(SettingsError, match=r"probe timeout -1\.0 s"):
+        load_settings(RecoverySettings, ["--breaker-probe-timeout-s", "-1"], env={})

@@ -995,7 +995,8 @@ class FaultInjectorClient(_ServiceClient):
             intensity: "mild", "moderate" or "severe".
             target: a selector (see :func:`target_selector`) or its short form
                 "kind" or "kind:id,id".
-            duration_s: how long until it reverts by itself; None uses the service's maximum.
+            duration_s: how long until it reverts by itself, at most the service's
+                maximum; required (the service refuses a fault without one).
             dry_run: resolve the targets and check the guardrails without injecting.
             force: allow an unscoped selector (no ids, mode all).
             labels: free-form tags recorded with the fault.

@@ -126,9 +126,24 @@ class CoordinatorSession:
                 )
             )
             first = await call.read()
+            if isinstance(first, pb.AgentSessionResponse) and first.HasField("reattach"):
+                # A follower points at the leader: go there at once.
+                self._next = first.reattach.leader_address or None
+                log.info(
+                    "reattaching",
+                    extra={"leader": first.reattach.leader_address, "from": target},
+                )
+                return
             if not isinstance(first, pb.AgentSessionResponse) or not first.HasField("accepted"):
                 code = await call.code()
-                log.warning("coordinator refused the session", extra={"code": code.name})
+                log.warning(
+                    "coordinator ended the session before accepting it",
+                    extra={
+                        "coordinator": target,
+                        "code": code.name,
+                        "details": await call.details(),
+                    },
+                )
                 return
             interval = first.accepted.heartbeat_interval.ToTimedelta().total_seconds() or 1.0
             self.attached_to = target

@@ -151,7 +151,11 @@ class Deployments:
         """The link to an agent, reopened when its address changed."""
         record = self._registry.get(agent_id)
         if record is None:
-            raise HopError(agent_id, grpc.StatusCode.UNAVAILABLE, "the agent is not registered")
+            raise HopError(
+                agent_id,
+                grpc.StatusCode.NOT_FOUND,
+                f"no agent {agent_id[:64]!r} is known to the cluster",
+            )
         link = self._links.get(agent_id)
         if link is None or link.address != record.address:
             if link is not None:
@@ -260,6 +264,10 @@ class Deployments:
         the shard. Raises DeployError when none can take it.
         """
         current = self.placement(model)
+        if self._registry.get(agent_id) is None:
+            raise DeployError(
+                grpc.StatusCode.NOT_FOUND, f"no agent {agent_id[:64]!r} is known to the cluster"
+            )
         shard = next((s for s in current.shards if s.shard.index == shard_index), None)
         if shard is None:
             raise DeployError(grpc.StatusCode.NOT_FOUND, f"{model} has no shard {shard_index}")

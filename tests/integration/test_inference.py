@@ -157,6 +157,10 @@ def test_bad_requests_get_clear_errors_and_change_nothing(client: webshard.Clien
         client.infer("minilm-l6", inputs={"input_ids": np.ones((1, 4), np.int64)})
     with pytest.raises(NotFoundError, match="not deployed"):
         client.infer("vit-tiny", texts=["x"])
+    with pytest.raises(NotFoundError, match="no agent 'agent-99'"):
+        client.replace_shard("minilm-l6", 0, "agent-99")
+    with pytest.raises(NotFoundError, match="no agent 'agent-99'"):
+        client.restart_browser("agent-99", "browser-0")
 
     assert [a.agent_id for a in client.list_agents()] == before_agents
     assert client.placement("minilm-l6") == before

@@ -4,6 +4,7 @@ in-process coordinator (real gRPC on loopback, no browser)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from collections.abc import AsyncIterator
@@ -351,9 +352,11 @@ async def test_a_link_delivers_after_its_delay_and_loses_what_is_in_flight() -> 
 class FakeCoordinator(coord_grpc.CoordinatorServiceServicer):
     """Accepts every agent session and keeps it open; counts them."""
 
-    def __init__(self) -> None:
+    def __init__(self, reattach_to: str = "") -> None:
         self.sessions = 0
         self.open = 0
+        self.reattach_to = reattach_to
+        """A follower's answer: reattach to this leader."""
 
     async def AgentSession(
         self,
@@ -365,6 +368,11 @@ class FakeCoordinator(coord_grpc.CoordinatorServiceServicer):
         try:
             first = await anext(aiter(request_iterator))
             assert first.HasField("registration")
+            if self.reattach_to:
+                yield coord_pb.AgentSessionResponse(
+                    reattach=coord_pb.Reattach(leader_address=self.reattach_to)
+                )
+                return
             accepted = coord_pb.SessionAccepted(coordinator_id="c0")
             accepted.heartbeat_interval.FromMilliseconds(50)
             yield coord_pb.AgentSessionResponse(accepted=accepted)
@@ -407,6 +415,40 @@ async def test_the_session_reconnects_after_a_cut_and_stays_away_during_a_partit
             await task
         await server.stop(0)
     assert session.cut() is False
+
+
+async def test_a_follower_sends_the_session_to_the_leader_without_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    leader = FakeCoordinator()
+    servers = [grpc.aio.server(), grpc.aio.server()]
+    coord_grpc.add_CoordinatorServiceServicer_to_server(leader, servers[0])
+    leader_port = servers[0].add_insecure_port("127.0.0.1:0")
+    follower = FakeCoordinator(reattach_to=f"127.0.0.1:{leader_port}")
+    coord_grpc.add_CoordinatorServiceServicer_to_server(follower, servers[1])
+    follower_port = servers[1].add_insecure_port("127.0.0.1:0")
+    for server in servers:
+        await server.start()
+    session = CoordinatorSession(
+        agent_id="agent-x",
+        address="127.0.0.1:1",
+        coordinators=[f"127.0.0.1:{follower_port}"],
+        memory_budget_bytes=1,
+        browsers=list,
+        max_backoff_s=0.1,
+    )
+    task = asyncio.create_task(session.run())
+    try:
+        await until(session.attached.is_set, "the session at the leader")
+        assert session.attached_to == f"127.0.0.1:{leader_port}"
+        assert (follower.sessions, leader.sessions) == (1, 1)
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for server in servers:
+            await server.stop(0)
 
 
 async def test_a_session_whose_heartbeats_fail_is_reopened() -> None:

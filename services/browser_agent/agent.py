@@ -11,9 +11,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+import numpy as np
 from webshard.common.v1 import common_pb2
 
 from services.browser_agent.runtime import (
+    BadInput,
     LoadResult,
     RunResult,
     ShardRuntime,
@@ -241,8 +243,16 @@ class ShardHost:
             raise NotFound(f"no shard is loaded under handle {handle!r}") from None
 
     async def run(self, handle: str, inputs: Tensors) -> tuple[LoadedEntry, RunResult]:
-        """Run one activation through a loaded shard."""
+        """Run one activation through a loaded shard.
+
+        Raises BadInput for tensors no shard should be given (NaN or infinite values
+        would only come back as NaN outputs): the sender's error, not the runtime's.
+        """
         entry = self.entry(handle)
+        for name, value in inputs.items():
+            array = np.asarray(value)
+            if array.dtype.kind == "f" and not np.isfinite(array).all():
+                raise BadInput(f"input {name[:64]!r} holds NaN or infinite values")
         return entry, await entry.runtime.run(handle, inputs)
 
     async def unload(self, handle: str) -> LoadedEntry:

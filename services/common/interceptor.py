@@ -174,8 +174,18 @@ def _key(key: object) -> str:
 
 def _undefined(path: str, value: int, step: _Step) -> str:
     assert step.enum is not None
-    names = ", ".join(v.name for v in step.enum.values)
-    return f"{path} is {value}, which {step.enum.name} does not define; use one of {names}"
+    names = [v.name for v in step.enum.values]
+    # FAULT_KIND_{UNSPECIFIED, CONNECTION_LOST, ...}: every name fits in a short message.
+    first, last = min(names), max(names)  # their common prefix is everyone's
+    same = next(
+        (i for i, (a, b) in enumerate(zip(first, last, strict=False)) if a != b), len(first)
+    )
+    prefix = first[:same].rpartition("_")[0]
+    if prefix and len(names) > 1:
+        listed = f"{prefix}_{{{', '.join(n.removeprefix(prefix + '_') for n in names)}}}"
+    else:
+        listed = ", ".join(names)
+    return f"{path} is {value}, which {step.enum.name} does not define; use one of {listed}"
 
 
 class _ShortMessages:

@@ -40,6 +40,8 @@ RANDOM_MESSAGES = 12
 """Messages with random field values per method (besides the fixed cases)."""
 LONG = 100_000
 MAX_DEPTH = 3
+MAX_UNDEFINED_ENUMS = 6
+"""Requests per method with one enum value undefined (each a different one)."""
 
 T = FieldDescriptor
 INTS = {
@@ -71,6 +73,8 @@ class Generator:
 
     def __init__(self, rng: random.Random) -> None:
         self.rng = rng
+        self._enums_seen = 0
+        self._undefined_at = -1
 
     def cases(self, message_type: type[Message]) -> Iterator[Case]:
         """Every kind of malformed request for ``message_type``."""
@@ -80,16 +84,28 @@ class Generator:
             yield Case("garbage", rng.randbytes(rng.randint(1, 48)))
         for _ in range(RANDOM_MESSAGES):
             yield Case("random", self.message(message_type, mode="random").SerializeToString())
-        yield Case("undefined enum", self.message(message_type, mode="enum").SerializeToString())
+        # One enum value at a time undefined (the first few), the others defined.
+        for at in range(MAX_UNDEFINED_ENUMS):
+            self._enums_seen, self._undefined_at = 0, at
+            message = self.message(message_type, mode="enum")
+            if self._enums_seen <= at:
+                break
+            yield Case("undefined enum", message.SerializeToString())
         yield Case("long strings", self.message(message_type, mode="long").SerializeToString())
         yield Case(
             "extreme numbers", self.message(message_type, mode="extreme").SerializeToString()
         )
 
     def message(self, message_type: type[Message], *, mode: str, depth: int = 0) -> Message:
-        """A message of ``message_type`` with its fields filled as ``mode`` says."""
+        """A message of ``message_type`` with its fields filled as ``mode`` says (one
+        member of each oneof; in ``random`` mode some fields are left unset)."""
         message = message_type()
-        for field in message.DESCRIPTOR.fields:
+        descriptor = message.DESCRIPTOR
+        chosen = {oneof.name: self.rng.choice(oneof.fields) for oneof in descriptor.oneofs}
+        for field in descriptor.fields:
+            oneof = field.containing_oneof
+            if oneof is not None and chosen[oneof.name] is not field:
+                continue
             if mode == "random" and self.rng.random() < 0.3:
                 continue  # left unset
             self._fill(message, field, mode, depth)
@@ -130,7 +146,8 @@ class Generator:
         kind = field.type
         if field.enum_type is not None:
             defined = [v.number for v in field.enum_type.values]
-            if mode == "enum":
+            self._enums_seen += 1
+            if mode == "enum" and self._enums_seen == self._undefined_at + 1:
                 return rng.choice([-1, max(defined) + 1, 999, 2**31 - 1])
             return rng.choice(defined)
         if kind in INTS:
@@ -171,13 +188,17 @@ def fuzz(address: str, service: ServiceDescriptor, rng: random.Random) -> list[s
                 started = time.monotonic()
                 try:
                     call(case.raw, timeout=DEADLINE_S)
-                    continue
+                    code, details = grpc.StatusCode.OK, ""
                 except grpc.RpcError as exc:
                     code, details = exc.code(), exc.details() or ""
                 took = time.monotonic() - started
                 late = code == grpc.StatusCode.DEADLINE_EXCEEDED and took >= DEADLINE_S
                 removed = code == grpc.StatusCode.RESOURCE_EXHAUSTED and "Stream removed" in details
-                if code in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL) or removed or late:
+                # What the server's interceptor refuses before any servicer sees it.
+                refused = case.kind == "undefined enum" or case.raw == b"\xff" * 8
+                if refused and code != grpc.StatusCode.INVALID_ARGUMENT:
+                    problems.append(f"{method.name} [{case.kind}]: {code.name} {details[:200]!r}")
+                elif code in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL) or removed or late:
                     what = (
                         f"no answer within {DEADLINE_S} s" if late else f"{code.name} {details!r}"
                     )

@@ -191,11 +191,12 @@ def _undefined(path: str, value: int, step: _Step) -> str:
 class _ShortMessages:
     """A servicer context whose error messages are cut to a length gRPC can carry."""
 
-    __slots__ = ("_context", "aborted")
+    __slots__ = ("_context", "aborted", "code_set")
 
     def __init__(self, context: Any) -> None:
         self._context = context
         self.aborted = False
+        self.code_set = grpc.StatusCode.OK
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._context, name)
@@ -210,6 +211,11 @@ class _ShortMessages:
         self.aborted = True
         await self._context.abort(code, shorten(details), trailing_metadata)
         raise AssertionError("abort returned")  # pragma: no cover
+
+    def set_code(self, code: grpc.StatusCode) -> None:
+        """Set the code the call ends with (also when the handler then raises)."""
+        self.code_set = code
+        self._context.set_code(code)
 
     def set_details(self, details: str) -> None:
         """Set the message the call ends with, cut short."""
@@ -300,7 +306,10 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             elif type(request) is _Refused:
                 await short.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
             try:
-                return await behavior(request, short)
+                response = behavior(request, short)
+                # A servicer's method that is not async (the generated base class's
+                # UNIMPLEMENTED stubs) answers, or raises, at once.
+                return await response if inspect.isawaitable(response) else response
             except Exception as exc:
                 await _end(exc, context, short, method)
 
@@ -350,6 +359,7 @@ async def _end(exc: Exception, context: Any, short: _ShortMessages, method: str)
         exc_info=exc,
         extra={"method": method, "error": shorten(f"{type(exc).__name__}: {exc}")},
     )
-    # Worded as gRPC words it, but short enough to arrive.
-    await context.abort(grpc.StatusCode.UNKNOWN, shorten(f"Unexpected {type(exc)}: {exc}"))
+    # As gRPC ends it (with the code the handler set, if any), but short enough to arrive.
+    code = grpc.StatusCode.UNKNOWN if short.code_set == grpc.StatusCode.OK else short.code_set
+    await context.abort(code, shorten(f"Unexpected {type(exc)}: {exc}"))
     raise AssertionError("abort returned")  # pragma: no cover

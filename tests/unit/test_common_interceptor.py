@@ -12,7 +12,7 @@ import grpc
 import pytest
 from google.protobuf import struct_pb2
 from webshard.common.v1 import common_pb2
-from webshard.coordinator.v1 import coordinator_pb2
+from webshard.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
 from webshard.metrics.v1 import metrics_pb2
 
 from services.common.errors import (
@@ -336,3 +336,13 @@ def test_quote_shows_a_short_prefix_and_the_full_length() -> None:
     assert quote(b"\0" * 100, limit=4) == "b'\\x00\\x00\\x00\\x00'… (100 bytes)"
     assert shorten("abc", 3) == "abc"
     assert shorten("abcd", 3) == "ab…"
+
+
+async def test_a_method_the_servicer_does_not_implement_stays_unimplemented(
+    served: tuple[Handlers, grpc.aio.Channel],
+) -> None:
+    """The generated base class's methods are not async: they set UNIMPLEMENTED and raise."""
+    handlers, channel = served
+    handlers.unary = coordinator_pb2_grpc.CoordinatorServiceServicer().ListAgents
+    failed = await call(channel, "Report", metrics_pb2.GetReportRequest())
+    assert failed.code() == grpc.StatusCode.UNIMPLEMENTED

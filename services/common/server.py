@@ -1,8 +1,10 @@
 """The one server bootstrap every webshard service runs on.
 
 ``run_service`` wires a service's servicers into a ``grpc.aio`` server with the
-standard health service, server reflection, OpenTelemetry instrumentation, JSON
-logs and a graceful shutdown:
+standard health service, server reflection, OpenTelemetry instrumentation, the
+error interceptor (``services.common.interceptor``: INVALID_ARGUMENT for requests
+that cannot be decoded or hold undefined enum values, ``DomainError`` to status,
+short messages), JSON logs and a graceful shutdown:
 
     SIGTERM/SIGINT -> health NOT_SERVING -> ``Lifecycle.draining`` set (long streams
     end with UNAVAILABLE so clients reconnect elsewhere) -> in-flight unary calls get
@@ -26,6 +28,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
+from services.common.interceptor import ErrorInterceptor
 from services.common.logs import configure_logging
 from services.common.settings import ServerSettings, SettingsError, load_settings
 from services.common.tracing import configure_tracing
@@ -52,6 +55,10 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
     # pings are treated as abuse by gRPC and answered with GOAWAY.
     ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
     ("grpc.http2.max_pings_without_data", 0),
+    # gRPC sets SO_REUSEPORT by default, so a second service started on a taken port
+    # binds it too and the kernel splits connections between the two. Off: a taken
+    # port fails the start ("cannot listen", exit code 2).
+    ("grpc.so_reuseport", 0),
 ]
 
 
@@ -129,6 +136,14 @@ def unimplemented(full_method: str, what: str) -> Any:
     return handler
 
 
+def server_interceptors() -> list[grpc.aio.ServerInterceptor]:
+    """The interceptors every server runs, outermost first: OpenTelemetry's (a span per
+    call), then the error interceptor, which so runs inside the span and aborts
+    through the context that records the status on it."""
+    tracing: grpc.aio.ServerInterceptor = aio_server_interceptor()  # type: ignore[no-untyped-call]
+    return [tracing, ErrorInterceptor()]
+
+
 async def serve(
     *,
     settings: ServerSettings,
@@ -151,8 +166,7 @@ async def serve(
         # A service that cannot be built (a corrupt log, a bad directory) says why and exits.
         log.error("service cannot start", extra={"error": f"{type(exc).__name__}: {exc}"})
         return 1
-    tracing_interceptor = aio_server_interceptor()  # type: ignore[no-untyped-call]
-    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[tracing_interceptor])
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=server_interceptors())
     app.add_to_server(server)
 
     health_servicer = health.aio.HealthServicer()

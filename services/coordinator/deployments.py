@@ -22,6 +22,7 @@ from webshard.common.v1 import common_pb2
 from webshard.coordinator.v1 import coordinator_pb2 as pb
 from webshard.recovery.v1 import recovery_pb2
 
+from services.common.errors import DomainError
 from services.common.failures import FailureReporter, failure_kind
 from services.coordinator.links import AgentLink, HopError
 from services.coordinator.pipeline import FailureSink, HopRunner, Pipeline, Replica, Stage
@@ -47,13 +48,8 @@ STRATEGY_NAMES = {
 }
 
 
-class DeployError(Exception):
+class DeployError(DomainError):
     """A deploy that cannot be done; ``code`` is the gRPC status."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from webshard.common.v1 import common_pb2
 from webshard.coordinator.v1 import coordinator_pb2 as pb
 
 from services.common.durations import duration
+from services.common.errors import DomainError
 from services.coordinator.links import HopError
 
 log = logging.getLogger(__name__)
@@ -32,13 +33,8 @@ log = logging.getLogger(__name__)
 _tracer = trace.get_tracer(__name__)
 
 
-class InferError(Exception):
+class InferError(DomainError):
     """A request that cannot be answered; ``code`` is the gRPC status."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 @dataclass

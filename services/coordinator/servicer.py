@@ -366,10 +366,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
     ) -> pb.GetPlacementResponse:
         """Where a deployed model's shards live (served by the leader, linearizably)."""
         await self._leader_read(context)
-        try:
-            return pb.GetPlacementResponse(placement=self._deployments.placement(request.model))
-        except DeployError as exc:
-            await context.abort(exc.code, exc.message)
+        return pb.GetPlacementResponse(placement=self._deployments.placement(request.model))
 
     async def ReplaceShard(
         self, request: pb.ReplaceShardRequest, context: Context
@@ -388,8 +385,6 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             replacement = await self._deployments.prepare_replacement(
                 request.model, request.shard_index, request.agent_id, request.browser_id
             )
-        except DeployError as exc:
-            await context.abort(exc.code, exc.message)
         except HopError as exc:
             await context.abort(
                 exc.code, f"loading the replacement on {exc.agent_id} failed: {exc.message}"
@@ -408,11 +403,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             raise
         if placement is None:  # moved meanwhile by another recovery, or undeployed
             await self._deployments.unload(replacement.replica)
-            try:
-                current = self._deployments.placement(request.model)
-            except DeployError as exc:
-                await context.abort(exc.code, exc.message)
-            return pb.ReplaceShardResponse(placement=current)
+            return pb.ReplaceShardResponse(placement=self._deployments.placement(request.model))
         self._deployments.unload_later(replacement.replaced)
         log.info(
             "shard replaced",
@@ -488,10 +479,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         """Hold new requests for a model behind a barrier on this replica (the leader)."""
         if not self._replicator.is_leader:
             await self._not_leader(context)
-        try:
-            self._deployments.placement(request.model)
-        except DeployError as exc:
-            await context.abort(exc.code, exc.message)
+        self._deployments.placement(request.model)  # NOT_FOUND unless deployed
         max_pause = request.max_pause.ToNanoseconds() / 1e9 or DEFAULT_MAX_PAUSE_S
         try:
             barrier_id = self._barriers.pause(request.model, max_pause)
@@ -565,10 +553,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
 
     async def Infer(self, request: pb.InferRequest, context: Context) -> pb.InferResponse:
         """Run one request through the model's chain of shards."""
-        try:
-            return await self._infer(request, context.time_remaining())
-        except (DeployError, InferError) as exc:
-            await context.abort(exc.code, exc.message)
+        return await self._infer(request, context.time_remaining())
 
     async def InferStream(
         self, request_iterator: AsyncIterator[pb.InferStreamRequest], context: Context

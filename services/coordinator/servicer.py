@@ -503,6 +503,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
     async def _infer(self, request: pb.InferRequest, timeout: float | None) -> pb.InferResponse:
         deployment = self._deployments.models.get(request.model)
         if deployment is None:
+            if not self._replicator.is_leader:
+                # A follower may not have applied a deploy the leader acknowledged yet:
+                # only the leader may say a model is not deployed.
+                raise self._replicator.not_leader()
             self._deployments.placement(request.model)  # raises NOT_FOUND naming the deployed
         assert deployment is not None
         deadline = time.monotonic() + (timeout or self._settings.default_deadline_s)
@@ -553,7 +557,11 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
 
     async def Infer(self, request: pb.InferRequest, context: Context) -> pb.InferResponse:
         """Run one request through the model's chain of shards."""
-        return await self._infer(request, context.time_remaining())
+        try:
+            return await self._infer(request, context.time_remaining())
+        except NotLeaderError as exc:
+            await self._not_leader(context, exc)
+            raise  # not reached: _not_leader ends the call
 
     async def InferStream(
         self, request_iterator: AsyncIterator[pb.InferStreamRequest], context: Context
@@ -569,12 +577,20 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
                 await answers.put(
                     pb.InferStreamResponse(request_id=response.request_id, response=response)
                 )
-            except (DeployError, InferError) as exc:
+            except (DeployError, InferError, NotLeaderError) as exc:
+                if isinstance(exc, NotLeaderError):  # as _not_leader answers a unary call
+                    code = (
+                        grpc.StatusCode.FAILED_PRECONDITION
+                        if exc.leader_address
+                        else grpc.StatusCode.UNAVAILABLE
+                    )
+                else:
+                    code = exc.code
                 await answers.put(
                     pb.InferStreamResponse(
                         request_id=request.request_id,
-                        error_code=exc.code.value[0],
-                        error_message=exc.message,
+                        error_code=code.value[0],
+                        error_message=str(exc),
                     )
                 )
             finally:

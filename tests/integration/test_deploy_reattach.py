@@ -1,4 +1,5 @@
-"""A deploy that lands while agents reattach to a new leader waits for them."""
+"""What replicas answer around leader changes and fresh writes: no deploy fails because
+agents are reattaching, no follower denies a model the leader has deployed."""
 
 from __future__ import annotations
 
@@ -7,11 +8,18 @@ import signal
 import threading
 from pathlib import Path
 
+import grpc
 import webshard
 from webshard.cli.local import LocalCluster
+from webshard.coordinator.v1 import coordinator_pb2 as pb
+from webshard.coordinator.v1 import coordinator_pb2_grpc as pb_grpc
+from webshard.tensors import encode_tensor
 
+from services.models import example_inputs
 from tests.conftest import wait_for
 from tests.integration.test_coordinator_replicas import leader
+
+VIT_INPUTS = [encode_tensor(n, v) for n, v in example_inputs("vit-tiny").items()]
 
 
 def test_a_deploy_right_after_a_leader_kill_waits_for_the_agents(tmp_path: Path) -> None:
@@ -47,5 +55,42 @@ def test_a_deploy_right_after_a_leader_kill_waits_for_the_agents(tmp_path: Path)
             assert all(len(s.replicas) == 2 for s in placement.shards)
             result = client.infer("minilm-l6", texts=["after the leader change"])
             assert result.outputs["sentence_embedding"].shape == (1, 384)
+    finally:
+        cluster.stop()
+
+
+def test_followers_never_say_a_just_deployed_model_is_missing(tmp_path: Path) -> None:
+    cluster = LocalCluster(
+        agents=1,
+        data_dir=tmp_path / "cluster",
+        auto_ports=True,
+        extra_args={"browser_agent": ["--browsers", "0"]},
+    )
+    cluster.start(timeout=120)
+    try:
+        with webshard.Client(cluster.coordinators(), timeout=60) as client:
+            wait_for(lambda: len(client.list_agents()) == 1, 30, "the agent to attach")
+            chief = leader(cluster)
+            followers = [
+                cluster.address(f"coordinator-{i}") for i in range(3) if f"coordinator-{i}" != chief
+            ]
+            answers: list[str] = []
+            for _ in range(10):
+                client.deploy("vit-tiny", sharding="layer", shards=1, runtime="native")
+                for follower in followers:
+                    # A raw call: a follower that has not applied the deploy yet must
+                    # send the caller to the leader, never answer NOT_FOUND.
+                    with grpc.insecure_channel(follower) as channel:
+                        try:
+                            pb_grpc.CoordinatorServiceStub(channel).Infer(
+                                pb.InferRequest(model="vit-tiny", inputs=VIT_INPUTS), timeout=30
+                            )
+                            answers.append("OK")
+                        except grpc.RpcError as err:
+                            assert err.code() == grpc.StatusCode.FAILED_PRECONDITION, err
+                            assert dict(err.trailing_metadata() or ())["webshard-leader"]
+                            answers.append(err.code().name)
+                client.undeploy("vit-tiny")
+            assert len(answers) == 20
     finally:
         cluster.stop()

@@ -43,6 +43,8 @@ class LoadedEntry:
     spec: common_pb2.ShardSpec
     runtime: ShardRuntime
     result: LoadResult
+    runs: int = 0
+    """Activations answered since the load."""
 
     def to_proto(self) -> common_pb2.LoadedShard:
         """The contract's view."""
@@ -51,6 +53,7 @@ class LoadedEntry:
             spec=self.spec,
             execution_provider=self.result.execution_provider,  # type: ignore[arg-type]
             execution_provider_reason=self.result.reason,
+            runs=self.runs,
         )
 
 
@@ -253,7 +256,9 @@ class ShardHost:
             array = np.asarray(value)
             if array.dtype.kind == "f" and not np.isfinite(array).all():
                 raise BadInput(f"input {name[:64]!r} holds NaN or infinite values")
-        return entry, await entry.runtime.run(handle, inputs)
+        result = await entry.runtime.run(handle, inputs)
+        entry.runs += 1
+        return entry, result
 
     async def unload(self, handle: str) -> LoadedEntry:
         """Release a loaded shard."""

@@ -21,6 +21,11 @@ from webshard.coordinator.v1 import coordinator_pb2 as pb
 
 DEPLOY_IDS_KEPT = 10_000
 """Deploy request ids remembered for idempotent retries."""
+ANSWERS_KEPT_S = 300.0
+"""How long an Infer's answer is kept for a retry of its request id (by the leader's clock
+when it was recorded, so every replica drops the same answers)."""
+ANSWER_BYTES_KEPT = 32 * 1024 * 1024
+"""The most answer bytes kept; the oldest go first."""
 
 
 @dataclass
@@ -60,6 +65,31 @@ def placement_command(placement: pb.Placement) -> bytes:
     return json.dumps({"op": "placement", "placement": _b64(placement)}).encode()
 
 
+@dataclass(frozen=True)
+class Answer:
+    """An Infer's answer kept for retries of its request id."""
+
+    fingerprint: str
+    """Hex digest of what the request asked (a reused id must ask the same)."""
+    response: bytes
+    """The serialized InferResponse."""
+    at: float
+    """The leader's wall clock when it was recorded."""
+
+
+def answers_command(answers: dict[str, Answer]) -> bytes:
+    """Record answers by request id, so a retry reaching another leader is answered once."""
+    return json.dumps(
+        {
+            "op": "answers",
+            "answers": [
+                [rid, a.fingerprint, base64.b64encode(a.response).decode(), a.at]
+                for rid, a in answers.items()
+            ],
+        }
+    ).encode()
+
+
 def undeploy_command(model: str) -> bytes:
     """Remove a model."""
     return json.dumps({"op": "undeploy", "model": model}).encode()
@@ -73,6 +103,9 @@ class ClusterState:
     placements: dict[str, pb.Placement] = field(default_factory=dict)
     deploy_ids: OrderedDict[str, str] = field(default_factory=OrderedDict)
     """deploy request id -> model, oldest first."""
+    answers: OrderedDict[str, Answer] = field(default_factory=OrderedDict)
+    """Infer request id -> its answer, oldest first (bounded in age and bytes)."""
+    answer_bytes: int = 0
     applied: int = 0
     on_agent: Callable[[AgentEntry], None] | None = None
     on_placement: Callable[[str, pb.Placement | None], None] | None = None
@@ -118,9 +151,25 @@ class ClusterState:
         elif op == "undeploy":
             if self.placements.pop(doc["model"], None) is not None and self.on_placement:
                 self.on_placement(doc["model"], None)
+        elif op == "answers":
+            for rid, fingerprint, response, at in doc["answers"]:
+                self._keep_answer(rid, Answer(fingerprint, base64.b64decode(response), at))
         else:
             raise ValueError(f"unknown cluster-state command {op!r}")
         self.applied += 1
+
+    def _keep_answer(self, request_id: str, answer: Answer) -> None:
+        if request_id in self.answers:
+            return  # the first answer stands
+        self.answers[request_id] = answer
+        self.answer_bytes += len(answer.response)
+        # Deterministic: by the recorded times and sizes only, never this replica's clock.
+        while self.answers:
+            oldest_id, oldest = next(iter(self.answers.items()))
+            if answer.at - oldest.at <= ANSWERS_KEPT_S and self.answer_bytes <= ANSWER_BYTES_KEPT:
+                break
+            del self.answers[oldest_id]
+            self.answer_bytes -= len(oldest.response)
 
     def placement_for_deploy(self, deploy_id: str) -> pb.Placement | None:
         """The current placement produced by deploy ``deploy_id``, if it took effect."""
@@ -135,6 +184,7 @@ class ClusterState:
                 "agents": [json.loads(agent_command(a)) for a in self.agents.values()],
                 "placements": [_b64(p) for p in self.placements.values()],
                 "deploy_ids": list(self.deploy_ids.items()),
+                "answers": json.loads(answers_command(dict(self.answers)))["answers"],
                 "applied": self.applied,
             }
         ).encode()
@@ -146,6 +196,10 @@ class ClusterState:
         self.agents.clear()
         self.placements.clear()
         self.deploy_ids = OrderedDict((k, v) for k, v in doc["deploy_ids"])
+        self.answers.clear()
+        self.answer_bytes = 0
+        for rid, fingerprint, response, at in doc.get("answers", []):
+            self._keep_answer(rid, Answer(fingerprint, base64.b64decode(response), at))
         for agent in doc["agents"]:
             self.apply(json.dumps(agent).encode())
         for raw in doc["placements"]:

@@ -266,11 +266,24 @@ class RequestLedger:
     idempotency keys, the id stands for one request: a request that reuses it but
     asks something else (another fingerprint) is refused, never given the other's
     answer.
+
+    ``replicated`` looks an id up among the answers every replica keeps (recorded
+    through ``record``, which the leader replicates): so a retry that reaches a new
+    leader after the old one answered is answered from there, not run again.
     """
 
-    def __init__(self, ttl_s: float = 300.0, capacity: int = 10_000) -> None:
+    def __init__(
+        self,
+        ttl_s: float = 300.0,
+        capacity: int = 10_000,
+        *,
+        replicated: Callable[[str], tuple[bytes, pb.InferResponse] | None] = lambda _: None,
+        record: Callable[[str, bytes, pb.InferResponse], None] = lambda *_: None,
+    ) -> None:
         self._ttl = ttl_s
         self._capacity = capacity
+        self._replicated = replicated
+        self._record = record
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
 
     async def answer(
@@ -278,22 +291,24 @@ class RequestLedger:
         request_id: str,
         fingerprint: bytes,
         run: Callable[[], Awaitable[pb.InferResponse]],
+        *,
+        keep: bool = True,
     ) -> pb.InferResponse:
         """The answer for ``request_id``: from the ledger, or by running ``run`` once.
 
-        Raises InferError (INVALID_ARGUMENT) when the id is held by a request with
-        another ``fingerprint``.
+        ``keep`` False: the id was made up for this request (no retry can name it), so
+        its answer is not recorded for other replicas. Raises InferError
+        (INVALID_ARGUMENT) when the id is held by a request with another ``fingerprint``.
         """
         self._expire()
         entry = self._entries.get(request_id)
         if entry is not None:
-            if entry.fingerprint != fingerprint:
-                raise InferError(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"request id {request_id[:64]!r} was used for a different request in "
-                    f"the last {self._ttl:.0f} s; send a new id for a new request",
-                )
+            self._check(request_id, entry.fingerprint, fingerprint)
             return await asyncio.shield(entry.future)
+        kept = self._replicated(request_id)
+        if kept is not None:
+            self._check(request_id, kept[0], fingerprint)
+            return kept[1]
         future: asyncio.Future[pb.InferResponse] = asyncio.get_running_loop().create_future()
         self._entries[request_id] = _Entry(time.monotonic(), fingerprint, future)
         try:
@@ -307,7 +322,17 @@ class RequestLedger:
                 future.cancel()
             raise
         future.set_result(response)
+        if keep:
+            self._record(request_id, fingerprint, response)
         return response
+
+    def _check(self, request_id: str, held: bytes, asked: bytes) -> None:
+        if held != asked:
+            raise InferError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"request id {request_id[:64]!r} was used for a different request in "
+                f"the last {self._ttl:.0f} s; send a new id for a new request",
+            )
 
     def _expire(self) -> None:
         now = time.monotonic()

@@ -22,9 +22,12 @@ from services.common.durations import duration
 from services.common.server import MAX_MESSAGE_BYTES, Lifecycle
 from services.coordinator.barriers import BarrierError, ModelBarriers
 from services.coordinator.cluster_state import (
+    ANSWERS_KEPT_S,
     AgentEntry,
+    Answer,
     ClusterState,
     agent_command,
+    answers_command,
     deploy_command,
     placement_command,
     undeploy_command,
@@ -126,6 +129,54 @@ class Pulse:
             await asyncio.wait_for(self._event.wait(), max(0.0, timeout))
 
 
+class AnswerRecorder:
+    """Replicates Infer answers by request id, in batches, off the request path.
+
+    An answer is sent to its client at once; within ``batch_s`` the leader commits it
+    with the others that finished meanwhile (one log entry). A retry of the id that
+    reaches a new leader after that is answered from the replicated state, not run
+    twice; one that comes within the batch window of a leader's death may still run
+    again (the same answer, twice the work).
+    """
+
+    def __init__(self, replicator: Replicator, timeout_s: float, batch_s: float = 0.02) -> None:
+        self._replicator = replicator
+        self._timeout_s = timeout_s
+        self._batch_s = batch_s
+        self._pending: dict[str, Answer] = {}
+        self._flushing: asyncio.Task[None] | None = None
+
+    def record(self, request_id: str, fingerprint: bytes, response: pb.InferResponse) -> None:
+        """Queue an answer for replication (only the leader's answers are kept)."""
+        if not self._replicator.is_leader:
+            return
+        self._pending[request_id] = Answer(
+            fingerprint.hex(), response.SerializeToString(), time.time()
+        )
+        if self._flushing is None or self._flushing.done():
+            self._flushing = asyncio.create_task(self._flush())
+
+    async def _flush(self) -> None:
+        while self._pending:
+            await asyncio.sleep(self._batch_s)  # gather the answers finishing meanwhile
+            batch, self._pending = self._pending, {}
+            try:
+                await self._replicator.propose(answers_command(batch), self._timeout_s)
+            except (NotLeaderError, TimeoutError) as exc:
+                log.info(
+                    "answers not replicated; their ids may run again on another leader",
+                    extra={"answers": len(batch), "error": repr(exc)},
+                )
+
+
+def kept_answer(state: ClusterState, request_id: str) -> tuple[bytes, pb.InferResponse] | None:
+    """The replicated answer to ``request_id`` (its fingerprint and response), if any."""
+    answer = state.answers.get(request_id)
+    if answer is None:
+        return None
+    return bytes.fromhex(answer.fingerprint), pb.InferResponse.FromString(answer.response)
+
+
 class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
     """Agent sessions, the registry, deployment and inference."""
 
@@ -145,7 +196,12 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         self._state = state
         self._replicator = replicator
         self._lifecycle = lifecycle
-        self._ledger = RequestLedger()
+        self._answers = AnswerRecorder(replicator, settings.propose_timeout_s)
+        self._ledger = RequestLedger(
+            ANSWERS_KEPT_S,
+            replicated=functools.partial(kept_answer, state),
+            record=self._answers.record,
+        )
         self._writes = asyncio.Lock()  # deploys, undeploys and moves one at a time
         self._barriers = ModelBarriers()
         self._attached = Pulse()
@@ -531,6 +587,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
                     request_id,
                     fingerprint,
                     functools.partial(serving.pipeline.run, request_id, inputs, deadline, pins),
+                    keep=bool(request.request_id),
                 )
             except InferError as exc:
                 # Every replica of a shard failed: wait for recovery to move one (a new

@@ -9,15 +9,20 @@ import threading
 from pathlib import Path
 
 import grpc
+import numpy as np
+import pytest
 import webshard
+from webshard.browser_agent.v1 import browser_agent_pb2 as agent_pb
+from webshard.browser_agent.v1 import browser_agent_pb2_grpc as agent_grpc
 from webshard.cli.local import LocalCluster
 from webshard.coordinator.v1 import coordinator_pb2 as pb
 from webshard.coordinator.v1 import coordinator_pb2_grpc as pb_grpc
+from webshard.errors import InvalidArgumentError
 from webshard.tensors import encode_tensor
 
 from services.models import example_inputs
 from tests.conftest import wait_for
-from tests.integration.test_coordinator_replicas import leader
+from tests.integration.test_coordinator_replicas import leader, status
 
 VIT_INPUTS = [encode_tensor(n, v) for n, v in example_inputs("vit-tiny").items()]
 
@@ -92,5 +97,59 @@ def test_followers_never_say_a_just_deployed_model_is_missing(tmp_path: Path) ->
                             answers.append(err.code().name)
                 client.undeploy("vit-tiny")
             assert len(answers) == 20
+    finally:
+        cluster.stop()
+
+
+def shard_runs(cluster: LocalCluster, agents: int) -> int:
+    """Activations the agents' shards have answered, by the agents' own counters."""
+    total = 0
+    for i in range(agents):
+        with grpc.insecure_channel(cluster.address(f"agent-{i}")) as channel:
+            status = agent_grpc.BrowserAgentServiceStub(channel).GetStatus(
+                agent_pb.GetStatusRequest(), timeout=10
+            )
+        total += sum(s.runs for b in status.browsers for s in b.shards)
+    return total
+
+
+def test_an_infer_retried_across_a_leader_kill_runs_once(tmp_path: Path) -> None:
+    cluster = LocalCluster(
+        agents=2,
+        data_dir=tmp_path / "cluster",
+        auto_ports=True,
+        extra_args={"browser_agent": ["--browsers", "0"]},
+    )
+    cluster.start(timeout=120)
+    try:
+        with webshard.Client(cluster.coordinators(), timeout=60) as client:
+            wait_for(lambda: len(client.list_agents()) == 2, 30, "both agents to attach")
+            client.deploy("minilm-l6", sharding="layer", shards=2, replicas=1, runtime="native")
+            chief = leader(cluster)
+            assert chief is not None
+            before = status(cluster.address(chief))
+            assert before is not None
+            first = client.infer("minilm-l6", texts=["asked once"], request_id="once-1")
+            runs = shard_runs(cluster, 2)
+            assert runs == 2  # one activation per shard
+
+            def replicated() -> bool:
+                # The answer's entry is committed on the leader and applied everywhere.
+                views = [status(cluster.address(f"coordinator-{i}")) for i in range(3)]
+                indexes = [v.replicas[0].commit_index for v in views if v is not None]
+                return len(indexes) == 3 and min(indexes) > before.replicas[0].commit_index
+
+            wait_for(replicated, 30, "the answer to be replicated")
+            os.kill(cluster.popen(chief).pid, signal.SIGKILL)
+            cluster.popen(chief).wait(timeout=10)
+            # The client lost the answer, say, and retries: the new leader answers it
+            # from the replicated state without running the model again.
+            again = client.infer("minilm-l6", texts=["asked once"], request_id="once-1")
+            np.testing.assert_array_equal(
+                again.outputs["sentence_embedding"], first.outputs["sentence_embedding"]
+            )
+            assert shard_runs(cluster, 2) == runs
+            with pytest.raises(InvalidArgumentError, match="different request"):
+                client.infer("minilm-l6", texts=["asked otherwise"], request_id="once-1")
     finally:
         cluster.stop()

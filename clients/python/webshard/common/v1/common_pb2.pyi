@@ -591,12 +591,15 @@ class LoadedShard(_message.Message):
     SPEC_FIELD_NUMBER: _builtins.int
     EXECUTION_PROVIDER_FIELD_NUMBER: _builtins.int
     EXECUTION_PROVIDER_REASON_FIELD_NUMBER: _builtins.int
+    RUNS_FIELD_NUMBER: _builtins.int
     handle: _builtins.str
     """handle identifies the loaded shard in RunShard and UnloadShard."""
     execution_provider: Global___ExecutionProvider.ValueType
     """execution_provider is the provider that runs it."""
     execution_provider_reason: _builtins.str
     """execution_provider_reason says why that provider was chosen."""
+    runs: _builtins.int
+    """runs is the number of activations the shard has answered since it was loaded."""
     @_builtins.property
     def spec(self) -> Global___ShardSpec:
         """spec is the shard."""
@@ -608,10 +611,11 @@ class LoadedShard(_message.Message):
         spec: Global___ShardSpec | None = ...,
         execution_provider: Global___ExecutionProvider.ValueType = ...,
         execution_provider_reason: _builtins.str = ...,
+        runs: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["execution_provider", b"execution_provider", "execution_provider_reason", b"execution_provider_reason", "handle", b"handle", "spec", b"spec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["execution_provider", b"execution_provider", "execution_provider_reason", b"execution_provider_reason", "handle", b"handle", "runs", b"runs", "spec", b"spec"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

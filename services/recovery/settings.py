@@ -22,6 +22,10 @@ class RecoverySettings(ServerSettings):
     coordinators: list[str] = setting(
         ["127.0.0.1:50051"], "Coordinator replica addresses, comma-separated."
     )
+    metrics: str = setting(
+        "127.0.0.1:50055",
+        "The metrics service's address, where every breaker transition is sent; empty sends none.",
+    )
     default_strategy: str = setting(
         "progressive",
         "Strategy for failures whose report and model name none: "

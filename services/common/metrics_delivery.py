@@ -153,7 +153,7 @@ class MetricsSender:
             await asyncio.wait_for(self._idle.wait(), timeout_s)
         return self._idle.is_set()
 
-    async def close(self, *, drain_s: float = 5.0) -> None:
+    async def close(self, *, drain_s: float = 2.0) -> None:
         """Send what is queued for up to ``drain_s``, then stop; what is left is logged."""
         self._closed = True
         if self._task is not None:

@@ -11,7 +11,7 @@ from webshard.fault_injector.v1 import fault_injector_pb2 as fi
 from webshard.fault_injector.v1 import fault_injector_pb2_grpc as pb_grpc
 from webshard.metrics.v1 import metrics_pb2
 
-from services.common.metrics_delivery import MetricsSender
+from services.common.metrics_delivery import DeliveryConfig, MetricsSender
 from services.common.server import BasicApp, Lifecycle
 from services.fault_injector.agents import GrpcAgentHooks
 from services.fault_injector.breakers import RecoveryBreakers
@@ -94,7 +94,17 @@ def make_app(settings: FaultInjectorSettings, lifecycle: Lifecycle) -> BasicApp:
         memory_cap_bytes=settings.memory_pressure_cap_mb * 1024 * 1024,
     )
 
-    sender = MetricsSender(settings.metrics, service="fault-injector") if settings.metrics else None
+    sender = (
+        MetricsSender(
+            settings.metrics,
+            service="fault-injector",
+            config=DeliveryConfig(
+                capacity=settings.metrics_queue, give_up_s=settings.metrics_give_up_s
+            ),
+        )
+        if settings.metrics
+        else None
+    )
     tasks: list[asyncio.Task[None]] = []
 
     async def start() -> None:

@@ -7,19 +7,23 @@ the CPU. An iteration ends when its fault has reverted by itself, every recovery
 it caused has finished, and the cluster is whole again (every shard has its
 replicas, no browser is still launching); the next one starts from there.
 
-Everything observed is sent to the metrics service (faults, recoveries with
-their phases, every request), which renders the reports.
+What the campaign observed is sent to the metrics service (recoveries with their
+phases, every request), which renders the reports; the services send the rest
+themselves as it happens (the fault-injector every fault, the recovery service
+every breaker transition).
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import itertools
 import logging
+import os
 import statistics
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -69,16 +73,46 @@ class Addresses:
     fault_injector: str
     recovery: str
     metrics: str
+    breakers_enabled: bool = True
+    """The recovery service's breaker setting (``--breakers-enabled``), which labels
+    every recovery record of the run. ``of`` reads it from what the local cluster
+    started recovery with; whoever builds Addresses by hand says what it is (the
+    recovery service's own default is on)."""
 
     @classmethod
     def of(cls, cluster: LocalCluster) -> Addresses:
-        """The services of a local cluster."""
+        """The services of a local cluster, and its recovery service's breaker setting."""
+        recovery = next(p for p in cluster.processes if p.service == "recovery")
         return cls(
             coordinators=cluster.coordinators(),
             fault_injector=cluster.address("fault-injector"),
-            recovery=cluster.address("recovery"),
+            recovery=recovery.address,
             metrics=cluster.address("metrics"),
+            breakers_enabled=breakers_setting(recovery.args, os.environ),
         )
+
+
+def breakers_setting(args: Sequence[str], env: Mapping[str, str]) -> bool:
+    """The breaker setting a recovery service started with ``args`` and ``env`` runs with:
+    the last ``--breakers-enabled`` flag, else ``WEBSHARD_BREAKERS_ENABLED``, else on (its
+    default). Raises ValueError for a value the service itself would refuse."""
+    raw = None
+    for flag, value in itertools.pairwise(args):
+        if flag == "--breakers-enabled":
+            raw = value
+    for arg in args:
+        if arg.startswith("--breakers-enabled="):
+            raw = arg.partition("=")[2]
+    if raw is None:
+        raw = env.get("WEBSHARD_BREAKERS_ENABLED")
+    if raw is None:
+        return True
+    lowered = raw.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"the recovery service's breakers-enabled value {raw[:20]!r} is not a boolean")
 
 
 @dataclass(frozen=True)
@@ -479,15 +513,25 @@ class Campaign:
     # --- metrics --------------------------------------------------------------
 
     async def _ingest(self) -> None:
+        """Send the run's recoveries and requests to metrics.
+
+        Faults are not sent from here: the fault-injector records every fault as it
+        ends, refused ones included, with the run id the campaign put in its labels.
+        Breaker transitions come from the recovery service as they happen; the
+        report takes them from this run's time window.
+        """
         events = []
         for it in self.iterations:
-            if it.fault is not None:
-                events.append(metrics_pb2.Event(fault=_fault_record(it.fault, self.run_id)))
             for recovery in it.recoveries:
                 events.append(
                     metrics_pb2.Event(
                         recovery=_recovery_record(
-                            recovery, it, self.plan.model, self._ep, self.run_id
+                            recovery,
+                            it,
+                            self.plan.model,
+                            self._ep,
+                            self.run_id,
+                            breakers_enabled=self._addresses.breakers_enabled,
                         )
                     )
                 )
@@ -521,23 +565,14 @@ def _provider(eps: str) -> common_pb2.ExecutionProvider.ValueType:
     return common_pb2.ExecutionProvider.Value(f"EXECUTION_PROVIDER_{name}")
 
 
-def _fault_record(fault: fi.Fault, run_id: str) -> metrics_pb2.FaultRecord:
-    return metrics_pb2.FaultRecord(
-        fault_id=fault.fault_id,
-        kind=fault.spec.kind,
-        intensity=fault.spec.intensity,
-        state=fi.FaultState.Name(fault.state).removeprefix("FAULT_STATE_").lower(),
-        targets=[t.id for t in fault.targets]
-        + [t.id for child in fault.children for t in child.targets],
-        injected_at=fault.injected_at,
-        reverted_at=fault.reverted_at,
-        detail=fault.detail,
-        run_id=run_id,
-    )
-
-
 def _recovery_record(
-    recovery: recovery_pb2.Recovery, it: Iteration, model: str, ep: str, run_id: str
+    recovery: recovery_pb2.Recovery,
+    it: Iteration,
+    model: str,
+    ep: str,
+    run_id: str,
+    *,
+    breakers_enabled: bool,
 ) -> metrics_pb2.RecoveryRecord:
     return metrics_pb2.RecoveryRecord(
         recovery_id=recovery.recovery_id,
@@ -562,7 +597,7 @@ def _recovery_record(
         ],
         trace_id=recovery.trace_id,
         run_id=run_id,
-        breakers_enabled=True,
+        breakers_enabled=breakers_enabled,
     )
 
 

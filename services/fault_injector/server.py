@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
-from webshard.fault_injector.v1 import fault_injector_pb2_grpc as pb_grpc
+import asyncio
+import contextlib
+import logging
+from collections import OrderedDict
 
+from webshard.fault_injector.v1 import fault_injector_pb2 as fi
+from webshard.fault_injector.v1 import fault_injector_pb2_grpc as pb_grpc
+from webshard.metrics.v1 import metrics_pb2
+
+from services.common.metrics_delivery import DeliveryConfig, MetricsSender
 from services.common.server import BasicApp, Lifecycle
 from services.fault_injector.agents import GrpcAgentHooks
 from services.fault_injector.breakers import RecoveryBreakers
@@ -13,6 +21,62 @@ from services.fault_injector.leader import leader_control
 from services.fault_injector.servicer import SERVICE, FaultInjectorServicer
 from services.fault_injector.settings import FaultInjectorSettings
 from services.fault_injector.spec import Limits
+
+log = logging.getLogger(__name__)
+
+RECORDED_STATES = (
+    fi.FAULT_STATE_REVERTED,
+    fi.FAULT_STATE_FAILED,
+    fi.FAULT_STATE_REFUSED,
+)
+"""A fault is recorded once, when it reaches one of these; dry runs are not faults."""
+
+REMEMBERED = 10_000
+"""Recorded fault ids kept so a fault published again is not recorded twice."""
+
+
+def fault_event(fault: fi.Fault) -> metrics_pb2.Event:
+    """A fault (with its children's targets) as the metrics service records it.
+
+    The campaign run comes from the spec's ``run_id`` label, which the campaign
+    sets on every fault it asks for (refused attempts included).
+    """
+    record = metrics_pb2.FaultRecord(
+        fault_id=fault.fault_id,
+        kind=fault.spec.kind,
+        intensity=fault.spec.intensity,
+        state=fi.FaultState.Name(fault.state).removeprefix("FAULT_STATE_").lower(),
+        targets=[t.id for t in fault.targets]
+        + [t.id for child in fault.children for t in child.targets],
+        detail=fault.detail,
+        run_id=fault.spec.labels.get("run_id", ""),
+    )
+    if fault.HasField("injected_at"):
+        record.injected_at.CopyFrom(fault.injected_at)
+    if fault.HasField("reverted_at"):
+        record.reverted_at.CopyFrom(fault.reverted_at)
+    return metrics_pb2.Event(fault=record)
+
+
+async def record_faults(injector: FaultInjector, sender: MetricsSender) -> None:
+    """Send every fault to metrics when it ends; runs until cancelled.
+
+    Reads the injector's watch (which ends a watcher that falls behind, so this
+    one only queues and never waits) and watches again, existing faults included,
+    when it ends; the ids already recorded keep a fault from being sent twice.
+    """
+    recorded: OrderedDict[str, None] = OrderedDict()
+    include_existing = False
+    while True:
+        async for fault in injector.watch(include_existing=include_existing):
+            if fault.state not in RECORDED_STATES or fault.fault_id in recorded:
+                continue
+            recorded[fault.fault_id] = None
+            if len(recorded) > REMEMBERED:
+                recorded.popitem(last=False)
+            sender.send(fault_event(fault))
+        log.warning("the fault watch for metrics ended; watching again")
+        include_existing = True
 
 
 def make_app(settings: FaultInjectorSettings, lifecycle: Lifecycle) -> BasicApp:
@@ -30,6 +94,24 @@ def make_app(settings: FaultInjectorSettings, lifecycle: Lifecycle) -> BasicApp:
         memory_cap_bytes=settings.memory_pressure_cap_mb * 1024 * 1024,
     )
 
+    sender = (
+        MetricsSender(
+            settings.metrics,
+            service="fault-injector",
+            config=DeliveryConfig(
+                capacity=settings.metrics_queue, give_up_s=settings.metrics_give_up_s
+            ),
+        )
+        if settings.metrics
+        else None
+    )
+    tasks: list[asyncio.Task[None]] = []
+
+    async def start() -> None:
+        if sender is not None:
+            sender.start()
+            tasks.append(asyncio.create_task(record_faults(injector, sender)))
+
     async def stop() -> None:
         # Faults still in force are reverted before the injector goes: a stopped
         # injector leaves nothing behind (the agents' own timers are the backstop).
@@ -40,6 +122,14 @@ def make_app(settings: FaultInjectorSettings, lifecycle: Lifecycle) -> BasicApp:
             await hooks.close()
             await breakers.close()
             await cluster.close()
+            # After the injector's close: the faults it reverted are recorded too.
+            for task in tasks:
+                await asyncio.sleep(0)  # let the watch hand over the last changes
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            if sender is not None:
+                await sender.close()
 
     return BasicApp(
         service_names=(SERVICE,),
@@ -49,5 +139,6 @@ def make_app(settings: FaultInjectorSettings, lifecycle: Lifecycle) -> BasicApp:
                 FaultInjectorServicer(injector, settings.fault_token, lifecycle),
             )
         ],
+        on_start=start,
         on_stop=stop,
     )

@@ -20,6 +20,19 @@ class FaultInjectorSettings(ServerSettings):
         "127.0.0.1:50054",
         "The recovery service's address, asked for breaker states before each injection.",
     )
+    metrics: str = setting(
+        "127.0.0.1:50055",
+        "The metrics service's address, where every fault is recorded when it ends "
+        "(refused ones too); empty sends none.",
+    )
+    metrics_queue: int = setting(
+        10_000, "Records waiting for the metrics service, at most; more are dropped and counted."
+    )
+    metrics_give_up_s: float = setting(
+        60.0,
+        "Seconds a batch of records is retried while metrics is unreachable before it is "
+        "dropped and counted.",
+    )
     max_duration_s: float = setting(600.0, "The longest duration a fault may ask for.")
     fault_token: str = setting(
         "", "When set, every call must carry 'authorization: Bearer <token>' metadata."

@@ -87,13 +87,24 @@ TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
         "duration_ms",
         "attributes",
     ),
+    "delivery_losses": ("service", "dropped", "first_dropped_at", "last_dropped_at", "reason"),
 }
 """Every table's columns in insertion order (the store adds ``ingested_at``)."""
 
-TIME_COLUMNS = frozenset({"injected_at", "reverted_at", "started_at", "changed_at", "sampled_at"})
+TIME_COLUMNS = frozenset(
+    {
+        "injected_at",
+        "reverted_at",
+        "started_at",
+        "changed_at",
+        "sampled_at",
+        "first_dropped_at",
+        "last_dropped_at",
+    }
+)
 FLOAT_COLUMNS = frozenset({"duration_ms", "latency_ms"})
 BOOL_COLUMNS = frozenset({"succeeded", "breakers_enabled", "ok", "correct", "checked", "recovered"})
-INT_COLUMNS = frozenset({"position", "browsers", "memory_used_bytes", "in_flight"})
+INT_COLUMNS = frozenset({"position", "browsers", "memory_used_bytes", "in_flight", "dropped"})
 
 
 class InvalidEvent(ValueError):
@@ -273,6 +284,18 @@ def _rows(event: pb.Event, where: int) -> Iterable[tuple[str, tuple[Any, ...]]]:
                 _time(s, "start", where, "span start"),
                 _duration_ms(s.duration, where, "span duration"),
                 json.dumps(dict(s.attributes), sort_keys=True),
+            ),
+        )
+    elif kind == "delivery_loss":
+        d = event.delivery_loss
+        yield (
+            "delivery_losses",
+            (
+                _required(d.service, where, "delivery loss service"),
+                _non_negative(d.dropped, where, "delivery loss dropped"),
+                _time(d, "first_dropped_at", where, "delivery loss first_dropped_at"),
+                _time(d, "last_dropped_at", where, "delivery loss last_dropped_at"),
+                d.reason,
             ),
         )
     else:

@@ -26,7 +26,7 @@ from services.metrics.store import SummaryRow
 Row = Mapping[str, Any]
 Tables = Mapping[str, Sequence[Row]]
 
-TABLES = ("recoveries", "recovery_phases", "breaker_transitions", "spans")
+TABLES = ("recoveries", "recovery_phases", "breaker_transitions", "spans", "delivery_losses")
 """The tables the HTML report reads; others in ``tables`` are ignored."""
 
 STRIP_MAX = 400
@@ -119,6 +119,8 @@ def render_html(run_id: str, summary: Sequence[SummaryRow], tables: Tables) -> b
     sections += [
         "<h2>Circuit breakers</h2>",
         breaker_timeline(tables.get("breaker_transitions", ())),
+        "<h2>Delivery</h2>",
+        delivery_losses(tables.get("delivery_losses", ())),
     ]
     if summary:
         sections += [
@@ -355,6 +357,36 @@ def success_chart(summary: Sequence[SummaryRow]) -> str:
         "<figcaption>Share of recoveries that succeeded, per scenario / strategy."
         "</figcaption></figure>"
     )
+
+
+# --- delivery losses -------------------------------------------------------------
+
+
+def delivery_losses(losses: Sequence[Row]) -> str:
+    """The records services reported they could not deliver, per service and reason."""
+    totals = loss_totals(losses)
+    if not totals:
+        return '<p class="delivery">No service reported records it could not deliver.</p>'
+    rows = "".join(
+        f"<tr><td>{escape(service)}</td><td>{escape(reason)}</td><td>{count}</td></tr>"
+        for (service, reason), count in totals.items()
+    )
+    dropped = sum(totals.values())
+    return (
+        f'<p class="delivery missing">{dropped} record(s) never reached the metrics service: '
+        "the tables and charts above are missing them.</p>"
+        '<table class="delivery"><thead><tr><th>service</th><th>reason</th><th>dropped</th>'
+        f"</tr></thead><tbody>{rows}</tbody></table>"
+    )
+
+
+def loss_totals(losses: Iterable[Row]) -> dict[tuple[str, str], int]:
+    """Dropped records summed per (service, reason), in first-seen order."""
+    totals: dict[tuple[str, str], int] = {}
+    for loss in losses:
+        key = (str(loss.get("service") or ""), str(loss.get("reason") or ""))
+        totals[key] = totals.get(key, 0) + int(loss.get("dropped") or 0)
+    return {key: count for key, count in totals.items() if count}
 
 
 # --- 3. breaker timeline ------------------------------------------------------------

@@ -27,6 +27,9 @@ CELL = ("scenario", "strategy")
 HTML_TABLES = html_report.TABLES
 """The tables ``render_html`` reads."""
 
+MARKDOWN_TABLES = ("breaker_transitions", "delivery_losses")
+"""The tables ``render_markdown`` reads."""
+
 
 def _cell(row: SummaryRow) -> tuple[str, str]:
     return row.group.get("scenario", ""), row.group.get("strategy", "")
@@ -48,18 +51,32 @@ def render_json(
     run_id: str, summary: Sequence[SummaryRow], tables: Mapping[str, list[dict[str, Any]]]
 ) -> bytes:
     """Everything: the summary by scenario and strategy, and every stored row."""
+    totals = html_report.loss_totals(tables.get("delivery_losses", ()))
     doc = {
         "schema_version": SCHEMA_VERSION,
         "generated_at": dt.datetime.now(dt.UTC).isoformat(),
         "run_id": run_id,
         "summary": [_summary(row) for row in summary],
+        "breaker_transitions": len(tables.get("breaker_transitions", ())),
+        "delivery": {
+            "dropped": sum(totals.values()),
+            "losses": [
+                {"service": service, "reason": reason, "dropped": count}
+                for (service, reason), count in totals.items()
+            ],
+        },
         "tables": tables,
     }
     return json.dumps(doc, indent=2, default=str).encode()
 
 
-def render_markdown(run_id: str, summary: Sequence[SummaryRow]) -> bytes:
-    """The table of recoveries by scenario and strategy."""
+def render_markdown(
+    run_id: str,
+    summary: Sequence[SummaryRow],
+    tables: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
+) -> bytes:
+    """The table of recoveries by scenario and strategy; then, from ``tables`` where
+    given, the breaker transitions' count and the records services could not deliver."""
     lines = [
         f"# webshard recovery report{f' — run {run_id}' if run_id else ''}",
         "",
@@ -74,6 +91,22 @@ def render_markdown(run_id: str, summary: Sequence[SummaryRow]) -> bytes:
         )
     if not summary:
         lines.append("| (no recoveries recorded) | | | | | | |")
+    if tables is not None:
+        transitions = len(tables.get("breaker_transitions", ()))
+        lines += ["", f"Circuit breakers: {transitions} transition(s) recorded."]
+        totals = html_report.loss_totals(tables.get("delivery_losses", ()))
+        if totals:
+            lines += [
+                "",
+                f"**{sum(totals.values())} record(s) never reached the metrics service**; "
+                "the figures above are missing them:",
+                "",
+                "| service | reason | dropped |",
+                "|---|---|---|",
+                *(f"| {s} | {r} | {n} |" for (s, r), n in totals.items()),
+            ]
+        else:
+            lines += ["", "Delivery: no service reported records it could not deliver."]
     return ("\n".join(lines) + "\n").encode()
 
 

@@ -198,7 +198,9 @@ class MetricsServicer(pb_grpc.MetricsServiceServicer):
             tables = await self._tables(EVENT_TIME, request.run_id)
             content, kind = reports.render_json(request.run_id, summary, tables), "application/json"
         elif request.format == pb.REPORT_FORMAT_MARKDOWN:
-            content, kind = reports.render_markdown(request.run_id, summary), "text/markdown"
+            tables = await self._tables(reports.MARKDOWN_TABLES, request.run_id)
+            content = reports.render_markdown(request.run_id, summary, tables)
+            kind = "text/markdown"
         elif request.format == pb.REPORT_FORMAT_HTML:
             tables = await self._tables(reports.HTML_TABLES, request.run_id)
             content = await asyncio.to_thread(reports.render_html, request.run_id, summary, tables)

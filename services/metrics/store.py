@@ -55,7 +55,29 @@ CREATE TABLE IF NOT EXISTS spans (
     trace_id VARCHAR NOT NULL, span_id VARCHAR NOT NULL, parent_span_id VARCHAR,
     name VARCHAR, service VARCHAR, started_at TIMESTAMP, duration_ms DOUBLE,
     attributes VARCHAR, ingested_at TIMESTAMP NOT NULL);
+CREATE TABLE IF NOT EXISTS delivery_losses (
+    service VARCHAR NOT NULL, dropped BIGINT, first_dropped_at TIMESTAMP,
+    last_dropped_at TIMESTAMP, reason VARCHAR, ingested_at TIMESTAMP NOT NULL);
+CREATE TABLE IF NOT EXISTS webshard_metadata (key VARCHAR PRIMARY KEY, value VARCHAR NOT NULL);
 """
+
+APPLICATION = "webshard-metrics"
+"""What ``webshard_metadata`` says under ``application`` in a file webshard created."""
+
+SCHEMA_VERSION = 2
+"""The schema this build writes. Version 1 (before ``webshard_metadata`` and
+``delivery_losses``) is recognised by its tables and upgraded; a higher version
+is a file from a newer webshard and is refused."""
+
+_V1_TABLES = (
+    "faults",
+    "recoveries",
+    "recovery_phases",
+    "requests",
+    "breaker_transitions",
+    "agent_samples",
+    "spans",
+)
 
 EVENT_TIME = {
     "faults": "injected_at",
@@ -65,11 +87,19 @@ EVENT_TIME = {
     "breaker_transitions": "changed_at",
     "agent_samples": "sampled_at",
     "spans": "started_at",
+    "delivery_losses": "first_dropped_at",
 }
 """The column retention and time filters read, per table."""
 
 RUN_TABLES = ("faults", "recoveries", "recovery_phases", "requests")
-"""Tables whose rows carry the campaign run they belong to."""
+"""Tables whose rows carry the campaign run they belong to.
+
+The other tables hold what services record for the whole cluster (breaker
+transitions, agent samples, spans, delivery losses): a service does not know
+which campaign, if any, is running. A run's report takes their rows from the
+run's time window instead (see ``MetricsStore.run_window``): the run owns the
+cluster while it runs, so what happened then is what the run saw.
+"""
 
 GROUP_FIELDS = (
     "scenario",
@@ -138,23 +168,37 @@ class MetricsStore:
     def open(cls, path: str | Path) -> MetricsStore:
         """Open or create the database at ``path`` (":memory:" for none).
 
-        Raises StoreError when the file exists but is not a DuckDB database, or
-        another process holds it. The file is never modified or removed then:
-        it may hold the only copy of a campaign's results.
+        Raises StoreError when the file exists but is not a DuckDB database,
+        another process holds it, it is not webshard's (tables of its own and no
+        ``webshard_metadata``), or a newer webshard wrote it. The file is never
+        modified or removed then: it may hold the only copy of someone's results.
+        An existing file is checked through a read-only connection before
+        anything is written to it.
         """
         where = str(path)
         if where != ":memory:":
             Path(where).parent.mkdir(parents=True, exist_ok=True)
+            if Path(where).exists():
+                _check_owned(where)
         try:
             connection = duckdb.connect(where)
         except duckdb.Error as exc:
-            raise StoreError(
-                f"cannot open the metrics database {where}: {exc}. The file was left as it is; "
-                "move it aside (or set --db-path to another file) to start with an empty one"
-            ) from exc
+            raise _unopenable(where, exc) from exc
         # TIMESTAMP columns hold UTC; with the session in UTC, now() agrees with them.
         connection.execute("SET TimeZone = 'UTC'")
-        connection.execute(SCHEMA)
+        connection.execute("BEGIN TRANSACTION")
+        try:
+            connection.execute(SCHEMA)
+            connection.execute(
+                "INSERT OR REPLACE INTO webshard_metadata VALUES "
+                "('application', ?), ('schema_version', ?)",
+                [APPLICATION, str(SCHEMA_VERSION)],
+            )
+            connection.execute("COMMIT")
+        except BaseException:
+            connection.execute("ROLLBACK")
+            connection.close()
+            raise
         return cls(connection, where)
 
     def close(self) -> None:
@@ -257,12 +301,53 @@ class MetricsStore:
             )
         return result
 
+    def run_window(self, run_id: str) -> tuple[dt.datetime, dt.datetime] | None:
+        """When ``run_id`` ran: its first recorded moment to its last, or None with no rows.
+
+        Taken from the run's own rows: faults from injection to revert, recoveries
+        and requests from their start to their end.
+        """
+        row = self._db.execute(
+            "SELECT min(t0), max(t1) FROM ("
+            "SELECT injected_at AS t0, coalesce(reverted_at, injected_at) AS t1 "
+            "FROM faults WHERE run_id = $run "
+            "UNION ALL SELECT started_at, started_at + to_microseconds("
+            "CAST(coalesce(duration_ms, 0) * 1000 AS BIGINT)) FROM recoveries WHERE run_id = $run "
+            "UNION ALL SELECT started_at, started_at + to_microseconds("
+            "CAST(coalesce(latency_ms, 0) * 1000 AS BIGINT)) FROM requests WHERE run_id = $run)",
+            {"run": run_id},
+        ).fetchone()
+        if row is None or row[0] is None or row[1] is None:
+            return None
+        return row[0], row[1]
+
     def rows(self, table: str, *, run_id: str = "") -> list[dict[str, Any]]:
-        """Every row of ``table`` (of one run, for tables that record runs), oldest first."""
+        """Every row of ``table``, oldest first; with ``run_id``, those of that run.
+
+        Tables that record runs are filtered by ``run_id``; the others by the
+        run's window (``run_window``): a delivery loss when the time its records
+        were dropped overlaps the window, any other row when its event time lies
+        in it. A run with no rows of its own has no window, so none of theirs.
+        """
         if table not in EVENT_TIME:
             raise QueryError(f"no table {table!r}; tables: {', '.join(EVENT_TIME)}")
-        has_run = table in RUN_TABLES
-        where, params = _filters(EVENT_TIME[table], run_id if has_run else "", None, None)
+        params: list[Any]
+        if table in RUN_TABLES or not run_id:
+            where, params = _filters(EVENT_TIME[table], run_id, None, None)
+        else:
+            window = self.run_window(run_id)
+            if window is None:
+                return []
+            start, end = window
+            if table == "delivery_losses":
+                where = (
+                    "WHERE coalesce(first_dropped_at, ingested_at) <= ? "
+                    "AND coalesce(last_dropped_at, first_dropped_at, ingested_at) >= ?"
+                )
+                params = [end, start]
+            else:
+                where = f"WHERE {EVENT_TIME[table]} BETWEEN ? AND ?"
+                params = [start, end]
         cursor = self._db.execute(
             f"SELECT * EXCLUDE (ingested_at) FROM {table} {where} "
             f"ORDER BY {EVENT_TIME[table]} NULLS LAST",
@@ -358,6 +443,69 @@ _SERIES: dict[str, tuple[str, str, str, bool]] = {
         False,
     ),
 }
+
+
+def _unopenable(where: str, exc: Exception) -> StoreError:
+    return StoreError(
+        f"cannot open the metrics database {where}: {exc}. The file was left as it is; "
+        "move it aside (or set --db-path to another file) to start with an empty one"
+    )
+
+
+def _refused(where: str, why: str) -> StoreError:
+    return StoreError(
+        f"refusing the metrics database {where}: {why}. Nothing was written to it; give "
+        "--db-path a new file (or another data directory) for webshard's metrics"
+    )
+
+
+def _check_owned(where: str) -> None:
+    """Raise StoreError unless the file at ``where`` is empty or webshard's, of a schema
+    this build reads. Reads through a read-only connection: the file stays as it is."""
+    try:
+        connection = duckdb.connect(where, read_only=True)
+    except duckdb.Error as exc:
+        raise _unopenable(where, exc) from exc
+    try:
+        columns: dict[str, set[str]] = {}
+        for schema, table, column in connection.execute(
+            "SELECT table_schema, table_name, column_name FROM information_schema.columns "
+            "WHERE table_catalog = current_database()"
+        ).fetchall():
+            name = table if schema == "main" else f"{schema}.{table}"
+            columns.setdefault(name, set()).add(column)
+        if not columns:
+            return  # an empty DuckDB file: webshard may make it its own
+        if "webshard_metadata" in columns:
+            meta = dict(connection.execute("SELECT key, value FROM webshard_metadata").fetchall())
+            if meta.get("application") != APPLICATION:
+                raise _refused(
+                    where,
+                    f"its webshard_metadata names application {meta.get('application')!r}, "
+                    f"not {APPLICATION!r}",
+                )
+            version = meta.get("schema_version", "")
+            if not version.isdigit() or int(version) > SCHEMA_VERSION:
+                raise _refused(
+                    where,
+                    f"its schema version is {version[:20]!r}, and this webshard reads "
+                    f"versions up to {SCHEMA_VERSION}: it was written by a newer webshard",
+                )
+            return
+        # Schema version 1 had no metadata table: recognise it by its exact tables.
+        expected = {t: {*TABLE_COLUMNS[t], "ingested_at"} for t in _V1_TABLES}
+        foreign = sorted(t for t in columns if expected.get(t) != columns[t])
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+            raise _refused(
+                where,
+                f"it is not a webshard metrics database (no webshard_metadata table; "
+                f"tables not webshard's: {shown})",
+            )
+    except duckdb.Error as exc:
+        raise _refused(where, f"its tables cannot be read ({exc})") from exc
+    finally:
+        connection.close()
 
 
 def check_range(start: dt.datetime | None, end: dt.datetime | None) -> None:

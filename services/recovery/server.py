@@ -5,8 +5,11 @@ from __future__ import annotations
 import logging
 import time
 
+from google.protobuf.timestamp_pb2 import Timestamp
+from webshard.metrics.v1 import metrics_pb2
 from webshard.recovery.v1 import recovery_pb2_grpc as pb_grpc
 
+from services.common.metrics_delivery import DeliveryConfig, MetricsSender
 from services.common.server import BasicApp, Lifecycle
 from services.recovery.actuator import CoordinatorActuator
 from services.recovery.breakers import Breakers, Transition
@@ -34,12 +37,44 @@ def _log_transition(transition: Transition) -> None:
     )
 
 
+def transition_event(transition: Transition) -> metrics_pb2.Event:
+    """A breaker transition as the metrics service records it."""
+    at = Timestamp()
+    at.FromNanoseconds(round(transition.at * 1e9))
+    return metrics_pb2.Event(
+        breaker_transition=metrics_pb2.BreakerTransition(
+            target_id=transition.key.target_id,
+            from_state=int(transition.from_state),  # type: ignore[arg-type]
+            to_state=int(transition.to_state),  # type: ignore[arg-type]
+            at=at,
+            reason=transition.reason,
+        )
+    )
+
+
 def make_app(settings: RecoverySettings, lifecycle: Lifecycle) -> BasicApp:
     """The recovery service."""
     # Wall-clock time: reports carry their detection time from other processes.
     clock = time.time
     breakers = Breakers(settings.breaker_config(), clock)
     breakers.add_listener(_log_transition)
+    sender = (
+        MetricsSender(
+            settings.metrics,
+            service="recovery",
+            config=DeliveryConfig(
+                capacity=settings.metrics_queue, give_up_s=settings.metrics_give_up_s
+            ),
+        )
+        if settings.metrics
+        else None
+    )
+    if sender is not None:
+
+        def record(transition: Transition) -> None:
+            sender.send(transition_event(transition))
+
+        breakers.add_listener(record)
     actuator = CoordinatorActuator(
         settings.coordinators,
         verify_text=settings.verify_text,
@@ -70,12 +105,16 @@ def make_app(settings: RecoverySettings, lifecycle: Lifecycle) -> BasicApp:
 
     async def start() -> None:
         prober.start()
+        if sender is not None:
+            sender.start()
 
     async def stop() -> None:
         await prober.close()
         await recoveries.close()
         await actuator.close()
         await agent_status.close()
+        if sender is not None:
+            await sender.close()
 
     return BasicApp(
         service_names=(SERVICE,),

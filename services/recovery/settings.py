@@ -22,6 +22,18 @@ class RecoverySettings(ServerSettings):
     coordinators: list[str] = setting(
         ["127.0.0.1:50051"], "Coordinator replica addresses, comma-separated."
     )
+    metrics: str = setting(
+        "127.0.0.1:50055",
+        "The metrics service's address, where every breaker transition is sent; empty sends none.",
+    )
+    metrics_queue: int = setting(
+        10_000, "Records waiting for the metrics service, at most; more are dropped and counted."
+    )
+    metrics_give_up_s: float = setting(
+        60.0,
+        "Seconds a batch of records is retried while metrics is unreachable before it is "
+        "dropped and counted.",
+    )
     default_strategy: str = setting(
         "progressive",
         "Strategy for failures whose report and model name none: "

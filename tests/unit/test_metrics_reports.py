@@ -202,9 +202,17 @@ def test_html_is_self_contained() -> None:
     assert "https://" not in text and '<link rel="stylesheet"' not in text
 
 
+def run_request(second: int, run: str = "r1") -> pb.Event:
+    """A request of ``run`` at T0 + ``second``: it stretches the run's window to then."""
+    event = request(second, 5)
+    event.request.run_id = run
+    return event
+
+
 def test_breaker_timeline_has_a_lane_per_target() -> None:
     events = [
         recovery(0),
+        run_request(4),
         breaker("agent-1", common_pb2.BREAKER_STATE_OPEN, 1),
         breaker("agent-1", common_pb2.BREAKER_STATE_HALF_OPEN, 3),
         breaker("agent-2", common_pb2.BREAKER_STATE_OPEN, 2),

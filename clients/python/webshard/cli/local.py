@@ -156,7 +156,7 @@ def plan(
             f"port {http_port} on {host} (the dashboard) is in use; "
             "use --ports auto to pick free ports"
         )
-    add(
+    metrics = add(
         "metrics",
         "metrics",
         0,
@@ -173,6 +173,9 @@ def plan(
             injector.address,
         ],
     )
+    # Breaker transitions and faults (refused ones too) go to metrics as they happen.
+    for proc in (injector, recovery):
+        proc.args += ["--metrics", metrics.address]
     for proc in procs:
         proc.args += (extra_args or {}).get(proc.service, [])
     # Agents given the injector's fault token require it of its fault hooks; one set in

@@ -445,6 +445,50 @@ class SpanRecord(_message.Message):
 Global___SpanRecord: _TypeAlias = SpanRecord  # noqa: Y015
 
 @_typing.final
+class DeliveryLoss(_message.Message):
+    """DeliveryLoss counts records a service gave up delivering to the metrics service,
+    so that a report shows what it is missing instead of silently missing it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERVICE_FIELD_NUMBER: _builtins.int
+    DROPPED_FIELD_NUMBER: _builtins.int
+    FIRST_DROPPED_AT_FIELD_NUMBER: _builtins.int
+    LAST_DROPPED_AT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    service: _builtins.str
+    """service is the sending service, for example "recovery" or "fault-injector"."""
+    dropped: _builtins.int
+    """dropped is how many records were lost since the sender's previous DeliveryLoss."""
+    reason: _builtins.str
+    """reason says why, for example "queue full" or "metrics unreachable"."""
+    @_builtins.property
+    def first_dropped_at(self) -> _timestamp_pb2.Timestamp:
+        """first_dropped_at is when the first of them was dropped."""
+
+    @_builtins.property
+    def last_dropped_at(self) -> _timestamp_pb2.Timestamp:
+        """last_dropped_at is when the last of them was dropped."""
+
+    def __init__(
+        self,
+        *,
+        service: _builtins.str = ...,
+        dropped: _builtins.int = ...,
+        first_dropped_at: _timestamp_pb2.Timestamp | None = ...,
+        last_dropped_at: _timestamp_pb2.Timestamp | None = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["first_dropped_at", b"first_dropped_at", "last_dropped_at", b"last_dropped_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dropped", b"dropped", "first_dropped_at", b"first_dropped_at", "last_dropped_at", b"last_dropped_at", "reason", b"reason", "service", b"service"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeliveryLoss: _TypeAlias = DeliveryLoss  # noqa: Y015
+
+@_typing.final
 class Event(_message.Message):
     """Event is one ingested event."""
 
@@ -456,6 +500,7 @@ class Event(_message.Message):
     BREAKER_TRANSITION_FIELD_NUMBER: _builtins.int
     AGENT_SAMPLE_FIELD_NUMBER: _builtins.int
     SPAN_FIELD_NUMBER: _builtins.int
+    DELIVERY_LOSS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def fault(self) -> Global___FaultRecord:
         """fault is a fault record."""
@@ -480,6 +525,10 @@ class Event(_message.Message):
     def span(self) -> Global___SpanRecord:
         """span is a span record."""
 
+    @_builtins.property
+    def delivery_loss(self) -> Global___DeliveryLoss:
+        """delivery_loss counts records a service could not deliver."""
+
     def __init__(
         self,
         *,
@@ -489,12 +538,13 @@ class Event(_message.Message):
         breaker_transition: Global___BreakerTransition | None = ...,
         agent_sample: Global___AgentSample | None = ...,
         span: Global___SpanRecord | None = ...,
+        delivery_loss: Global___DeliveryLoss | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["agent_sample", b"agent_sample", "breaker_transition", b"breaker_transition", "event", b"event", "fault", b"fault", "recovery", b"recovery", "request", b"request", "span", b"span"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["agent_sample", b"agent_sample", "breaker_transition", b"breaker_transition", "delivery_loss", b"delivery_loss", "event", b"event", "fault", b"fault", "recovery", b"recovery", "request", b"request", "span", b"span"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_sample", b"agent_sample", "breaker_transition", b"breaker_transition", "event", b"event", "fault", b"fault", "recovery", b"recovery", "request", b"request", "span", b"span"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_sample", b"agent_sample", "breaker_transition", b"breaker_transition", "delivery_loss", b"delivery_loss", "event", b"event", "fault", b"fault", "recovery", b"recovery", "request", b"request", "span", b"span"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["fault", "recovery", "request", "breaker_transition", "agent_sample", "span"]  # noqa: Y015
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["fault", "recovery", "request", "breaker_transition", "agent_sample", "span", "delivery_loss"]  # noqa: Y015
     _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
 

@@ -312,8 +312,10 @@ class StorageError(RaftError):
 class CorruptLog(StorageError):
     """Persisted Raft state is damaged, so the replica refuses to start.
 
-    Nothing is dropped or repaired automatically: a log that lost entries could
-    make this replica vote for or acknowledge a history it never had. An
+    Nothing acknowledged is dropped or repaired automatically: a log that lost
+    entries could make this replica vote for or acknowledge a history it never
+    had. (A torn last record, never acknowledged, is cut off instead; see
+    ``storage``.) An
     operator can move the data directory aside (better: run
     ``storage.quarantine``, which keeps the term and the vote so the replica
     cannot vote twice in one term) and restart the replica; it then rejoins

@@ -63,6 +63,19 @@ class ReadState:
     context: bytes
 
 
+MAX_TERM = 2**63 - 1
+"""The highest term (and index) a replica accepts or reaches.
+
+The wire carries uint64; stopping at 2**63 - 1 leaves every term + 1 a
+replica computes representable, so one absurd message can neither overflow
+the encoder nor wedge the cluster at the top of the range. At one election a
+millisecond the range lasts 292 million years.
+"""
+
+MAX_INDEX = MAX_TERM
+"""The highest log index a replica accepts, for the same reason."""
+
+
 class Role(enum.Enum):
     """A replica's role in the election protocol."""
 
@@ -261,6 +274,9 @@ class Config:
 
     max_inflight_messages: int = 64
     """At most this many unacknowledged AppendEntries with entries to one follower."""
+
+    tick_s: float = 0.0
+    """The length of one tick in seconds, only to report durations in log lines (0: unknown)."""
 
     def __post_init__(self) -> None:
         if self.heartbeat_ticks < 1:

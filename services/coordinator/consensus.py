@@ -17,13 +17,26 @@ Readys in order). Everything else talks to that task through a queue:
   price of one round trip per read.
 
 Each Ready is persisted with fsync (in a worker thread) before its messages are
-sent, so no vote or acknowledgement is ever sent that the disk does not hold.
+sent, so no vote or acknowledgement is ever sent that the disk does not hold; a
+Ready with nothing to persist (a heartbeat, its reply) skips the thread.
+
+Elections stay rare on a saturated machine:
+
+- the loop takes every event that is waiting at once and steps messages before
+  ticks, so a heartbeat that arrived while the loop was busy resets the
+  election timer before the timer is advanced; the whole batch shares one
+  fsync, so proposals queued behind a slow disk do not hold up heartbeats;
+- ``TickClock`` does not charge this process's own stalls to the leader: a tick
+  that fires much later than scheduled is not counted (see there);
+- every change of role is logged by the core with its cause, and stalls are
+  logged here (at most every ``STALL_LOG_EVERY_S``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import random
@@ -59,6 +72,57 @@ log = logging.getLogger(__name__)
 tracer = trace.get_tracer(__name__)
 
 Response = RequestVoteResponse | AppendEntriesResponse | InstallSnapshotResponse
+
+MAX_BATCH = 512
+"""Events the loop takes from its queue at once (one Ready, one fsync for all of them)."""
+
+STALL_LOG_EVERY_S = 10.0
+"""At most one "loop stalled" warning per this many seconds."""
+
+
+class TickClock:
+    """Turns the ticker's wake-ups into Raft ticks without charging our own stalls to the leader.
+
+    Ticks are due at a fixed rate. A wake-up more than a whole tick later than
+    due means this process did not run for a while (CPU starvation, a long GC,
+    a blocked loop); meanwhile the leader's heartbeats wait unread in the
+    sockets. Counting that time would start an election the leader did
+    nothing to deserve. So such a wake-up yields no tick and the schedule
+    restarts from it: the next tick comes a whole tick later, once the backlog
+    has been read. Never twice in a row, though: a process that is stalled all
+    the time still ticks at every other wake-up, so a dead leader is still
+    replaced, only later.
+    """
+
+    def __init__(self, tick_s: float, now: float) -> None:
+        """Start with the first tick due one tick after ``now`` (seconds, monotonic)."""
+        if tick_s <= 0:
+            raise ValueError("tick_s must be positive")
+        self._tick_s = tick_s
+        self._due = now + tick_s
+        self._skipped = False
+        self.stalls = 0
+        """Wake-ups that yielded no tick."""
+        self.longest_stall_s = 0.0
+        """The latest any such wake-up came, past its due time."""
+
+    def delay(self, now: float) -> float:
+        """How long to sleep before the next tick is due."""
+        return max(0.0, self._due - now)
+
+    def wake(self, now: float) -> int:
+        """The ticks to deliver on waking at ``now``: 1, or 0 after a stall."""
+        late = now - self._due
+        if late > self._tick_s and not self._skipped:
+            self._skipped = True
+            self.stalls += 1
+            self.longest_stall_s = max(self.longest_stall_s, late)
+            self._due = now + self._tick_s
+            return 0
+        self._skipped = False
+        # Fixed rate: a wake-up a little late is followed by a shorter sleep.
+        self._due = max(self._due + self._tick_s, now)
+        return 1
 
 
 class NotLeaderError(Exception):
@@ -116,6 +180,8 @@ class Replicator:
         persisted = storage.load()
         if persisted.snapshot is not None:
             state.restore(persisted.snapshot.data)
+        if not config.tick_s:
+            config = dataclasses.replace(config, tick_s=tick_s)  # durations in log lines
         self._node = Node(
             replica_id, list(peers), storage, config, random.Random(hash(replica_id) ^ id(self))
         )
@@ -160,6 +226,11 @@ class Replicator:
         """The leader as this replica knows it."""
         return self._node.leader_id
 
+    @property
+    def members(self) -> frozenset[str]:
+        """Every configured replica id, this one included."""
+        return frozenset(self._addresses)
+
     def address_of(self, replica_id: str | None) -> str | None:
         """A replica's gRPC address."""
         return self._addresses.get(replica_id) if replica_id else None
@@ -199,9 +270,27 @@ class Replicator:
         task.add_done_callback(self._tasks.discard)
 
     async def _ticker(self) -> None:
+        loop = asyncio.get_running_loop()
+        clock = TickClock(self._tick_s, loop.time())
+        logged_at = loop.time()
+        logged_stalls = 0
         while True:
-            await asyncio.sleep(self._tick_s)
-            self._events.put_nowait(("tick", None, None))
+            await asyncio.sleep(clock.delay(loop.time()))
+            if clock.wake(loop.time()):
+                self._events.put_nowait(("tick", None, None))
+            elif loop.time() - logged_at >= STALL_LOG_EVERY_S or logged_stalls == 0:
+                log.warning(
+                    "raft loop stalled: a tick came more than a tick late; the stall is not "
+                    "counted against the leader",
+                    extra={
+                        "stalls": clock.stalls - logged_stalls,
+                        "longest_stall_ms": round(clock.longest_stall_s * 1000, 1),
+                        "tick_ms": round(self._tick_s * 1000, 1),
+                    },
+                )
+                logged_at = loop.time()
+                logged_stalls = clock.stalls
+                clock.longest_stall_s = 0.0
 
     # ------------------------------------------------------------------ client side
 
@@ -235,55 +324,75 @@ class Replicator:
     async def _loop(self) -> None:
         node = self._node
         while True:
-            kind, payload, future = await self._events.get()
+            batch = [await self._events.get()]
+            while len(batch) < MAX_BATCH and not self._events.empty():
+                batch.append(self._events.get_nowait())
+            # Messages first, ticks last (a stable sort): a heartbeat that queued
+            # behind a busy loop resets the election timer before ticks advance it.
+            batch.sort(key=lambda event: event[0] == "tick")
+            steps: list[tuple[int, asyncio.Future[object]]] = []
+            for kind, payload, future in batch:
+                if kind == "step" and future is not None:
+                    steps.append((payload.ref, future))  # type: ignore[attr-defined]
+                self._step_event(kind, payload, future)
             try:
-                if kind == "tick":
-                    node.tick()
-                elif kind == "step-reply":
-                    node.step(payload)  # type: ignore[arg-type]
-                elif kind == "unreachable":
-                    node.report_unreachable(payload)  # type: ignore[arg-type]
-                elif kind == "step":
-                    message = payload
-                    assert future is not None
-                    self._waiting[message.ref] = future  # type: ignore[attr-defined]
-                    node.step(message)  # type: ignore[arg-type]
-                elif kind == "propose":
-                    assert future is not None
-                    try:
-                        index = node.propose(payload)  # type: ignore[arg-type]
-                    except NotLeader:
-                        future.set_exception(self.not_leader())
-                    else:
-                        applied: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-                        self._proposals[index] = _Proposal(node.term, applied)
-                        future.set_result(applied)
-                elif kind == "read":
-                    assert future is not None
-                    if not self.is_leader:
-                        future.set_exception(self.not_leader())
-                    else:
-                        context = str(next(self._read_ids)).encode()
-                        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-                        self._reads[context] = done
-                        node.read_index(context)
-                        future.set_result(done)
                 while node.has_ready():
                     await self._handle(node.ready())
             except (ValueError, NotLeader) as exc:
-                # A malformed or inapplicable message; the sender gets no reply.
                 log.warning("raft message rejected", extra={"error": str(exc)})
             finally:
-                if kind == "step" and future is not None and not future.done():
-                    # The core answered nothing (for example a vote request during
-                    # a leader's lease): the call ends as if the message was lost.
-                    self._waiting.pop(payload.ref, None)  # type: ignore[attr-defined]
-                    future.set_result(None)
+                for ref, future in steps:
+                    if not future.done():
+                        # The core answered nothing (for example a vote request during
+                        # a leader's lease): the call ends as if the message was lost.
+                        self._waiting.pop(ref, None)
+                        future.set_result(None)
+
+    def _step_event(
+        self, kind: str, payload: object, future: asyncio.Future[object] | None
+    ) -> None:
+        """Hand one event to the core; what it produces comes out in the next Ready."""
+        node = self._node
+        try:
+            if kind == "tick":
+                node.tick()
+            elif kind == "step-reply":
+                node.step(payload)  # type: ignore[arg-type]
+            elif kind == "unreachable":
+                node.report_unreachable(payload)  # type: ignore[arg-type]
+            elif kind == "step":
+                assert future is not None
+                self._waiting[payload.ref] = future  # type: ignore[attr-defined]
+                node.step(payload)  # type: ignore[arg-type]
+            elif kind == "propose":
+                assert future is not None
+                try:
+                    index = node.propose(payload)  # type: ignore[arg-type]
+                except NotLeader:
+                    future.set_exception(self.not_leader())
+                else:
+                    applied: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                    self._proposals[index] = _Proposal(node.term, applied)
+                    future.set_result(applied)
+            elif kind == "read":
+                assert future is not None
+                if not self.is_leader:
+                    future.set_exception(self.not_leader())
+                else:
+                    context = str(next(self._read_ids)).encode()
+                    done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                    self._reads[context] = done
+                    node.read_index(context)
+                    future.set_result(done)
+        except (ValueError, NotLeader) as exc:
+            # A malformed or inapplicable message; the sender gets no reply.
+            log.warning("raft message rejected", extra={"error": str(exc)})
 
     async def _handle(self, ready: Ready) -> None:
         node = self._node
         was_leader = self.leader_id
-        await asyncio.to_thread(persist, self._storage, ready)
+        if ready.entries or ready.hard_state is not None or ready.snapshot_to_persist is not None:
+            await asyncio.to_thread(persist, self._storage, ready)
         for message in ready.messages:
             waiting = (
                 self._waiting.pop(message.ref, None) if isinstance(message, Response) else None
@@ -385,5 +494,9 @@ class Replicator:
             # Lost message: Raft retries on its own schedule.
             if not isinstance(message, RequestVote):
                 self._events.put_nowait(("unreachable", message.recipient, None))
+            return
+        except wire.WireError as exc:
+            # A reply no replica of ours could have sent: treat it as lost.
+            log.warning("raft reply refused", extra={"peer": message.recipient, "error": str(exc)})
             return
         self._events.put_nowait(("step-reply", reply, None))

@@ -682,6 +682,16 @@ class RaftServicer(pb_grpc.RaftServiceServicer):
     def __init__(self, replicator: Replicator) -> None:
         self._replicator = replicator
 
+    async def _refuse(self, exc: wire.WireError, context: Context) -> None:
+        # Checked before anything reaches the core: a sender that is not a
+        # configured member, or a term the cluster could never step past.
+        code = (
+            grpc.StatusCode.PERMISSION_DENIED
+            if isinstance(exc, wire.NotAMember)
+            else grpc.StatusCode.INVALID_ARGUMENT
+        )
+        await context.abort(code, str(exc))
+
     async def _deliver(self, message: Message, context: Context) -> Message:
         reply = await self._replicator.deliver(message)
         if reply is None:
@@ -697,10 +707,13 @@ class RaftServicer(pb_grpc.RaftServiceServicer):
         """Step a (pre-)vote request."""
         try:
             message = wire.request_vote_from_proto(
-                request, recipient=self._replicator.replica_id, ref=self._replicator.new_ref()
+                request,
+                recipient=self._replicator.replica_id,
+                ref=self._replicator.new_ref(),
+                members=self._replicator.members,
             )
         except wire.WireError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await self._refuse(exc, context)
         reply = await self._deliver(message, context)
         assert isinstance(reply, RequestVoteResponse)
         return wire.vote_response_to_proto(reply)
@@ -711,10 +724,13 @@ class RaftServicer(pb_grpc.RaftServiceServicer):
         """Step an append (or heartbeat)."""
         try:
             message = wire.append_entries_from_proto(
-                request, recipient=self._replicator.replica_id, ref=self._replicator.new_ref()
+                request,
+                recipient=self._replicator.replica_id,
+                ref=self._replicator.new_ref(),
+                members=self._replicator.members,
             )
         except wire.WireError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await self._refuse(exc, context)
         reply = await self._deliver(message, context)
         assert isinstance(reply, AppendEntriesResponse)
         return wire.append_response_to_proto(reply)
@@ -724,14 +740,16 @@ class RaftServicer(pb_grpc.RaftServiceServicer):
     ) -> pb.InstallSnapshotResponse:
         """Assemble a snapshot from its chunks and step it."""
         assembler = wire.SnapshotAssembler(
-            recipient=self._replicator.replica_id, ref=self._replicator.new_ref()
+            recipient=self._replicator.replica_id,
+            ref=self._replicator.new_ref(),
+            members=self._replicator.members,
         )
         message: InstallSnapshot | None = None
         try:
             async for chunk in request_iterator:
                 message = assembler.add(chunk)
         except wire.WireError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await self._refuse(exc, context)
         if message is None:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the snapshot stream ended early")
         assert message is not None

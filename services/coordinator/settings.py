@@ -30,14 +30,17 @@ class CoordinatorSettings(ServerSettings):
     replicas: int = setting(3, "In Kubernetes: the StatefulSet's replica count.")
     cluster_domain: str = setting("cluster.local", "In Kubernetes: the cluster's DNS domain.")
     raft_tick_ms: int = setting(
-        15, "The Raft clock's tick; election timeouts and heartbeats count in these ticks."
+        50, "The Raft clock's tick; election timeouts and heartbeats count in these ticks."
     )
     election_ticks: int = setting(
-        10,
+        20,
         "A follower that hears no leader for a random 1x-2x this many ticks starts an "
-        "election (150-285 ms by default, the Raft paper's range).",
+        "election (1.0-1.95 s by default: etcd's 1 s, since a Python replica on a busy "
+        "machine can be descheduled for far longer than the Raft paper's 150 ms).",
     )
-    heartbeat_ticks: int = setting(2, "A leader heartbeats every this many ticks.")
+    heartbeat_ticks: int = setting(
+        2, "A leader heartbeats every this many ticks (100 ms by default, a tenth of the timeout)."
+    )
     propose_timeout_s: float = setting(
         5.0, "How long a write waits to be committed before it answers UNAVAILABLE."
     )

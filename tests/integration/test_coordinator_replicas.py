@@ -266,3 +266,61 @@ def test_a_corrupt_raft_log_stops_the_replica_with_a_clear_error(
     assert log_file.name in text
     assert "offset" in text
     assert log_file.read_bytes() == before  # nothing was repaired or dropped behind our back
+
+
+def raft_stub(address: str) -> tuple[grpc.Channel, pb_grpc.RaftServiceStub]:
+    channel = grpc.insecure_channel(address)
+    return channel, pb_grpc.RaftServiceStub(channel)
+
+
+def test_a_forged_raft_message_is_refused_and_the_leader_stays(cluster: LocalCluster) -> None:
+    first = leader(cluster)
+    assert first is not None
+    term = status(cluster.address(first)).replicas[0].term  # type: ignore[union-attr]
+    follower = next(n for n in REPLICAS if n != first)
+    channel, stub = raft_stub(cluster.address(follower))
+    with channel:
+        # The message that once left every replica PRE_CANDIDATE forever.
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.AppendEntries(pb.AppendEntriesRequest(term=2**64 - 1, leader_id=first), timeout=5)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "term" in (refused.value.details() or "")
+        with pytest.raises(grpc.RpcError) as stranger:
+            stub.RequestVote(
+                pb.RequestVoteRequest(term=term + 1, candidate_id="coordinator-9"), timeout=5
+            )
+        assert stranger.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert all(name in (stranger.value.details() or "") for name in REPLICAS)
+    # Nothing reached the core: same leader, same term, on every replica.
+    for name in REPLICAS:
+        view = status(cluster.address(name))
+        assert view is not None
+        assert (view.leader_id, view.replicas[0].term) == (first, term)
+    with webshard.Client(cluster.coordinators(), timeout=30) as client:
+        deploy_until_acknowledged(client, "vit-tiny", uuid.uuid4().hex, 30)
+
+
+def test_a_follower_with_a_torn_last_record_cuts_it_and_rejoins(cluster: LocalCluster) -> None:
+    first = leader(cluster)
+    assert first is not None
+    victim = next(n for n in REPLICAS if n != first)
+    cluster.popen(victim).send_signal(signal.SIGTERM)
+    assert cluster.popen(victim).wait(timeout=30) == 0
+    log_file = Path(cluster.data_dir) / victim / "raft" / "raft.log"
+    whole = log_file.stat().st_size
+    # Power lost half-way through appending a record: its header and part of its payload.
+    with open(log_file, "ab") as log:
+        log.write((64).to_bytes(4, "big") + b"\x12\x34\x56\x78" + b"partial payload")
+    cluster.restart(victim)
+    text = Path(cluster.data_dir, "logs", f"{victim}.log").read_text()
+    assert "cutting off a torn last record" in text and str(log_file) in text
+    assert f"offset {whole}" in text
+    with webshard.Client(cluster.coordinators(), timeout=30) as client:
+        placement = deploy_until_acknowledged(client, "clip-tiny", uuid.uuid4().hex, 60)
+
+    def caught_up() -> bool:
+        view = status(cluster.address(victim))
+        held = {p.model: p.deploy_id for p in view.placements} if view else {}
+        return held.get("clip-tiny") == placement.deploy_id
+
+    wait_for(caught_up, 30, f"{victim} to rejoin and catch up")

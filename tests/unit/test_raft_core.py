@@ -557,6 +557,24 @@ def test_bad_configuration_and_membership_are_refused() -> None:
         leader.compact(leader.applied_index + 1, b"")
 
 
+def test_a_term_past_the_limit_never_reaches_the_state_and_the_last_term_cannot_overflow() -> None:
+    node = lone_node()
+    with pytest.raises(ValueError, match="largest term"):
+        node.step(
+            AppendEntries(
+                "r0", "r1", 2**63, prev_log_index=0, prev_log_term=0, entries=(), leader_commit=0
+            )
+        )
+    assert node.term == 0
+    storage = MemoryStorage()
+    storage.hard_state = HardState(term=2**63 - 1)
+    last = lone_node(storage)
+    for _ in range(4 * ELECTION):
+        last.tick()
+    assert last.term == 2**63 - 1  # no campaign for a term the wire could not carry
+    assert not any(isinstance(m, RequestVote) for m in replies(last, storage))
+
+
 def test_a_single_replica_cluster_elects_itself_and_commits_alone() -> None:
     storage = MemoryStorage()
     node = Node("solo", [], storage, config(), random.Random(0))

@@ -109,19 +109,88 @@ def test_a_flipped_byte_refuses_to_start_naming_the_file_and_offset(
     assert "CRC" in str(raised.value)
 
 
-@pytest.mark.parametrize("cut", [1, 5, RECORD_HEADER + 3, RECORD_HEADER + ENTRY_HEADER + 1])
-def test_a_torn_tail_refuses_to_start(tmp_path: Path, cut: int) -> None:
-    log = entries(1, 3)
-    written(tmp_path, log)
+def tear(path: Path, whole: bytes, last: int, how: str) -> None:
+    """Leave the log as a power loss in the middle of appending its last record could."""
+    if how.startswith("cut-"):
+        path.write_bytes(whole[: len(whole) - int(how.removeprefix("cut-"))])
+    elif how == "zero-extent":  # the file grew but the data never reached it
+        path.write_bytes(whole[:last] + bytes(len(whole) - last))
+    elif how == "zero-sector":  # a long record whose second sector was never written
+        sector = (last // 512 + 1) * 512
+        path.write_bytes(whole[:sector] + bytes(512) + whole[sector + 512 :])
+    else:
+        raise AssertionError(how)
+
+
+TEARS = [
+    "cut-1",
+    "cut-5",
+    f"cut-{RECORD_HEADER + 3}",
+    f"cut-{RECORD_HEADER + ENTRY_HEADER + 1}",
+    "zero-extent",
+    "zero-sector",
+]
+
+
+@pytest.mark.parametrize("how", TEARS)
+def test_a_torn_tail_is_cut_off_with_a_warning_and_the_replica_opens(
+    tmp_path: Path, how: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    log = [*entries(1, 2), Entry(3, 1, b"x" * 2000)]  # the last one spans several sectors
+    written(tmp_path, log, HardState(1, "r0", 2))
     path = tmp_path / LOG_FILE
     last = record_offsets([e.command for e in log])[-1]
     whole = path.read_bytes()
-    assert len(whole) == last + RECORD_HEADER + ENTRY_HEADER + len(b"c3")
-    path.write_bytes(whole[: len(whole) - cut])
+    tear(path, whole, last, how)
+    size = path.stat().st_size
+    with (
+        caplog.at_level("WARNING", logger="services.coordinator.raft.storage"),
+        FileStorage(tmp_path) as storage,
+    ):
+        assert storage.load() == PersistedState(HardState(1, "r0", 2), None, tuple(log[:2]))
+        storage.save(entries=entries(3, 4, term=2))  # appends go on where the cut was
+    assert path.stat().st_size > last
+    [warning] = [r for r in caplog.records if r.levelname == "WARNING"]
+    text = warning.getMessage()
+    assert str(path) in text and f"offset {last}" in text and f"{size - last} bytes" in text
+    caplog.clear()
+    with caplog.at_level("WARNING"), FileStorage(tmp_path) as reopened:
+        assert [e.index for e in reopened.load().entries] == [1, 2, 3, 4]
+    assert not caplog.records
+
+
+def test_a_torn_record_the_commit_index_needs_refuses_with_the_file_untouched(
+    tmp_path: Path,
+) -> None:
+    log = entries(1, 3)
+    written(tmp_path, log, HardState(1, None, 3))
+    path = tmp_path / LOG_FILE
+    path.write_bytes(path.read_bytes()[:-3])
+    before = path.read_bytes()
     with pytest.raises(CorruptLog) as raised:
         FileStorage(tmp_path)
-    assert raised.value.offset == last
-    assert ("torn" in raised.value.reason) or ("short" in raised.value.reason)
+    assert raised.value.path == str(path)
+    assert "committed entries are missing" in raised.value.reason
+    assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize("victim", [0, 1])
+def test_a_zeroed_sector_before_the_last_record_refuses_naming_the_file(
+    tmp_path: Path, victim: int
+) -> None:
+    log = [Entry(1, 1, b"a" * 1500), Entry(2, 1, b"b" * 1500), Entry(3, 1, b"c")]
+    written(tmp_path, log)
+    path = tmp_path / LOG_FILE
+    offset = record_offsets([e.command for e in log])[victim]
+    sector = (offset // 512 + 1) * 512
+    data = path.read_bytes()
+    path.write_bytes(data[:sector] + bytes(512) + data[sector + 512 :])
+    with pytest.raises(CorruptLog) as raised:
+        FileStorage(tmp_path)
+    assert raised.value.path == str(path)
+    assert raised.value.offset == offset
+    assert str(path) in str(raised.value) and "CRC" in str(raised.value)
+    assert path.read_bytes()[sector : sector + 512] == bytes(512)  # nothing was cut
 
 
 def test_an_index_gap_refuses_to_start(tmp_path: Path) -> None:

@@ -94,6 +94,45 @@ def test_requests_must_name_their_sender() -> None:
         wire.append_entries_from_proto(coordinator_pb2.AppendEntriesRequest(term=1), recipient="r1")
 
 
+def test_replies_with_terms_or_indexes_past_the_limit_are_refused() -> None:
+    too_big = 2**63
+    vote = RequestVote("r0", "r1", term=7, last_log_index=12, last_log_term=6)
+    append = AppendEntries(
+        "r0", "r1", 3, prev_log_index=4, prev_log_term=2, entries=(), leader_commit=0
+    )
+    snapshot = InstallSnapshot("r0", "r1", term=4, snapshot=Snapshot(10, 3, b""))
+    with pytest.raises(wire.WireError, match="term"):
+        wire.vote_response_from_proto(
+            coordinator_pb2.RequestVoteResponse(term=too_big), request=vote
+        )
+    for field in ("term", "match_index", "conflict_index"):
+        with pytest.raises(wire.WireError, match=field):
+            wire.append_response_from_proto(
+                coordinator_pb2.AppendEntriesResponse(**{field: too_big}),  # type: ignore[arg-type]
+                request=append,
+            )
+    with pytest.raises(wire.WireError, match="term"):
+        wire.snapshot_response_from_proto(
+            coordinator_pb2.InstallSnapshotResponse(term=too_big), request=snapshot
+        )
+    reply = wire.vote_response_from_proto(
+        coordinator_pb2.RequestVoteResponse(term=too_big - 1), request=vote
+    )
+    assert reply.term == too_big - 1
+
+
+def test_entries_may_not_run_past_the_largest_index() -> None:
+    request = coordinator_pb2.AppendEntriesRequest(
+        term=3,
+        leader_id="r0",
+        prev_log_index=2**63 - 1,
+        prev_log_term=3,
+        entries=[coordinator_pb2.LogEntry(term=3, index=2**63, command=b"x")],
+    )
+    with pytest.raises(wire.WireError, match="largest index"):
+        wire.append_entries_from_proto(request, recipient="r1")
+
+
 @pytest.mark.parametrize("size", [0, 1, 999, 1000, 1001, 2500])
 def test_a_snapshot_is_chunked_and_reassembled(size: int) -> None:
     data = bytes(i % 251 for i in range(size))

@@ -14,6 +14,8 @@ from services.coordinator.raft.storage import (
     quarantine,
 )
 from services.coordinator.raft.types import (
+    MAX_INDEX,
+    MAX_TERM,
     AppendEntries,
     AppendEntriesResponse,
     Config,
@@ -40,6 +42,8 @@ from services.coordinator.raft.types import (
 )
 
 __all__ = [
+    "MAX_INDEX",
+    "MAX_TERM",
     "AppendEntries",
     "AppendEntriesResponse",
     "Config",

@@ -26,11 +26,17 @@ a production deployment needs:
   follower that needs compacted entries receives the snapshot instead.
 
 Membership is fixed by configuration.
+
+Every change of role is logged with its cause (``services.coordinator.raft.core``):
+an election timeout (with how long the leader has been silent), a higher term
+seen (and from whom), a lost check-quorum, a won or lost vote. An election
+nobody can explain from the logs is a bug.
 """
 
 from __future__ import annotations
 
 import enum
+import logging
 import random
 from collections import deque
 from collections.abc import Collection
@@ -39,6 +45,7 @@ from typing import Protocol
 
 from services.coordinator.raft.log import RaftLog
 from services.coordinator.raft.types import (
+    MAX_TERM,
     AppendEntries,
     AppendEntriesResponse,
     Config,
@@ -58,6 +65,8 @@ from services.coordinator.raft.types import (
     Snapshot,
     Status,
 )
+
+log = logging.getLogger(__name__)
 
 
 class StorageReader(Protocol):
@@ -219,6 +228,8 @@ class Node:
         self._election_elapsed = 0
         self._heartbeat_elapsed = 0
         self._randomized_timeout = self._draw_timeout()
+        # Ticks since a leader last reached us (or since start), for the logs.
+        self._silent_ticks = 0
         self._votes: dict[str, bool] = {}
         self._progress: dict[str, _Progress] = {}
 
@@ -323,8 +334,19 @@ class Node:
             self._tick_leader()
         else:
             self._election_elapsed += 1
+            self._silent_ticks += 1
             if self._election_elapsed >= self._randomized_timeout:
                 self._election_elapsed = 0
+                self._log_event(
+                    logging.INFO,
+                    f"election timeout: no leader contact for {self._ticks(self._silent_ticks)} "
+                    f"(timeout {self._ticks(self._randomized_timeout)}, last leader "
+                    f"{self._leader or 'unknown'}); starting an election",
+                    cause="election_timeout",
+                    silent_ticks=self._silent_ticks,
+                    timeout_ticks=self._randomized_timeout,
+                    previous_leader=self._leader,
+                )
                 self._campaign()
 
     def propose(self, command: bytes) -> int:
@@ -395,6 +417,8 @@ class Node:
             raise ValueError(f"message for {message.recipient!r} delivered to {self._id!r}")
         if message.sender not in self._peers:
             raise ValueError(f"message from {message.sender!r}, which is not a peer")
+        if message.term > MAX_TERM:
+            raise ValueError(f"term {message.term} is past the largest term {MAX_TERM}")
 
         if message.term > self._term:
             if isinstance(message, RequestVote) and self._in_lease():
@@ -409,10 +433,23 @@ class Node:
                 and message.vote_granted
             ):
                 pass  # a pre-vote and a granted pre-vote carry a term nobody is in yet
-            elif isinstance(message, (AppendEntries, InstallSnapshot)):
-                self._become_follower(message.term, message.sender)
             else:
-                self._become_follower(message.term, None)
+                leader = (
+                    message.sender
+                    if isinstance(message, (AppendEntries, InstallSnapshot))
+                    else None
+                )
+                self._log_event(
+                    logging.WARNING if self._role is Role.LEADER else logging.INFO,
+                    f"{'stepping down as leader' if self._role is Role.LEADER else 'new term'}"
+                    f": {message.sender} sent {type(message).__name__} with term "
+                    f"{message.term}, above our term {self._term}",
+                    cause="higher_term",
+                    from_replica=message.sender,
+                    new_term=message.term,
+                    previous_role=self._role.value,
+                )
+                self._become_follower(message.term, leader)
         elif message.term < self._term:
             # Answer stale requests with our term: a deposed leader or a lagging
             # candidate learns it is behind and steps down. Stale replies carry
@@ -556,7 +593,13 @@ class Node:
         self._vote = self._id
         self._role = Role.CANDIDATE
 
-    def _become_leader(self) -> None:
+    def _become_leader(self, votes: list[str]) -> None:
+        self._log_event(
+            logging.INFO,
+            f"became leader of term {self._term} with votes from {', '.join(votes)}",
+            cause="vote_won",
+            votes=votes,
+        )
         self._reset(self._term)
         self._role = Role.LEADER
         self._leader = self._id
@@ -578,9 +621,30 @@ class Node:
     def _send(self, message: Message) -> None:
         self._messages.append(message)
 
+    def _ticks(self, ticks: int) -> str:
+        """A number of ticks for a log line, in seconds too when the tick length is known."""
+        tick_s = self._config.tick_s
+        return f"{ticks} ticks ({ticks * tick_s:.2f} s)" if tick_s else f"{ticks} ticks"
+
+    def _log_event(self, level: int, text: str, **fields: object) -> None:
+        if log.isEnabledFor(level):
+            log.log(
+                level,
+                f"raft {self._id}: {text}",
+                extra={"replica": self._id, "term": self._term, "role": self._role.value, **fields},
+            )
+
     # ------------------------------------------------------------------ internals: elections
 
     def _campaign(self) -> None:
+        if self._term >= MAX_TERM:
+            # Unreachable in practice (see MAX_TERM); refusing beats an overflow.
+            self._log_event(
+                logging.ERROR,
+                f"cannot campaign: term {self._term} is the largest term",
+                cause="term_exhausted",
+            )
+            return
         if self._config.pre_vote:
             self._become_pre_candidate()
             term = self._term + 1
@@ -605,14 +669,27 @@ class Node:
 
     def _poll(self, voter: str, *, granted: bool) -> None:
         self._votes.setdefault(voter, granted)
-        yes = sum(1 for vote in self._votes.values() if vote)
-        no = len(self._votes) - yes
-        if yes >= self._quorum:
+        yes = sorted(v for v, vote in self._votes.items() if vote)
+        no = sorted(v for v, vote in self._votes.items() if not vote)
+        kind = "pre-vote" if self._role is Role.PRE_CANDIDATE else "vote"
+        if len(yes) >= self._quorum:
             if self._role is Role.PRE_CANDIDATE:
+                self._log_event(
+                    logging.INFO,
+                    f"pre-vote won ({', '.join(yes)}); campaigning in term {self._term + 1}",
+                    cause="pre_vote_won",
+                    votes=yes,
+                )
                 self._campaign_for_real()
             else:
-                self._become_leader()
-        elif no >= self._quorum:
+                self._become_leader(yes)
+        elif len(no) >= self._quorum:
+            self._log_event(
+                logging.INFO,
+                f"{kind} lost: refused by {', '.join(no)}; staying a follower",
+                cause=f"{kind.replace('-', '_')}_lost",
+                refused_by=no,
+            )
             self._become_follower(self._term, None)
 
     def _campaign_for_real(self) -> None:
@@ -672,10 +749,20 @@ class Node:
                 f"{self._id} leads term {self._term} but {message.sender} sent it "
                 f"{type(message).__name__} for the same term"
             )
+        if self._role is not Role.FOLLOWER or self._leader != message.sender:
+            self._log_event(
+                logging.INFO,
+                f"following leader {message.sender} in term {self._term}"
+                + (f" (was {self._role.value})" if self._role is not Role.FOLLOWER else ""),
+                cause="leader_contact",
+                leader=message.sender,
+                previous_role=self._role.value,
+            )
         if self._role is not Role.FOLLOWER:
             self._become_follower(self._term, message.sender)
         self._leader = message.sender
         self._election_elapsed = 0
+        self._silent_ticks = 0
 
     def _handle_append(self, message: AppendEntries) -> None:
         self._accept_leader(message)
@@ -752,10 +839,19 @@ class Node:
         if self._election_elapsed >= self._config.election_ticks:
             self._election_elapsed = 0
             if self._config.check_quorum:
-                active = 1 + sum(1 for pr in self._progress.values() if pr.recent_active)
+                heard = sorted(p for p, pr in self._progress.items() if pr.recent_active)
                 for progress in self._progress.values():
                     progress.recent_active = False
-                if active < self._quorum:
+                if 1 + len(heard) < self._quorum:
+                    self._log_event(
+                        logging.WARNING,
+                        f"stepping down as leader: check quorum lost, heard from "
+                        f"{', '.join(heard) or 'no follower'} in the last "
+                        f"{self._ticks(self._config.election_ticks)}, a quorum is "
+                        f"{self._quorum} of {len(self._peers) + 1}",
+                        cause="check_quorum_lost",
+                        heard_from=heard,
+                    )
                     self._become_follower(self._term, None)
                     return
         for progress in self._progress.values():

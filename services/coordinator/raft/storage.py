@@ -20,15 +20,27 @@
 commit index on disk never points past the entries on disk.
 
 Opening refuses damaged state with ``CorruptLog`` naming the file and byte
-offset: a bad CRC, a short or torn record, a gap or a step back in the
-indexes, a log that starts after the snapshot ends, or a commit index past
-the last entry. Nothing is truncated or skipped to make the replica start,
-because a replica that forgot entries it acknowledged can help elect a leader
-that lacks committed entries. Even a torn final record, the usual trace of a
-crash in the middle of an append, stops the replica; the operator moves the
-directory aside (or runs ``quarantine``, which keeps the term and vote) and
-the replica rejoins with an empty log that the leader fills, by snapshot if
-it has compacted.
+offset: a bad CRC, a gap or a step back in the indexes, a log that starts
+after the snapshot ends, or a commit index past the last entry. Nothing
+acknowledged is ever skipped to make the replica start, because a replica
+that forgot entries it acknowledged can help elect a leader that lacks
+committed entries; the operator moves the directory aside (or runs
+``quarantine``, which keeps the term and vote) and the replica rejoins with
+an empty log that the leader fills, by snapshot if it has compacted.
+
+The one exception is a torn tail, the trace of a power loss in the middle of
+an append: as etcd's WAL does, opening cuts it off with a WARNING naming the
+file, the offset and the bytes cut. Every acknowledgement follows the fsync
+that completes its records, so a record that never became whole was never
+acknowledged, and forgetting it promises nothing. A tail is torn when it is
+a partial record header, a record whose announced length runs past the end
+of the file, zeros (an extent the filesystem allocated but the data never
+reached), or a last record with a bad CRC one of whose 512-byte sectors is all
+zeros (a sector write is atomic; a zero sector is one that was never
+written). A bad CRC anywhere else, or in a last record with no zero sector,
+is damage, and refused. The cut happens only once the rest of the state has
+been validated: a hard state whose commit index needs the torn record is
+refused with the file untouched.
 
 One interrupted operation is completed rather than refused: a snapshot is
 renamed into place before the log is rewritten, so a crash in between leaves
@@ -43,6 +55,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import itertools
+import logging
 import os
 import struct
 import zlib
@@ -61,6 +74,8 @@ from services.coordinator.raft.types import (
     StorageError,
 )
 
+log = logging.getLogger(__name__)
+
 LOG_FILE = "raft.log"
 HARD_STATE_FILE = "hardstate"
 SNAPSHOT_FILE = "snapshot"
@@ -75,6 +90,8 @@ _HARD = struct.Struct(">QQI")  # term, commit, vote length
 _SNAP = struct.Struct(">QQQI")  # index, term, data length, CRC32 of the rest
 # A record longer than this is garbage in a length field, not a real entry.
 _MAX_RECORD = 64 << 20
+# The smallest unit a disk writes atomically; a torn append leaves whole sectors unwritten.
+_SECTOR = 512
 
 
 class Storage(Protocol):
@@ -167,6 +184,16 @@ class _Scan:
     offsets: list[int]  # byte offset of each entry's record in the log file
     log_end: int
     stale_prefix: bool  # the log still holds entries the snapshot covers
+    torn: _Torn | None  # a torn tail after log_end, to cut off
+
+
+@dataclass(frozen=True)
+class _Torn:
+    """A torn last record: where it starts, how many bytes it spans, what it looks like."""
+
+    offset: int
+    length: int
+    reason: str
 
 
 class FileStorage:
@@ -188,6 +215,8 @@ class FileStorage:
             if not log_path.exists():
                 _atomic_write(self._dir, LOG_FILE, _LOG_MAGIC)
             scan = _scan(self._dir)
+            if scan.torn is not None:
+                _cut_torn_tail(log_path, scan.torn)
             self._snapshot = scan.snapshot
             self._base = scan.snapshot.index if scan.snapshot else 0
             self._terms = [entry.term for entry in scan.entries]
@@ -363,7 +392,7 @@ def _scan(directory: Path) -> _Scan:
     hard = _read_hard_state(directory / HARD_STATE_FILE)
     snapshot = _read_snapshot(directory / SNAPSHOT_FILE)
     log_path = directory / LOG_FILE
-    entries, offsets, log_end = _read_log(log_path)
+    entries, offsets, log_end, torn = _read_log(log_path)
     base = snapshot.index if snapshot else 0
     base_term = snapshot.term if snapshot else 0
     stale_prefix = False
@@ -397,10 +426,10 @@ def _scan(directory: Path) -> _Scan:
             f"the hard state says index {hard.commit} is committed but the log ends at "
             f"{last}: committed entries are missing",
         )
-    return _Scan(hard, snapshot, entries, offsets, log_end, stale_prefix)
+    return _Scan(hard, snapshot, entries, offsets, log_end, stale_prefix, torn)
 
 
-def _read_log(path: Path) -> tuple[list[Entry], list[int], int]:
+def _read_log(path: Path) -> tuple[list[Entry], list[int], int, _Torn | None]:
     data = path.read_bytes()
     if data[: len(_LOG_MAGIC)] != _LOG_MAGIC:
         raise CorruptLog(str(path), 0, "not a webshard Raft log (bad magic)")
@@ -408,20 +437,13 @@ def _read_log(path: Path) -> tuple[list[Entry], list[int], int]:
     offsets: list[int] = []
     offset = len(_LOG_MAGIC)
     while offset < len(data):
-        if len(data) - offset < _RECORD.size:
-            raise CorruptLog(
-                str(path), offset, f"torn record header ({len(data) - offset} trailing bytes)"
-            )
+        torn = _torn_tail(data, offset)
+        if torn is not None:
+            return entries, offsets, offset, torn
         length, crc = _RECORD.unpack_from(data, offset)
         if length < _ENTRY.size or length > _MAX_RECORD:
             raise CorruptLog(str(path), offset, f"impossible record length {length}")
         body = offset + _RECORD.size
-        if body + length > len(data):
-            raise CorruptLog(
-                str(path),
-                offset,
-                f"short record: {length} bytes announced, {len(data) - body} present (torn write)",
-            )
         payload = data[body : body + length]
         if zlib.crc32(payload) != crc:
             raise CorruptLog(str(path), offset, "CRC mismatch")
@@ -441,7 +463,49 @@ def _read_log(path: Path) -> tuple[list[Entry], list[int], int]:
         entries.append(Entry(index=index, term=term, command=payload[_ENTRY.size :]))
         offsets.append(offset)
         offset = body + length
-    return entries, offsets, offset
+    return entries, offsets, offset, None
+
+
+def _torn_tail(data: bytes, offset: int) -> _Torn | None:
+    """The torn tail starting at ``offset``, or None when a whole record (or damage) is there."""
+    rest = len(data) - offset
+    if rest < _RECORD.size:
+        return _Torn(offset, rest, "a partial record header")
+    if not any(data[offset:]):
+        return _Torn(offset, rest, "zeros where a record should start")
+    length, crc = _RECORD.unpack_from(data, offset)
+    if length < _ENTRY.size or length > _MAX_RECORD:
+        return None  # garbage in a length field is damage, not a torn append
+    end = offset + _RECORD.size + length
+    if end > len(data):
+        return _Torn(offset, rest, f"a record of {length} bytes with {rest - _RECORD.size} present")
+    if any(data[end:]) or zlib.crc32(data[offset + _RECORD.size : end]) == crc:
+        return None  # not the last record, or a whole one
+    sector = offset
+    while sector < end:
+        stop = min(end, (sector // _SECTOR + 1) * _SECTOR)
+        if not any(data[sector:stop]):
+            return _Torn(
+                offset, rest, f"a last record with a bad CRC and a zero sector at {sector}"
+            )
+        sector = stop
+    return None
+
+
+def _cut_torn_tail(path: Path, torn: _Torn) -> None:
+    """Cut the torn tail off the log file (durably), saying what went."""
+    log.warning(
+        f"{path}: cutting off a torn last record at byte offset {torn.offset} "
+        f"({torn.length} bytes: {torn.reason}); it was never acknowledged, as every "
+        "acknowledgement follows the fsync that completes its record",
+        extra={"file": str(path), "offset": torn.offset, "bytes_cut": torn.length},
+    )
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.ftruncate(fd, torn.offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _read_hard_state(path: Path) -> HardState:

@@ -63,6 +63,19 @@ class ReadState:
     context: bytes
 
 
+MAX_TERM = 2**63 - 1
+"""The highest term (and index) a replica accepts or reaches.
+
+The wire carries uint64; stopping at 2**63 - 1 leaves every term + 1 a
+replica computes representable, so one absurd message can neither overflow
+the encoder nor wedge the cluster at the top of the range. At one election a
+millisecond the range lasts 292 million years.
+"""
+
+MAX_INDEX = MAX_TERM
+"""The highest log index a replica accepts, for the same reason."""
+
+
 class Role(enum.Enum):
     """A replica's role in the election protocol."""
 
@@ -262,6 +275,9 @@ class Config:
     max_inflight_messages: int = 64
     """At most this many unacknowledged AppendEntries with entries to one follower."""
 
+    tick_s: float = 0.0
+    """The length of one tick in seconds, only to report durations in log lines (0: unknown)."""
+
     def __post_init__(self) -> None:
         if self.heartbeat_ticks < 1:
             raise ValueError("heartbeat_ticks must be at least 1")
@@ -312,8 +328,10 @@ class StorageError(RaftError):
 class CorruptLog(StorageError):
     """Persisted Raft state is damaged, so the replica refuses to start.
 
-    Nothing is dropped or repaired automatically: a log that lost entries could
-    make this replica vote for or acknowledge a history it never had. An
+    Nothing acknowledged is dropped or repaired automatically: a log that lost
+    entries could make this replica vote for or acknowledge a history it never
+    had. (A torn last record, never acknowledged, is cut off instead; see
+    ``storage``.) An
     operator can move the data directory aside (better: run
     ``storage.quarantine``, which keeps the term and the vote so the replica
     cannot vote twice in one term) and restart the replica; it then rejoins

@@ -12,16 +12,22 @@ InstallSnapshot is a client stream on the wire and one message in the core:
 puts them back together, checking offsets and headers.
 
 Malformed input raises ``WireError`` (a ValueError), which a servicer answers
-with INVALID_ARGUMENT.
+with INVALID_ARGUMENT: among it every term or index above ``MAX_TERM`` (2**63 - 1),
+so that no message can push a replica's term to where term + 1 no longer
+fits the wire's uint64. Given ``members`` (every configured replica id), a
+request whose sender is not another member raises ``NotAMember``, which a
+servicer answers with PERMISSION_DENIED, before anything reaches the core.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 
 from webshard.coordinator.v1 import coordinator_pb2
 
 from services.coordinator.raft.types import (
+    MAX_INDEX,
+    MAX_TERM,
     AppendEntries,
     AppendEntriesResponse,
     Entry,
@@ -44,6 +50,10 @@ class WireError(ValueError):
     """A protobuf message that cannot be a valid Raft message."""
 
 
+class NotAMember(WireError):
+    """A request whose sender is not one of the other configured replicas."""
+
+
 def request_vote_to_proto(message: RequestVote) -> coordinator_pb2.RequestVoteRequest:
     """The proto form of a (pre-)vote request."""
     return coordinator_pb2.RequestVoteRequest(
@@ -56,10 +66,17 @@ def request_vote_to_proto(message: RequestVote) -> coordinator_pb2.RequestVoteRe
 
 
 def request_vote_from_proto(
-    request: coordinator_pb2.RequestVoteRequest, *, recipient: str, ref: int = 0
+    request: coordinator_pb2.RequestVoteRequest,
+    *,
+    recipient: str,
+    ref: int = 0,
+    members: Collection[str] | None = None,
 ) -> RequestVote:
     """A received vote request; ``ref`` lets the transport find the call its reply answers."""
-    _require_id(request.candidate_id, "candidate_id")
+    _require_sender(request.candidate_id, "candidate_id", recipient, members)
+    _require_term(request.term, "term")
+    _require_index(request.last_log_index, "last_log_index")
+    _require_term(request.last_log_term, "last_log_term")
     return RequestVote(
         sender=request.candidate_id,
         recipient=recipient,
@@ -80,6 +97,7 @@ def vote_response_from_proto(
     response: coordinator_pb2.RequestVoteResponse, *, request: RequestVote
 ) -> RequestVoteResponse:
     """The reply to ``request``, which this replica sent."""
+    _require_term(response.term, "term")
     return RequestVoteResponse(
         sender=request.recipient,
         recipient=request.sender,
@@ -106,10 +124,20 @@ def append_entries_to_proto(message: AppendEntries) -> coordinator_pb2.AppendEnt
 
 
 def append_entries_from_proto(
-    request: coordinator_pb2.AppendEntriesRequest, *, recipient: str, ref: int = 0
+    request: coordinator_pb2.AppendEntriesRequest,
+    *,
+    recipient: str,
+    ref: int = 0,
+    members: Collection[str] | None = None,
 ) -> AppendEntries:
     """A received append, checked: its entries must follow prev_log_index one by one."""
-    _require_id(request.leader_id, "leader_id")
+    _require_sender(request.leader_id, "leader_id", recipient, members)
+    _require_term(request.term, "term")
+    _require_index(request.prev_log_index, "prev_log_index")
+    _require_term(request.prev_log_term, "prev_log_term")
+    _require_index(request.leader_commit, "leader_commit")
+    if len(request.entries) > MAX_INDEX - request.prev_log_index:
+        raise WireError(f"entries would run past the largest index {MAX_INDEX}")
     entries = tuple(Entry(index=e.index, term=e.term, command=e.command) for e in request.entries)
     previous_term = request.prev_log_term
     for position, entry in enumerate(entries):
@@ -149,6 +177,9 @@ def append_response_from_proto(
     response: coordinator_pb2.AppendEntriesResponse, *, request: AppendEntries
 ) -> AppendEntriesResponse:
     """The reply to ``request``; seq and rejected_index come from the request."""
+    _require_term(response.term, "term")
+    _require_index(response.match_index, "match_index")
+    _require_index(response.conflict_index, "conflict_index")
     return AppendEntriesResponse(
         sender=request.recipient,
         recipient=request.sender,
@@ -191,10 +222,16 @@ class SnapshotAssembler:
     """Collects one InstallSnapshot stream into the core's single message."""
 
     def __init__(
-        self, *, recipient: str, ref: int = 0, max_bytes: int = DEFAULT_MAX_SNAPSHOT_BYTES
+        self,
+        *,
+        recipient: str,
+        ref: int = 0,
+        max_bytes: int = DEFAULT_MAX_SNAPSHOT_BYTES,
+        members: Collection[str] | None = None,
     ) -> None:
-        """Start an empty snapshot for ``recipient`` (this replica)."""
+        """Start an empty snapshot for ``recipient`` (this replica), sent by one of ``members``."""
         self._recipient = recipient
+        self._members = members
         self._ref = ref
         self._max_bytes = max_bytes
         self._first: coordinator_pb2.InstallSnapshotRequest | None = None
@@ -207,7 +244,10 @@ class SnapshotAssembler:
         if self._done:
             raise WireError("chunk after the last one")
         if self._first is None:
-            _require_id(chunk.leader_id, "leader_id")
+            _require_sender(chunk.leader_id, "leader_id", self._recipient, self._members)
+            _require_term(chunk.term, "term")
+            _require_index(chunk.last_included_index, "last_included_index")
+            _require_term(chunk.last_included_term, "last_included_term")
             if chunk.last_included_index == 0:
                 raise WireError("a snapshot must include at least one entry")
             if chunk.last_included_term > chunk.term:
@@ -254,6 +294,7 @@ def snapshot_response_from_proto(
     response: coordinator_pb2.InstallSnapshotResponse, *, request: InstallSnapshot
 ) -> InstallSnapshotResponse:
     """The reply to ``request``: at the leader's term it acknowledges the snapshot's index."""
+    _require_term(response.term, "term")
     return InstallSnapshotResponse(
         sender=request.recipient,
         recipient=request.sender,
@@ -280,3 +321,30 @@ def role_to_proto(role: Role) -> coordinator_pb2.ReplicaRole.ValueType:
 def _require_id(value: str, field: str) -> None:
     if not value:
         raise WireError(f"{field} must name a replica")
+
+
+def _require_sender(
+    value: str, field: str, recipient: str, members: Collection[str] | None
+) -> None:
+    _require_id(value, field)
+    if members is None:
+        return
+    named = repr(value[:40] + ("..." if len(value) > 40 else ""))
+    listed = ", ".join(sorted(members))
+    if value == recipient:
+        raise NotAMember(
+            f"{field} {named} is this replica itself; messages come from the other members "
+            f"({listed})"
+        )
+    if value not in members:
+        raise NotAMember(f"{field} {named} is not a member of this cluster ({listed})")
+
+
+def _require_term(value: int, field: str) -> None:
+    if value > MAX_TERM:
+        raise WireError(f"{field} {value} is past the largest term this cluster uses ({MAX_TERM})")
+
+
+def _require_index(value: int, field: str) -> None:
+    if value > MAX_INDEX:
+        raise WireError(f"{field} {value} is past the largest log index ({MAX_INDEX})")

@@ -549,6 +549,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         """Lift a model's barrier; the requests it held run."""
         if not self._replicator.is_leader:
             await self._not_leader(context)
+        if not self._barriers.held(request.model):
+            self._deployments.placement(request.model)  # NOT_FOUND unless deployed
         lifted = self._barriers.resume(request.model, request.barrier_id)
         if lifted is None:
             return pb.ResumeModelResponse(already_lifted=True)

@@ -161,6 +161,8 @@ def test_bad_requests_get_clear_errors_and_change_nothing(client: webshard.Clien
         client.replace_shard("minilm-l6", 0, "agent-99")
     with pytest.raises(NotFoundError, match="no agent 'agent-99'"):
         client.restart_browser("agent-99", "browser-0")
+    with pytest.raises(NotFoundError, match="not deployed"):
+        client.resume_model("gpt-17")
 
     assert [a.agent_id for a in client.list_agents()] == before_agents
     assert client.placement("minilm-l6") == before

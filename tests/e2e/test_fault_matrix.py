@@ -11,7 +11,9 @@ timed, and that the fault reverted by itself when its duration ended.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import webshard
@@ -39,7 +41,7 @@ FAULT_S = 3.0
 
 
 @pytest.fixture(scope="module")
-def addresses(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Addresses]:
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     cluster = LocalCluster(
         agents=3,
         data_dir=tmp_path_factory.mktemp("cluster"),
@@ -52,9 +54,14 @@ def addresses(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Addresses]:
     try:
         with webshard.Client(cluster.coordinators(), timeout=60) as client:
             wait_for(lambda: len(client.list_agents()) == 3, 60, "three agents to attach")
-        yield Addresses.of(cluster)
+        yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def addresses(cluster: LocalCluster) -> Addresses:
+    return Addresses.of(cluster)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -116,3 +123,35 @@ def test_requests_stay_correct_and_the_fault_is_recovered(
     assert all(r.fault_intensity == common_pb2.INTENSITY_MODERATE for r in named), named
     if kind in AGENT_SEEN:
         assert named, f"no recovery of the {kind} names its fault"
+
+
+def logged(cluster: LocalCluster, service: str, message: str) -> int:
+    """How many times ``service`` logged ``message`` in this cluster's life."""
+    lines = (cluster.data_dir / "logs" / f"{service}.log").read_text().splitlines()
+    return sum(1 for line in lines if json.loads(line).get("message") == message)
+
+
+def test_the_report_has_every_breaker_transition_and_refused_fault_the_services_logged(
+    cluster: LocalCluster, addresses: Addresses
+) -> None:
+    # After the whole matrix (15 campaigns): what recovery and the injector logged
+    # reached the metrics service, or its loss is counted, never silently missing.
+    async def report() -> dict[str, Any]:
+        async with webshard.aio.MetricsClient(addresses.metrics, timeout=60) as metrics:
+            return dict(json.loads(await metrics.report(format="json")))
+
+    transitions = logged(cluster, "recovery", "breaker transition")
+    refused = logged(cluster, "fault-injector", "fault refused")
+    assert transitions > 0  # the matrix opens breakers: the comparison means something
+
+    def arrived() -> bool:
+        doc = asyncio.run(report())
+        stored_refused = sum(
+            1 for f in doc["tables"].get("faults", ()) if f.get("state") == "refused"
+        )
+        dropped = doc["delivery"]["dropped"]
+        return doc["breaker_transitions"] + dropped == transitions and (
+            stored_refused + dropped >= refused
+        )
+
+    wait_for(arrived, 30, f"{transitions} breaker transitions and {refused} refused faults")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import webshard
 from webshard.coordinator.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 from tests.conftest import ServiceProcess, wait_for
@@ -144,28 +145,16 @@ def test_an_agent_registers_with_the_coordinator(
         coordinator.address,
     )
 
-    def registered() -> bool:
-        with grpc.insecure_channel(coordinator.address) as channel:
-            agents = (
-                coordinator_pb2_grpc.CoordinatorServiceStub(channel)
-                .ListAgents(coordinator_pb2.ListAgentsRequest(), timeout=5)
-                .agents
-            )
-        return [a.agent_id for a in agents] == ["agent-7"] and agents[
-            0
-        ].address == f"127.0.0.1:{agent.port}"
+    # The SDK waits out the replica's first election (it serves before it leads).
+    with webshard.Client([coordinator.address], timeout=10) as client:
 
-    wait_for(registered, 20, "agent-7 to register")
-    agent.popen.send_signal(signal.SIGTERM)
-    assert agent.popen.wait(timeout=15) == 0
+        def registered() -> bool:
+            agents = client.list_agents()
+            return [a.agent_id for a in agents] == ["agent-7"] and agents[
+                0
+            ].address == f"127.0.0.1:{agent.port}"
 
-    def gone() -> bool:
-        with grpc.insecure_channel(coordinator.address) as channel:
-            agents = (
-                coordinator_pb2_grpc.CoordinatorServiceStub(channel)
-                .ListAgents(coordinator_pb2.ListAgentsRequest(), timeout=5)
-                .agents
-            )
-        return agents == []
-
-    wait_for(gone, 20, "agent-7 to drop out of the healthy list")
+        wait_for(registered, 20, "agent-7 to register")
+        agent.popen.send_signal(signal.SIGTERM)
+        assert agent.popen.wait(timeout=15) == 0
+        wait_for(lambda: client.list_agents() == [], 20, "agent-7 to drop out of the healthy list")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from webshard.fault_injector.v1 import fault_injector_pb2_grpc as pb_grpc
 
+from services.common.auth import fault_token
 from services.common.server import BasicApp, Lifecycle
 from services.fault_injector.agents import GrpcAgentHooks
 from services.fault_injector.breakers import RecoveryBreakers
@@ -17,9 +18,10 @@ from services.fault_injector.spec import Limits
 
 def make_app(settings: FaultInjectorSettings, lifecycle: Lifecycle) -> BasicApp:
     """The fault-injector: the injector over the coordinator, recovery and the agents."""
+    token = fault_token(settings.fault_token, settings.cluster_token)
     cluster = CoordinatorCluster(settings.coordinators)
     breakers = RecoveryBreakers(settings.recovery)
-    hooks = GrpcAgentHooks(timeout_s=settings.agent_timeout_s, token=settings.fault_token)
+    hooks = GrpcAgentHooks(timeout_s=settings.agent_timeout_s, token=token)
     leader = leader_control(settings.cluster_state, settings.pod_namespace)
     injector = FaultInjector(
         limits=Limits(max_duration_s=settings.max_duration_s),
@@ -46,7 +48,7 @@ def make_app(settings: FaultInjectorSettings, lifecycle: Lifecycle) -> BasicApp:
         registrations=[
             (
                 pb_grpc.add_FaultInjectorServiceServicer_to_server,
-                FaultInjectorServicer(injector, settings.fault_token, lifecycle),
+                FaultInjectorServicer(injector, token, lifecycle),
             )
         ],
         on_stop=stop,

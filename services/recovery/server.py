@@ -12,7 +12,7 @@ from services.recovery.actuator import CoordinatorActuator
 from services.recovery.breakers import Breakers, Transition
 from services.recovery.probes import BreakerProber, ClusterProbes, GrpcAgentStatus
 from services.recovery.recoveries import Recoveries
-from services.recovery.servicer import SERVICE, RecoveryServicer
+from services.recovery.servicer import GUARDED_METHODS, SERVICE, RecoveryServicer
 from services.recovery.settings import RecoverySettings
 from services.recovery.strategies import AdaptiveChooser
 
@@ -46,6 +46,7 @@ def make_app(settings: RecoverySettings, lifecycle: Lifecycle) -> BasicApp:
         # A little inside the action's deadline, so that the coordinator's own answer
         # (UNAVAILABLE, NOT_FOUND) reaches the phase's detail before the deadline does.
         timeout_s=settings.action_timeout_s * 0.9,
+        token=settings.cluster_token,
     )
     recoveries = Recoveries(
         actuator=actuator,
@@ -92,4 +93,5 @@ def make_app(settings: RecoverySettings, lifecycle: Lifecycle) -> BasicApp:
         ],
         on_start=start,
         on_stop=stop,
+        guarded_methods=GUARDED_METHODS,
     )

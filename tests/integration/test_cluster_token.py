@@ -3,6 +3,7 @@ deploy, infer and recover as before; calls that change state without it change n
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 from collections.abc import Iterator
@@ -58,9 +59,9 @@ def test_the_token_holder_deploys_and_infers_and_others_only_read(
         assert anonymous.infer("minilm-l6", texts=TEXT).outputs
         with pytest.raises(UnauthenticatedError, match="WEBSHARD_CLUSTER_TOKEN"):
             anonymous.undeploy("minilm-l6")
-    with webshard.Client(cluster.coordinators(), token="wrong", timeout=30) as forger:
-        with pytest.raises(PermissionDeniedError):
-            forger.undeploy("minilm-l6")
+    forger = webshard.Client(cluster.coordinators(), token="wrong", timeout=30)
+    with forger, pytest.raises(PermissionDeniedError):
+        forger.undeploy("minilm-l6")
     assert client.placement("minilm-l6").version == placement.version
 
 
@@ -70,9 +71,9 @@ def test_replace_shard_without_the_token_is_refused_and_changes_nothing(
     placement = client.deploy("minilm-l6", sharding="layer", shards=2, runtime="native")
     holder = placement.shards[0].replicas[0].agent_id
     other = next(a.agent_id for a in client.list_agents() if a.agent_id != holder)
-    with webshard.Client(cluster.coordinators(), timeout=30) as anonymous:
-        with pytest.raises(UnauthenticatedError):
-            anonymous.replace_shard("minilm-l6", 0, other)
+    anonymous = webshard.Client(cluster.coordinators(), timeout=30)
+    with anonymous, pytest.raises(UnauthenticatedError):
+        anonymous.replace_shard("minilm-l6", 0, other)
     after = client.placement("minilm-l6")
     assert after.version == placement.version
     assert [r.agent_id for r in after.shards[0].replicas] == [holder]
@@ -107,14 +108,12 @@ def test_a_forged_append_entries_is_refused_and_the_leader_stays(
                 return exc.code()
             return grpc.StatusCode.OK
 
-    import asyncio
-
     assert asyncio.run(forge()) is grpc.StatusCode.UNAUTHENTICATED
     after = _status(follower)
     assert after.leader_id == leader
     assert all(r.term < term + 1000 for r in after.replicas)
     # The real leader still leads: a write goes through.
-    client.deploy("minilm-l6", sharding="layer", shards=1, runtime="native")
+    client.deploy("minilm-l6", sharding="layer", shards=2, runtime="native")
     assert client.cluster_status().leader_id == leader
 
 

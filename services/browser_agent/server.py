@@ -19,7 +19,7 @@ from services.browser_agent.browser.pool import BrowserPool
 from services.browser_agent.hooks import FaultHooks
 from services.browser_agent.memory import MemoryWatch, Sample
 from services.browser_agent.native import NativeRuntime
-from services.browser_agent.servicer import SERVICE, BrowserAgentServicer
+from services.browser_agent.servicer import GUARDED_METHODS, SERVICE, BrowserAgentServicer
 from services.browser_agent.session import CoordinatorSession
 from services.browser_agent.settings import DEFAULT_PORT, AgentSettings
 from services.browser_agent.store import ShardStore
@@ -59,10 +59,11 @@ def make_app(settings: AgentSettings, lifecycle: Lifecycle) -> BasicApp:
         memory_budget_bytes=settings.memory_budget_mb * 1024 * 1024,
         browsers=host.status,
         max_backoff_s=settings.reconnect_max_backoff_s,
+        token=settings.cluster_token,
     )
     hooks = FaultHooks(host, session)
     tasks: list[asyncio.Task[None]] = []
-    reporter = FailureReporter(settings.recovery)
+    reporter = FailureReporter(settings.recovery, token=settings.cluster_token)
 
     async def report_browser_failures() -> None:
         # The page and the browser's supervisor see crashes and lost devices
@@ -146,4 +147,5 @@ def make_app(settings: AgentSettings, lifecycle: Lifecycle) -> BasicApp:
         registrations=[(pb_grpc.add_BrowserAgentServiceServicer_to_server, servicer)],
         on_start=start,
         on_stop=stop,
+        guarded_methods=GUARDED_METHODS,
     )

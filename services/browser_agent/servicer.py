@@ -20,7 +20,7 @@ from services.browser_agent.runtime import ShardRuntimeError
 from services.browser_agent.session import CoordinatorSession
 from services.browser_agent.settings import AgentSettings
 from services.browser_agent.store import ShardStore, StoreError, check_sha256
-from services.common.auth import require_token
+from services.common.auth import fault_token, methods, require_token
 from services.common.durations import duration
 from services.common.server import Lifecycle
 from services.common.tracing import extract_context, inject_traceparent
@@ -28,6 +28,17 @@ from services.common.tracing import extract_context, inject_traceparent
 log = logging.getLogger(__name__)
 
 SERVICE = pb.DESCRIPTOR.services_by_name["BrowserAgentService"].full_name
+GUARDED_METHODS = methods(
+    SERVICE,
+    "LoadShard",
+    # Activations are answered with outputs that feed the next shard: a forged one is a write.
+    "RunShard",
+    "UnloadShard",
+    "RestartBrowser",
+    "ReconnectBrowser",
+)
+"""The calls that need the cluster token when one is set (the fault hooks need the fault
+token instead; GetStatus stays open)."""
 Context = grpc.aio.ServicerContext[object, object]
 
 DEFAULT_RECONNECT_WAIT_S = 2.0
@@ -61,9 +72,8 @@ class BrowserAgentServicer(pb_grpc.BrowserAgentServiceServicer):
         self._hooks = hooks
 
     async def _authorize(self, context: Context, method: str) -> None:
-        await require_token(
-            context, self._settings.fault_token, method=method, service="browser agent"
-        )
+        token = fault_token(self._settings.fault_token, self._settings.cluster_token)
+        await require_token(context, token, method=method, service="browser agent")
 
     async def LoadShard(
         self, request_iterator: AsyncIterator[pb.LoadShardRequest], context: Context

@@ -23,6 +23,7 @@ from webshard.coordinator.v1 import coordinator_pb2 as pb
 from webshard.coordinator.v1 import coordinator_pb2_grpc as pb_grpc
 
 from services.browser_agent.hooks import Link
+from services.common.auth import bearer_metadata
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +40,11 @@ class CoordinatorSession:
         memory_budget_bytes: int,
         browsers: Callable[[], list[common_pb2.BrowserInfo]],
         max_backoff_s: float,
+        token: str = "",
     ) -> None:
         self._agent_id = agent_id
+        # The cluster token: a coordinator that has one requires it of the session.
+        self._metadata = bearer_metadata(token)
         self._address = address
         self._coordinators = list(coordinators)
         self._budget = memory_budget_bytes
@@ -112,7 +116,7 @@ class CoordinatorSession:
 
     async def _session(self, target: str) -> None:
         async with grpc.aio.insecure_channel(target) as channel:
-            call = pb_grpc.CoordinatorServiceStub(channel).AgentSession()
+            call = pb_grpc.CoordinatorServiceStub(channel).AgentSession(metadata=self._metadata)
             self._call = call
             browsers = self._browsers()
             await call.write(

@@ -34,6 +34,7 @@ from webshard.common.v1 import common_pb2
 from webshard.errors import FailedPreconditionError, NotFoundError, RPCError
 from webshard.fault_injector.v1 import fault_injector_pb2 as fi
 from webshard.metrics.v1 import metrics_pb2
+from webshard.options import CLUSTER_TOKEN_ENV, FAULT_TOKEN_ENV
 from webshard.recovery.v1 import recovery_pb2
 
 from services.campaign.scenarios import NoTarget, fault_spec
@@ -259,18 +260,29 @@ class Campaign:
         *,
         run_id: str = "",
         progress: Progress | None = None,
+        cluster_token: str | None = None,
+        fault_token: str | None = None,
     ) -> None:
         plan.validate()
+        # The tokens the cluster's services were started with; None reads them from the
+        # environment (WEBSHARD_CLUSTER_TOKEN, WEBSHARD_FAULT_TOKEN), as the services do.
+        if cluster_token is None:
+            cluster_token = os.environ.get(CLUSTER_TOKEN_ENV, "")
+        if fault_token is None:
+            fault_token = os.environ.get(FAULT_TOKEN_ENV, "")
+        token = cluster_token or None
         self.plan = plan
         self.run_id = (
             run_id or dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6]
         )
         self._addresses = addresses
         self._progress = progress or (lambda done, total, what: None)
-        self._client = Client(addresses.coordinators, timeout=plan.request_timeout_s)
-        self._injector = FaultInjectorClient(addresses.fault_injector, timeout=30)
-        self._recovery = RecoveryClient(addresses.recovery, timeout=30)
-        self._metrics = MetricsClient(addresses.metrics, timeout=60)
+        self._client = Client(addresses.coordinators, token=token, timeout=plan.request_timeout_s)
+        self._injector = FaultInjectorClient(
+            addresses.fault_injector, token=fault_token or token, timeout=30
+        )
+        self._recovery = RecoveryClient(addresses.recovery, token=token, timeout=30)
+        self._metrics = MetricsClient(addresses.metrics, token=token, timeout=60)
         self._expected = _reference(SENTENCES)
         self.answers: list[Answer] = []
         self.iterations: list[Iteration] = []

@@ -47,8 +47,11 @@ class FaultCause:
 class FailureReporter:
     """Sends FailureReports to recovery, if an address is configured."""
 
-    def __init__(self, address: str, timeout_s: float = 2.0) -> None:
-        self._client = RecoveryClient(address, timeout=timeout_s) if address else None
+    def __init__(self, address: str, timeout_s: float = 2.0, *, token: str = "") -> None:
+        # ``token``: the cluster token, which recovery requires of ReportFailure.
+        self._client = (
+            RecoveryClient(address, token=token or None, timeout=timeout_s) if address else None
+        )
         self._tasks: set[asyncio.Task[None]] = set()
 
     def report(

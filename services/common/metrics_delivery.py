@@ -104,9 +104,12 @@ class MetricsSender:
         *,
         service: str,
         config: DeliveryConfig | None = None,
+        token: str = "",
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config or DeliveryConfig()
+        self._token = token
+        """The cluster token (Ingest is guarded when the metrics service has one)."""
         self.config.validate()
         self.service = service
         self._target = target
@@ -246,7 +249,9 @@ class MetricsSender:
         started = time.monotonic()
         while True:
             if self._client is None:
-                self._client = MetricsClient(self._target, timeout=config.timeout_s)
+                self._client = MetricsClient(
+                    self._target, timeout=config.timeout_s, token=self._token or None
+                )
             try:
                 return await self._client.ingest(
                     events, batch_size=len(events), timeout=config.timeout_s

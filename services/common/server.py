@@ -28,6 +28,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
+from services.common.auth import CLUSTER_TOKEN_ENV, TokenInterceptor
 from services.common.interceptor import ErrorInterceptor
 from services.common.logs import configure_logging
 from services.common.settings import ServerSettings, SettingsError, load_settings
@@ -136,12 +137,15 @@ def unimplemented(full_method: str, what: str) -> Any:
     return handler
 
 
-def server_interceptors() -> list[grpc.aio.ServerInterceptor]:
+def server_interceptors(
+    token: str = "", guarded: frozenset[str] = frozenset()
+) -> list[grpc.aio.ServerInterceptor]:
     """The interceptors every server runs, outermost first: OpenTelemetry's (a span per
-    call), then the error interceptor, which so runs inside the span and aborts
-    through the context that records the status on it."""
+    call), the token check of the ``guarded`` methods (a refusal is recorded on the
+    span and runs nothing else), then the error interceptor, which so runs inside the
+    span and aborts through the context that records the status on it."""
     tracing: grpc.aio.ServerInterceptor = aio_server_interceptor()  # type: ignore[no-untyped-call]
-    return [tracing, ErrorInterceptor()]
+    return [tracing, TokenInterceptor(token, guarded), ErrorInterceptor()]
 
 
 async def serve(
@@ -166,8 +170,17 @@ async def serve(
         # A service that cannot be built (a corrupt log, a bad directory) says why and exits.
         log.error("service cannot start", extra={"error": f"{type(exc).__name__}: {exc}"})
         return 1
-    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=server_interceptors())
+    guarded: frozenset[str] = getattr(app, "guarded_methods", frozenset())
+    server = grpc.aio.server(
+        options=SERVER_OPTIONS, interceptors=server_interceptors(settings.cluster_token, guarded)
+    )
     app.add_to_server(server)
+    if guarded and not settings.cluster_token:
+        log.warning(
+            "no cluster token: state-changing calls are unauthenticated; anyone who can "
+            "reach this port may make them",
+            extra={"setting": CLUSTER_TOKEN_ENV, "methods": sorted(guarded)},
+        )
 
     health_servicer = health.aio.HealthServicer()
     # The library's servicer starts with the server ("") SERVING; nothing is served
@@ -280,6 +293,8 @@ class BasicApp:
     registrations: Sequence[tuple[Callable[[Any, grpc.aio.Server], None], object]]
     on_start: Callable[[], Awaitable[None]] | None = None
     on_stop: Callable[[], Awaitable[None]] | None = None
+    guarded_methods: frozenset[str] = frozenset()
+    """Full names of the methods that change state: with a cluster token they need it."""
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         """Register every servicer."""

@@ -45,6 +45,13 @@ class ServerSettings:
         5.0, "Seconds in-flight calls get to finish after SIGTERM before they are cancelled."
     )
     data_dir: str = setting("", "Directory for the service's files; empty uses a temporary one.")
+    cluster_token: str = setting(
+        "",
+        "When set, calls that change the cluster's state must carry "
+        "'authorization: Bearer <token>' metadata, and the service sends it on its own calls "
+        "to the other services; empty checks nothing (anyone who can reach the port may "
+        "deploy, replace shards or vote in elections).",
+    )
 
     def validate(self) -> None:
         """Raise SettingsError when a value is out of range; services extend this."""

@@ -50,6 +50,7 @@ from opentelemetry.instrumentation.grpc import aio_client_interceptors
 from webshard.coordinator.v1 import coordinator_pb2 as pb
 from webshard.coordinator.v1 import coordinator_pb2_grpc as pb_grpc
 
+from services.common.auth import bearer_interceptors
 from services.coordinator.raft import (
     AppendEntries,
     AppendEntriesResponse,
@@ -169,8 +170,10 @@ class Replicator:
         tick_s: float,
         snapshot_every: int = 1000,
         rpc_timeout_s: float = 1.0,
+        token: str = "",
     ) -> None:
         self.replica_id = replica_id
+        self._token = token  # the cluster token: peers require it of every Raft call
         self._addresses = {**peers, replica_id: address}
         self._storage = storage
         self._state = state
@@ -454,7 +457,10 @@ class Replicator:
         if channel is None:
             channel = grpc.aio.insecure_channel(
                 self._addresses[peer],
-                interceptors=aio_client_interceptors(),  # type: ignore[no-untyped-call]
+                interceptors=[
+                    *aio_client_interceptors(),  # type: ignore[no-untyped-call]
+                    *bearer_interceptors(self._token),
+                ],
                 options=[
                     ("grpc.initial_reconnect_backoff_ms", 50),
                     ("grpc.max_reconnect_backoff_ms", 500),

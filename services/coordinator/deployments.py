@@ -132,8 +132,10 @@ class Deployments:
         reporter: FailureReporter,
         load_timeout_s: float = 120.0,
         replace_wait_s: float = 5.0,
+        token: str = "",
     ) -> None:
         self._registry = registry
+        self._token = token
         self._reporter = reporter
         self._cache_dir = cache_dir
         self._load_timeout = load_timeout_s
@@ -156,7 +158,7 @@ class Deployments:
         if link is None or link.address != record.address:
             if link is not None:
                 asyncio.get_running_loop().create_task(link.close())
-            link = AgentLink(agent_id, record.address)
+            link = AgentLink(agent_id, record.address, token=self._token)
             self._links[agent_id] = link
         return link
 

@@ -28,6 +28,7 @@ from webshard.browser_agent.v1 import browser_agent_pb2 as agent_pb
 from webshard.browser_agent.v1 import browser_agent_pb2_grpc as agent_grpc
 from webshard.common.v1 import common_pb2
 
+from services.common.auth import bearer_metadata
 from services.common.durations import duration
 from services.common.tracing import client_interceptors, inject_traceparent
 
@@ -75,9 +76,13 @@ class AgentLink:
         address: str,
         max_in_flight: int = 64,
         interceptors: Sequence[grpc.aio.ClientInterceptor] | None = None,
+        *,
+        token: str = "",
     ) -> None:
         self.agent_id = agent_id
         self.address = address
+        # The cluster token, on every call (the agent requires it of all but GetStatus).
+        self._metadata = bearer_metadata(token)
         # ``interceptors`` (None: OpenTelemetry's) wrap the unary and client-streaming
         # calls; the default leaves the RunShard stream unwrapped (see the module's doc).
         if interceptors is None:
@@ -105,7 +110,7 @@ class AgentLink:
     ) -> _RunCall:
         async with self._open_lock:
             if self._call is None or self._call.done():
-                call = self._stub.RunShard()
+                call = self._stub.RunShard(metadata=self._metadata)
                 self._call = call
                 self._reader = asyncio.create_task(self._read(call))
             return self._call
@@ -205,11 +210,13 @@ class AgentLink:
 
         try:
             try:
-                return await self._stub.LoadShard(by_hash(), timeout=timeout)
+                return await self._stub.LoadShard(
+                    by_hash(), timeout=timeout, metadata=self._metadata
+                )
             except grpc.aio.AioRpcError as exc:
                 if exc.code() != grpc.StatusCode.NOT_FOUND or "store" not in (exc.details() or ""):
                     raise
-            return await self._stub.LoadShard(upload(), timeout=timeout)
+            return await self._stub.LoadShard(upload(), timeout=timeout, metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
             raise HopError(self.agent_id, exc.code(), exc.details() or "") from exc
 
@@ -218,7 +225,9 @@ class AgentLink:
         agent could not."""
         try:
             await self._stub.UnloadShard(
-                agent_pb.UnloadShardRequest(handle=handle), timeout=timeout
+                agent_pb.UnloadShardRequest(handle=handle),
+                timeout=timeout,
+                metadata=self._metadata,
             )
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.NOT_FOUND:
@@ -230,7 +239,9 @@ class AgentLink:
         """Have the agent replace a browser and reload its shards; raise HopError on failure."""
         try:
             return await self._stub.RestartBrowser(
-                agent_pb.RestartBrowserRequest(browser_id=browser_id), timeout=timeout
+                agent_pb.RestartBrowserRequest(browser_id=browser_id),
+                timeout=timeout,
+                metadata=self._metadata,
             )
         except grpc.aio.AioRpcError as exc:
             raise HopError(self.agent_id, exc.code(), exc.details() or "") from exc
@@ -247,6 +258,7 @@ class AgentLink:
             reply = await self._stub.ReconnectBrowser(
                 agent_pb.ReconnectBrowserRequest(browser_id=browser_id, timeout=duration(wait_s)),
                 timeout=wait_s + 5,
+                metadata=self._metadata,
             )
         except grpc.aio.AioRpcError as exc:
             raise HopError(self.agent_id, exc.code(), exc.details() or "") from exc

@@ -17,6 +17,7 @@ from services.coordinator.deployments import Deployments
 from services.coordinator.raft import Config, FileStorage
 from services.coordinator.registry import AgentRegistry
 from services.coordinator.servicer import (
+    GUARDED_METHODS,
     RAFT_SERVICE,
     SERVICE,
     CoordinatorServicer,
@@ -40,9 +41,12 @@ def make_app(settings: CoordinatorSettings, lifecycle: Lifecycle) -> BasicApp:
         )
     data_dir = Path(settings.data_dir or owned_dir or ".")
     registry = AgentRegistry(settings.heartbeat_timeout_s)
-    reporter = FailureReporter(settings.recovery)
+    reporter = FailureReporter(settings.recovery, token=settings.cluster_token)
     deployments = Deployments(
-        registry, Path(settings.cache_dir) if settings.cache_dir else None, reporter=reporter
+        registry,
+        Path(settings.cache_dir) if settings.cache_dir else None,
+        reporter=reporter,
+        token=settings.cluster_token,
     )
 
     def on_agent(entry: AgentEntry) -> None:
@@ -61,6 +65,7 @@ def make_app(settings: CoordinatorSettings, lifecycle: Lifecycle) -> BasicApp:
         ),
         tick_s=settings.raft_tick_ms / 1000,
         snapshot_every=settings.snapshot_every,
+        token=settings.cluster_token,
     )
 
     async def stop() -> None:
@@ -88,4 +93,5 @@ def make_app(settings: CoordinatorSettings, lifecycle: Lifecycle) -> BasicApp:
         ],
         on_start=replicator.start,
         on_stop=stop,
+        guarded_methods=GUARDED_METHODS,
     )

@@ -18,6 +18,7 @@ from webshard.coordinator.v1 import coordinator_pb2 as pb
 from webshard.coordinator.v1 import coordinator_pb2_grpc as pb_grpc
 from webshard.tensors import decode_tensor, encode_tensor
 
+from services.common.auth import methods
 from services.common.durations import duration
 from services.common.server import MAX_MESSAGE_BYTES, Lifecycle
 from services.coordinator.barriers import BarrierError, ModelBarriers
@@ -58,6 +59,26 @@ DEFAULT_MAX_PAUSE_S = 10.0
 UNAVAILABLE_RETRY_S = 0.2
 """A request every replica of some shard failed is run again after this long at most."""
 RAFT_SERVICE = pb.DESCRIPTOR.services_by_name["RaftService"].full_name
+
+GUARDED_METHODS = methods(
+    SERVICE,
+    # A session registers an agent: a forged one could draw shards to it.
+    "AgentSession",
+    "DeployModel",
+    "UndeployModel",
+    "ReplaceShard",
+    "RestartBrowser",
+    "ReconnectAgent",
+    "PauseModel",
+    "ResumeModel",
+) | methods(
+    # One forged AppendEntries (a higher term) deposes the leader.
+    RAFT_SERVICE,
+    "RequestVote",
+    "AppendEntries",
+    "InstallSnapshot",
+)
+"""The calls that need the cluster token when one is set; reads and inference stay open."""
 
 
 MAX_ACTIVATION_BYTES = MAX_MESSAGE_BYTES - 1024 * 1024

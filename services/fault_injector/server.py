@@ -11,6 +11,7 @@ from webshard.fault_injector.v1 import fault_injector_pb2 as fi
 from webshard.fault_injector.v1 import fault_injector_pb2_grpc as pb_grpc
 from webshard.metrics.v1 import metrics_pb2
 
+from services.common.auth import fault_token
 from services.common.metrics_delivery import DeliveryConfig, MetricsSender
 from services.common.server import BasicApp, Lifecycle
 from services.fault_injector.agents import GrpcAgentHooks
@@ -81,9 +82,10 @@ async def record_faults(injector: FaultInjector, sender: MetricsSender) -> None:
 
 def make_app(settings: FaultInjectorSettings, lifecycle: Lifecycle) -> BasicApp:
     """The fault-injector: the injector over the coordinator, recovery and the agents."""
+    token = fault_token(settings.fault_token, settings.cluster_token)
     cluster = CoordinatorCluster(settings.coordinators)
     breakers = RecoveryBreakers(settings.recovery)
-    hooks = GrpcAgentHooks(timeout_s=settings.agent_timeout_s, token=settings.fault_token)
+    hooks = GrpcAgentHooks(timeout_s=settings.agent_timeout_s, token=token)
     leader = leader_control(settings.cluster_state, settings.pod_namespace)
     injector = FaultInjector(
         limits=Limits(max_duration_s=settings.max_duration_s),
@@ -101,6 +103,7 @@ def make_app(settings: FaultInjectorSettings, lifecycle: Lifecycle) -> BasicApp:
             config=DeliveryConfig(
                 capacity=settings.metrics_queue, give_up_s=settings.metrics_give_up_s
             ),
+            token=settings.cluster_token,
         )
         if settings.metrics
         else None
@@ -136,7 +139,7 @@ def make_app(settings: FaultInjectorSettings, lifecycle: Lifecycle) -> BasicApp:
         registrations=[
             (
                 pb_grpc.add_FaultInjectorServiceServicer_to_server,
-                FaultInjectorServicer(injector, settings.fault_token, lifecycle),
+                FaultInjectorServicer(injector, token, lifecycle),
             )
         ],
         on_start=start,

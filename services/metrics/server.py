@@ -11,9 +11,10 @@ from pathlib import Path
 
 from webshard.metrics.v1 import metrics_pb2_grpc as pb_grpc
 
+from services.common.auth import fault_token
 from services.common.server import BasicApp, Lifecycle
 from services.metrics.dashboard import ClusterSources, Dashboard, RequestStats, request_stats
-from services.metrics.servicer import SERVICE, MetricsServicer
+from services.metrics.servicer import GUARDED_METHODS, SERVICE, MetricsServicer
 from services.metrics.settings import MetricsSettings
 from services.metrics.store import MetricsStore
 
@@ -61,7 +62,7 @@ def make_app(settings: MetricsSettings, lifecycle: Lifecycle) -> BasicApp:
             coordinators=settings.coordinators,
             recovery=settings.recovery,
             fault_injector=settings.fault_injector,
-            fault_token=settings.fault_token,
+            fault_token=fault_token(settings.fault_token, settings.cluster_token),
             requests=requests,
         )
         dashboard = Dashboard(sources, host=settings.host, port=settings.http_port)
@@ -106,4 +107,5 @@ def make_app(settings: MetricsSettings, lifecycle: Lifecycle) -> BasicApp:
         registrations=[(pb_grpc.add_MetricsServiceServicer_to_server, servicer)],
         on_start=start,
         on_stop=stop,
+        guarded_methods=GUARDED_METHODS,
     )

@@ -21,6 +21,7 @@ from webshard.common.v1 import common_pb2
 from webshard.metrics.v1 import metrics_pb2 as pb
 from webshard.metrics.v1 import metrics_pb2_grpc as pb_grpc
 
+from services.common.auth import methods
 from services.common.server import Lifecycle
 from services.metrics import reports
 from services.metrics.events import EventBuffer, InvalidEvent, time_us
@@ -29,6 +30,9 @@ from services.metrics.store import EVENT_TIME, MetricsStore, QueryError
 log = logging.getLogger(__name__)
 
 SERVICE = pb.DESCRIPTOR.services_by_name["MetricsService"].full_name
+GUARDED_METHODS = methods(SERVICE, "Ingest")
+"""The calls that need the cluster token when one is set: writes; queries and reports
+stay open."""
 
 T = TypeVar("T")
 

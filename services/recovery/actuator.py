@@ -68,6 +68,7 @@ class CoordinatorActuator:
         timeout_s: the deadline of each coordinator call.
         reconnect_wait_s: how long a reconnect waits for the browser's page.
         max_pause_s: the longest a barrier holds a model if its resume never comes.
+        token: the cluster token, which the coordinator requires of the calls that act.
         client: a client to use instead of one made from ``coordinators`` (tests).
     """
 
@@ -79,12 +80,16 @@ class CoordinatorActuator:
         timeout_s: float = 30.0,
         reconnect_wait_s: float = 2.0,
         max_pause_s: float = 10.0,
+        token: str = "",
         client: Client | None = None,
     ) -> None:
         # The client's calls carry the current span (a recovery's phase) as their
         # parent, so what the coordinator and its agents do belongs to the recovery's trace.
         self._client = client or Client(
-            list(coordinators), timeout=timeout_s, interceptors=client_interceptors()
+            list(coordinators),
+            token=token or None,
+            timeout=timeout_s,
+            interceptors=client_interceptors(),
         )
         self._verify_text = verify_text
         self._timeout_s = timeout_s

@@ -15,7 +15,7 @@ from services.recovery.actuator import CoordinatorActuator
 from services.recovery.breakers import Breakers, Transition
 from services.recovery.probes import BreakerProber, ClusterProbes, GrpcAgentStatus
 from services.recovery.recoveries import Recoveries
-from services.recovery.servicer import SERVICE, RecoveryServicer
+from services.recovery.servicer import GUARDED_METHODS, SERVICE, RecoveryServicer
 from services.recovery.settings import RecoverySettings
 from services.recovery.strategies import AdaptiveChooser
 
@@ -65,6 +65,7 @@ def make_app(settings: RecoverySettings, lifecycle: Lifecycle) -> BasicApp:
             config=DeliveryConfig(
                 capacity=settings.metrics_queue, give_up_s=settings.metrics_give_up_s
             ),
+            token=settings.cluster_token,
         )
         if settings.metrics
         else None
@@ -81,6 +82,7 @@ def make_app(settings: RecoverySettings, lifecycle: Lifecycle) -> BasicApp:
         # A little inside the action's deadline, so that the coordinator's own answer
         # (UNAVAILABLE, NOT_FOUND) reaches the phase's detail before the deadline does.
         timeout_s=settings.action_timeout_s * 0.9,
+        token=settings.cluster_token,
     )
     recoveries = Recoveries(
         actuator=actuator,
@@ -131,4 +133,5 @@ def make_app(settings: RecoverySettings, lifecycle: Lifecycle) -> BasicApp:
         ],
         on_start=start,
         on_stop=stop,
+        guarded_methods=GUARDED_METHODS,
     )

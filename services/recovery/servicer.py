@@ -12,6 +12,7 @@ from webshard.common.v1 import common_pb2
 from webshard.recovery.v1 import recovery_pb2 as pb
 from webshard.recovery.v1 import recovery_pb2_grpc as pb_grpc
 
+from services.common.auth import methods
 from services.common.durations import duration
 from services.common.server import Lifecycle
 from services.recovery.breakers import BreakerKey, Breakers, BreakerView
@@ -20,6 +21,9 @@ from services.recovery.recoveries import Recoveries, RecoveryRecord, WatchOverfl
 from services.recovery.strategies import Failure, FailureKind, FailureSource, Strategy
 
 SERVICE = pb.DESCRIPTOR.services_by_name["RecoveryService"].full_name
+GUARDED_METHODS = methods(SERVICE, "ReportFailure", "ResetBreaker")
+"""The calls that need the cluster token when one is set: a report starts a recovery
+(shards move), a reset lets faults and traffic through. Reads and watches stay open."""
 
 Context = grpc.aio.ServicerContext[object, object]
 

@@ -15,6 +15,7 @@ from webshard.common.v1 import common_pb2
 from webshard.metrics.v1 import metrics_pb2 as pb
 from webshard.metrics.v1 import metrics_pb2_grpc as pb_grpc
 
+from services.common.auth import TokenInterceptor
 from services.common.metrics_delivery import (
     QUEUE_FULL,
     UNREACHABLE,
@@ -22,7 +23,7 @@ from services.common.metrics_delivery import (
     MetricsSender,
 )
 from services.common.server import Lifecycle
-from services.metrics.servicer import MetricsServicer
+from services.metrics.servicer import GUARDED_METHODS, MetricsServicer
 from services.metrics.store import MetricsStore
 
 FAST = DeliveryConfig(capacity=5, batch_size=3, retry_initial_s=0.01, retry_max_s=0.05)
@@ -31,9 +32,10 @@ FAST = DeliveryConfig(capacity=5, batch_size=3, retry_initial_s=0.01, retry_max_
 class Metrics:
     """A metrics server on a fixed loopback port that can be stopped and started again."""
 
-    def __init__(self, path: Path, port: int) -> None:
+    def __init__(self, path: Path, port: int, token: str = "") -> None:
         self.path = path
         self.port = port
+        self.token = token
         self._server: grpc.aio.Server | None = None
         self._servicer: MetricsServicer | None = None
 
@@ -43,7 +45,7 @@ class Metrics:
 
     async def start(self) -> None:
         self._servicer = MetricsServicer(MetricsStore.open(self.path), Lifecycle())
-        self._server = grpc.aio.server()
+        self._server = grpc.aio.server(interceptors=[TokenInterceptor(self.token, GUARDED_METHODS)])
         pb_grpc.add_MetricsServiceServicer_to_server(self._servicer, self._server)
         assert self._server.add_insecure_port(self.address) == self.port
         await self._server.start()
@@ -122,6 +124,25 @@ async def test_records_are_delivered_and_acknowledged(metrics: Metrics) -> None:
         await sender.close()
     assert await metrics.count("breaker_transitions") == 4
     assert await metrics.count("delivery_losses") == 0
+
+
+async def test_a_sender_with_the_cluster_token_delivers_to_a_guarded_metrics_service(
+    tmp_path: Path,
+) -> None:
+    guarded = Metrics(tmp_path / "guarded.duckdb", free_port(), token="s3cret")
+    await guarded.start()
+    try:
+        sender = MetricsSender(guarded.address, service="recovery", config=FAST, token="s3cret")
+        sender.start()
+        try:
+            assert sender.send(transition(0))
+            assert await sender.wait_idle(10)
+            assert sender.delivered == 1 and sender.dropped == 0
+        finally:
+            await sender.close()
+        assert await guarded.count("breaker_transitions") == 1
+    finally:
+        await guarded.stop()
 
 
 async def test_a_full_queue_drops_and_counts_and_the_count_reaches_metrics(

@@ -49,7 +49,7 @@ from webshard.errors import (
 )
 from webshard.fault_injector.v1 import fault_injector_pb2
 from webshard.metrics.v1 import metrics_pb2
-from webshard.options import ChannelOptions, KeepaliveOptions, RetryPolicy
+from webshard.options import ChannelOptions, KeepaliveOptions, RetryPolicy, token_metadata
 from webshard.recovery.v1 import recovery_pb2
 from webshard.tensors import decode_tensor, encode_tensor
 
@@ -479,7 +479,7 @@ class _ServiceClient:
         retry: RetryPolicy | None,
         keepalive: KeepaliveOptions | None,
         max_message_bytes: int,
-        metadata: Sequence[tuple[str, str]] = (),
+        token: str | None = None,
         interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
     ) -> None:
         options = ChannelOptions(
@@ -497,7 +497,7 @@ class _ServiceClient:
             timeout=timeout,
             options=options,
             idempotent_methods=methods,
-            metadata=metadata,
+            metadata=token_metadata(token),
             interceptors=interceptors,
         )
 
@@ -607,6 +607,9 @@ class Client(_ServiceClient):
 
     Args:
         target: coordinator replica addresses, host:port.
+        token: the cluster token, sent as "authorization: Bearer <token>" on every
+            call; services started with WEBSHARD_CLUSTER_TOKEN require it of the
+            calls that change state (deploy, undeploy, replace a shard, ...).
         timeout: default deadline of each call, in seconds.
         retry: retries of idempotent calls on UNAVAILABLE; default RetryPolicy().
         keepalive: keepalive pings; default KeepaliveOptions().
@@ -637,6 +640,7 @@ class Client(_ServiceClient):
         self,
         target: str | Sequence[str] = DEFAULT_COORDINATOR_TARGET,
         *,
+        token: str | None = None,
         timeout: float = 10.0,
         retry: RetryPolicy | None = None,
         keepalive: KeepaliveOptions | None = None,
@@ -649,6 +653,7 @@ class Client(_ServiceClient):
             retry=retry,
             keepalive=keepalive,
             max_message_bytes=max_message_bytes,
+            token=token,
             interceptors=interceptors,
         )
 
@@ -940,7 +945,8 @@ class FaultInjectorClient(_ServiceClient):
     Args:
         target: fault-injector address(es), host:port.
         token: sent as "authorization: Bearer <token>" on every call; the
-            service requires it when it runs with WEBSHARD_FAULT_TOKEN.
+            service requires it when it runs with WEBSHARD_FAULT_TOKEN (or, with
+            none, WEBSHARD_CLUSTER_TOKEN).
         timeout, retry, keepalive, max_message_bytes, interceptors: as for :class:`Client`.
     """
 
@@ -966,7 +972,7 @@ class FaultInjectorClient(_ServiceClient):
             keepalive=keepalive,
             max_message_bytes=max_message_bytes,
             interceptors=interceptors,
-            metadata=[("authorization", f"Bearer {token}")] if token else (),
+            token=token,
         )
 
     async def inject(
@@ -1131,6 +1137,7 @@ class RecoveryClient(_ServiceClient):
         self,
         target: str | Sequence[str] = DEFAULT_RECOVERY_TARGET,
         *,
+        token: str | None = None,
         timeout: float = 10.0,
         retry: RetryPolicy | None = None,
         keepalive: KeepaliveOptions | None = None,
@@ -1143,6 +1150,7 @@ class RecoveryClient(_ServiceClient):
             retry=retry,
             keepalive=keepalive,
             max_message_bytes=max_message_bytes,
+            token=token,
             interceptors=interceptors,
         )
 
@@ -1311,6 +1319,7 @@ class MetricsClient(_ServiceClient):
         self,
         target: str | Sequence[str] = DEFAULT_METRICS_TARGET,
         *,
+        token: str | None = None,
         timeout: float = 10.0,
         retry: RetryPolicy | None = None,
         keepalive: KeepaliveOptions | None = None,
@@ -1323,6 +1332,7 @@ class MetricsClient(_ServiceClient):
             retry=retry,
             keepalive=keepalive,
             max_message_bytes=max_message_bytes,
+            token=token,
             interceptors=interceptors,
         )
 

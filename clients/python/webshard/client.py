@@ -144,6 +144,7 @@ class Client(_SyncClient):
 
     Args:
         target: coordinator replica addresses (a list, or one string separated by commas).
+        token: the cluster token, sent on every call (see :class:`webshard.aio.Client`).
         timeout: default deadline of each call, in seconds.
         retry: retries of idempotent calls on UNAVAILABLE; default RetryPolicy().
         keepalive: keepalive pings; default KeepaliveOptions().
@@ -156,6 +157,7 @@ class Client(_SyncClient):
         self,
         target: str | Sequence[str] = aio.DEFAULT_COORDINATOR_TARGET,
         *,
+        token: str | None = None,
         timeout: float = 10.0,
         retry: RetryPolicy | None = None,
         keepalive: KeepaliveOptions | None = None,
@@ -163,6 +165,7 @@ class Client(_SyncClient):
     ) -> None:
         self._aio = aio.Client(
             target,
+            token=token,
             timeout=timeout,
             retry=retry,
             keepalive=keepalive,
@@ -368,6 +371,7 @@ class RecoveryClient(_SyncClient):
         self,
         target: str | Sequence[str] = aio.DEFAULT_RECOVERY_TARGET,
         *,
+        token: str | None = None,
         timeout: float = 10.0,
         retry: RetryPolicy | None = None,
         keepalive: KeepaliveOptions | None = None,
@@ -375,6 +379,7 @@ class RecoveryClient(_SyncClient):
     ) -> None:
         self._aio = aio.RecoveryClient(
             target,
+            token=token,
             timeout=timeout,
             retry=retry,
             keepalive=keepalive,
@@ -440,6 +445,7 @@ class MetricsClient(_SyncClient):
         self,
         target: str | Sequence[str] = aio.DEFAULT_METRICS_TARGET,
         *,
+        token: str | None = None,
         timeout: float = 10.0,
         retry: RetryPolicy | None = None,
         keepalive: KeepaliveOptions | None = None,
@@ -447,6 +453,7 @@ class MetricsClient(_SyncClient):
     ) -> None:
         self._aio = aio.MetricsClient(
             target,
+            token=token,
             timeout=timeout,
             retry=retry,
             keepalive=keepalive,

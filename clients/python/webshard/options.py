@@ -11,11 +11,30 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["ChannelOptions", "KeepaliveOptions", "RetryPolicy"]
+__all__ = [
+    "CLUSTER_TOKEN_ENV",
+    "FAULT_TOKEN_ENV",
+    "ChannelOptions",
+    "KeepaliveOptions",
+    "RetryPolicy",
+    "token_metadata",
+]
+
+CLUSTER_TOKEN_ENV = "WEBSHARD_CLUSTER_TOKEN"
+"""Where the ``webshard`` command reads the cluster token: the token that services
+started with it require of calls that change state (deploy, replace a shard, ...)."""
+FAULT_TOKEN_ENV = "WEBSHARD_FAULT_TOKEN"
+"""Where the ``webshard`` command reads the fault-injector's token."""
 
 # Below this interval the services answer pings with GOAWAY ("too_many_pings"):
 # their grpc.http2.min_ping_interval_without_data_ms is 5 s.
 SERVER_MIN_PING_INTERVAL_S = 5.0
+
+
+def token_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    """The call metadata that carries ``token`` ("authorization: Bearer <token>");
+    none for no token."""
+    return (("authorization", f"Bearer {token}"),) if token else ()
 
 
 def _duration(seconds: float) -> str:

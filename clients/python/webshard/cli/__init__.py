@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import signal
 import sys
 import threading
@@ -25,6 +26,7 @@ from webshard.cli.local import (
     status,
 )
 from webshard.errors import RPCError
+from webshard.options import CLUSTER_TOKEN_ENV
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -103,10 +105,15 @@ def _target(args: argparse.Namespace) -> str:
     )
 
 
+def _token(args: argparse.Namespace) -> str | None:
+    """--token, else $WEBSHARD_CLUSTER_TOKEN; None when neither is set."""
+    return str(args.token or os.environ.get(CLUSTER_TOKEN_ENV, "")) or None
+
+
 def _deploy(args: argparse.Namespace) -> int:
     from webshard.client import Client
 
-    with Client(_target(args), timeout=args.timeout) as client:
+    with Client(_target(args), token=_token(args), timeout=args.timeout) as client:
         placement = client.deploy(
             args.model,
             sharding=args.sharding,
@@ -139,7 +146,7 @@ def _ep_name(value: int) -> str:
 def _infer(args: argparse.Namespace) -> int:
     from webshard.client import Client
 
-    with Client(_target(args), timeout=args.timeout) as client:
+    with Client(_target(args), token=_token(args), timeout=args.timeout) as client:
         result = client.infer(args.model, texts=args.text)
     if args.json:
         print(
@@ -216,6 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
             help="coordinator address(es), comma-separated [the local cluster's]",
         )
         p.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds [120]")
+        p.add_argument(
+            "--token",
+            help=f"the cluster token, for a cluster that requires one [${CLUSTER_TOKEN_ENV}]",
+        )
         p.add_argument("--json", action="store_true", help="print JSON")
         data_dir_arg(p)
 

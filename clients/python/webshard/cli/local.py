@@ -26,6 +26,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from webshard.options import CLUSTER_TOKEN_ENV
+
 STATE_FILE = "cluster.json"
 COORDINATOR_REPLICAS = 3
 
@@ -206,7 +208,10 @@ class LocalCluster:
         python: str = sys.executable,
         extra_args: dict[str, list[str]] | None = None,
         env: dict[str, str] | None = None,
+        cluster_token: str | None = None,
     ) -> None:
+        """``cluster_token`` (else $WEBSHARD_CLUSTER_TOKEN, inherited) goes to every process in
+        its environment, never on a command line, where ``ps`` and cluster.json would show it."""
         self.data_dir = (data_dir or default_data_dir()).resolve()
         self.processes = plan(
             agents=agents,
@@ -216,7 +221,13 @@ class LocalCluster:
             extra_args=extra_args,
         )
         self._python = python
-        self._env = {**os.environ, **(env or {}), "WEBSHARD_PARENT_PID": str(os.getpid())}
+        tokens = {CLUSTER_TOKEN_ENV: cluster_token} if cluster_token else {}
+        self._env = {
+            **os.environ,
+            **(env or {}),
+            **tokens,
+            "WEBSHARD_PARENT_PID": str(os.getpid()),
+        }
         self._popen: dict[str, subprocess.Popen[bytes]] = {}
 
     @property

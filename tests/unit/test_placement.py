@@ -28,8 +28,8 @@ def candidate(where: str, *, standby: bool = False, free: int = 1 << 30) -> Cand
     return Candidate(agent, browser, BROWSER, [WASM], True, free, standby)
 
 
-def slots(placement: list[list[object]]) -> list[list[str]]:
-    return [[f"{s.agent_id}/{s.browser_id}" for s in shard] for shard in placement]  # type: ignore[attr-defined]
+def slots(placement: list[list[Slot]]) -> list[list[str]]:
+    return [[f"{s.agent_id}/{s.browser_id}" for s in shard] for shard in placement]
 
 
 def test_replicas_go_to_distinct_agents_and_shards_spread() -> None:

@@ -4,6 +4,11 @@ A deploy is prepared on the leader (cut, place, load every replica) and only
 then proposed to the replicated log; the placement serves once it is applied.
 A deploy that fails at any step, or whose proposal is not committed, unloads
 what it loaded: the registry and the placements are left as they were.
+
+Hot spares are loaded with the replicas and warmed (one real inference with the
+spare pinned) before the placement is proposed; requests are never routed to them.
+A takeover swaps a failed replica for a spare in one placement change; the spare
+that follows it is loaded, warmed and committed in the background.
 """
 
 from __future__ import annotations
@@ -12,7 +17,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,14 +27,34 @@ from webshard.browser_agent.v1 import browser_agent_pb2 as agent_pb
 from webshard.common.v1 import common_pb2
 from webshard.coordinator.v1 import coordinator_pb2 as pb
 from webshard.recovery.v1 import recovery_pb2
+from webshard.tensors import encode_tensor
 
 from services.common.errors import DomainError
 from services.common.failures import FailureReporter, failure_kind
 from services.coordinator.links import AgentLink, HopError
-from services.coordinator.pipeline import FailureSink, HopRunner, Pipeline, Replica, Stage
-from services.coordinator.placement import PlacementError, Slot, candidates_from, place
+from services.coordinator.pipeline import (
+    FailureSink,
+    HopRunner,
+    InferError,
+    Pin,
+    Pipeline,
+    Replica,
+    Stage,
+)
+from services.coordinator.placement import (
+    DEFAULT_SPARES,
+    Load,
+    PlacementError,
+    Slot,
+    candidates_from,
+    choose_takeover,
+    place,
+    place_spares,
+    spare_slot,
+)
 from services.coordinator.registry import AgentRegistry
 from services.models import Shard, UnknownModel, cut_model, model_info
+from services.models.inputs import example_inputs
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +66,16 @@ MAX_REPLACE_TRIES = 3
 
 UNLOAD_RETRY_WAITS_S = (1.0, 2.0, 4.0, 8.0, 16.0)
 """The waits between tries of a background unload its agent could not do yet."""
+
+SPARE_RETRY_WAITS_S = (0.5, 1.0, 2.0, 4.0)
+"""The waits between tries of loading a new spare after a takeover (then it gives up)."""
+
+WARM_UP_TIMEOUT_S = 60.0
+"""How long a spare's warm-up inference may take."""
+
+# Commits a placement built (from the state at that moment) under the coordinator's
+# write lock; False when the builder found nothing to commit.
+PlacementCommitter = Callable[[Callable[[], pb.Placement | None]], Awaitable[bool]]
 
 STRATEGY_NAMES = {
     common_pb2.SHARDING_STRATEGY_LAYER: "layer",
@@ -63,6 +99,17 @@ class Replacement:
     from_standby: bool
 
 
+@dataclass(frozen=True)
+class Takeover:
+    """A failed replica swapped for a hot spare: the placement to commit, no load."""
+
+    placement: pb.Placement
+    promoted: pb.ShardReplica | None
+    """The spare now serving; None when the failed copy was itself a spare (dropped)."""
+    replaced: pb.ShardReplica
+    """The failed copy, to unload once the placement is committed."""
+
+
 @dataclass
 class Deployment:
     """A model as deployed: its placement and the pipeline that serves it."""
@@ -70,6 +117,21 @@ class Deployment:
     placement: pb.Placement
     pipeline: Pipeline
     input_names: list[str]
+
+
+def loaded_replica(
+    agent_id: str, loaded: agent_pb.LoadShardResponse, *, spare: bool = False
+) -> pb.ShardReplica:
+    """The placement's record of a shard copy an agent loaded."""
+    return pb.ShardReplica(
+        agent_id=agent_id,
+        browser_id=loaded.browser_id,
+        handle=loaded.shard.handle,
+        execution_provider=loaded.shard.execution_provider,
+        execution_provider_reason=loaded.shard.execution_provider_reason,
+        healthy=True,
+        spare=spare,
+    )
 
 
 def spec_of(shard: Shard, strategy: int) -> common_pb2.ShardSpec:
@@ -91,20 +153,22 @@ def deployment_of(
 ) -> Deployment:
     """The pipeline that serves a placement: one stage per shard, its replicas in order."""
     info = model_info(placement.model)
+
+    def replica(r: pb.ShardReplica) -> Replica:
+        return Replica(
+            agent_id=r.agent_id,
+            browser_id=r.browser_id,
+            handle=r.handle,
+            execution_provider=r.execution_provider,
+        )
+
     stages = [
         Stage(
             index=shard.shard.index,
             input_names=list(shard.shard.input_names),
             output_names=list(shard.shard.output_names),
-            replicas=[
-                Replica(
-                    agent_id=r.agent_id,
-                    browser_id=r.browser_id,
-                    handle=r.handle,
-                    execution_provider=r.execution_provider,
-                )
-                for r in shard.replicas
-            ],
+            replicas=[replica(r) for r in shard.replicas],
+            spares=[replica(r) for r in shard.spares],
         )
         for shard in placement.shards
     ]
@@ -215,16 +279,16 @@ class Deployments:
         """Flag every replica on an agent (after its session ended or it re-registered)."""
         for deployment in self.models.values():
             for stage in deployment.pipeline.stages:
-                for replica in stage.replicas:
+                for replica in [*stage.replicas, *stage.spares]:
                     if replica.agent_id == agent_id:
                         replica.healthy = healthy
 
     def used_bytes(self) -> dict[str, int]:
-        """Shard bytes placed on each agent."""
+        """Shard bytes placed on each agent (replicas and spares)."""
         used: dict[str, int] = {}
         for deployment in self.models.values():
             for shard in deployment.placement.shards:
-                for replica in shard.replicas:
+                for replica in [*shard.replicas, *shard.spares]:
                     used[replica.agent_id] = used.get(replica.agent_id, 0) + shard.shard.size_bytes
         return used
 
@@ -241,10 +305,10 @@ class Deployments:
             health = {
                 (r.agent_id, r.browser_id, r.handle): r.healthy
                 for stage in previous.pipeline.stages
-                for r in stage.replicas
+                for r in [*stage.replicas, *stage.spares]
             }
             for stage in deployment.pipeline.stages:
-                for r in stage.replicas:
+                for r in [*stage.replicas, *stage.spares]:
                     r.healthy = health.get((r.agent_id, r.browser_id, r.handle), True)
         self.models[model] = deployment
 
@@ -275,7 +339,8 @@ class Deployments:
         if not failed:
             return None
         old = failed[0]
-        holding = {(r.agent_id, r.browser_id) for r in shard.replicas}
+        # Never beside another copy: a spare it could not take over from counts too.
+        holding = {(r.agent_id, r.browser_id) for r in [*shard.replicas, *shard.spares]}
         # Agents holding another replica of the shard come last: one agent lost must
         # not take every replica of a shard with it.
         sharing = {
@@ -471,26 +536,42 @@ class Deployments:
             for shard in previous.placement.shards:
                 for replica in shard.replicas:
                     used[replica.agent_id] -= shard.shard.size_bytes
+        # Unset and -1 ask for the default (best effort); 0 for none, as before spares.
+        asked = request.spares if request.HasField("spares") and request.spares != -1 else None
         try:
+            candidates = candidates_from(agents, used)
+            sizes = [s.size_bytes for s in shards]
             slots = place(
-                [s.size_bytes for s in shards],
+                sizes,
                 replicas=replicas,
                 runtime=request.runtime,
                 provider=request.execution_provider,
-                candidates=candidates_from(agents, used),
+                candidates=candidates,
+            )
+            spare_slots = place_spares(
+                sizes,
+                slots,
+                spares=asked,
+                runtime=request.runtime,
+                provider=request.execution_provider,
+                candidates=candidates,
             )
         except PlacementError as exc:
             raise DeployError(grpc.StatusCode[exc.code], str(exc)) from exc
 
         specs = [spec_of(s, request.sharding) for s in shards]
-        jobs = [(index, slot) for index, shard_slots in enumerate(slots) for slot in shard_slots]
+        jobs = [
+            (index, slot, spare)
+            for index, (shard_slots, extra) in enumerate(zip(slots, spare_slots, strict=True))
+            for slot, spare in [*((s, False) for s in shard_slots), *((s, True) for s in extra)]
+        ]
         results = await asyncio.gather(
-            *(self._load(specs[i], shards[i].path, slot, request) for i, slot in jobs),
+            *(self._load(specs[i], shards[i].path, slot, request) for i, slot, _ in jobs),
             return_exceptions=True,
         )
         failures = [r for r in results if isinstance(r, BaseException)]
         if failures:
-            for (_, slot), result in zip(jobs, results, strict=True):
+            for (_, slot, _), result in zip(jobs, results, strict=True):
                 if not isinstance(result, BaseException):
                     with contextlib.suppress(HopError):
                         await self.link(slot.agent_id).unload(result.shard.handle, timeout=10)
@@ -507,31 +588,288 @@ class Deployments:
             runtime=request.runtime,
             recovery_strategy=request.recovery_strategy,
             deploy_id=request.request_id,
+            spares=DEFAULT_SPARES if asked is None else asked,
         )
+        copies = [
+            (i, spare, loaded_replica(slot.agent_id, r, spare=spare))
+            for (i, slot, spare), r in zip(jobs, results, strict=True)
+            if not isinstance(r, BaseException)
+        ]
         for index, spec in enumerate(specs):
             placement.shards.append(
                 pb.ShardPlacement(
                     shard=spec,
-                    replicas=[
-                        pb.ShardReplica(
-                            agent_id=slot.agent_id,
-                            browser_id=r.browser_id,
-                            handle=r.shard.handle,
-                            execution_provider=r.shard.execution_provider,
-                            execution_provider_reason=r.shard.execution_provider_reason,
-                            healthy=True,
-                        )
-                        for (i, slot), r in zip(jobs, results, strict=True)
-                        if i == index and not isinstance(r, BaseException)
-                    ],
+                    replicas=[r for i, spare, r in copies if i == index and not spare],
+                    spares=[r for i, spare, r in copies if i == index and spare],
                 )
             )
+        return await self._warm_spares(placement)
+
+    async def _warm_spares(self, placement: pb.Placement) -> pb.Placement:
+        """Run one inference with each spare pinned (its session's first run, off the
+        request path); a spare that fails it is unloaded and left out."""
+        if not any(shard.spares for shard in placement.shards):
+            return placement
+        deployment = deployment_of(placement, self.run_hop, self.on_failure)
+        cold: set[tuple[int, str]] = set()
+        for stage, shard in zip(deployment.pipeline.stages, placement.shards, strict=True):
+            for spare in stage.spares:
+                error = await self._warm(deployment, stage.index, spare)
+                if error is not None:
+                    cold.add((stage.index, spare.handle))
+                    log.warning(
+                        "spare failed its warm-up; deployed without it",
+                        extra={
+                            "model": placement.model,
+                            "shard": shard.shard.index,
+                            "agent_id": spare.agent_id,
+                            "browser_id": spare.browser_id,
+                            "error": error,
+                        },
+                    )
+        if not cold:
+            return placement
+        for shard in placement.shards:
+            dropped = [r for r in shard.spares if (shard.shard.index, r.handle) in cold]
+            kept = [r for r in shard.spares if (shard.shard.index, r.handle) not in cold]
+            del shard.spares[:]
+            shard.spares.extend(kept)
+            for r in dropped:
+                await self.unload(r)
+        return placement
+
+    async def _warm(self, deployment: Deployment, shard_index: int, spare: Replica) -> str | None:
+        """One inference through the model with ``spare`` pinned; the error, or None."""
+        model = deployment.placement.model
+        inputs = [
+            encode_tensor(name, value)
+            for name, value in example_inputs(model, batch=1, seq_len=8).items()
+        ]
+        try:
+            await deployment.pipeline.run(
+                f"warm-up-{uuid.uuid4().hex}",
+                inputs,
+                time.monotonic() + WARM_UP_TIMEOUT_S,
+                {shard_index: Pin(spare.agent_id, spare.browser_id)},
+            )
+        except (InferError, HopError) as exc:
+            return str(exc)
+        return None
+
+    def unhealthy(self) -> set[tuple[str, str]]:
+        """Runtimes (agent, browser) and whole agents (agent, "") not to trust now:
+        agents without a live session, browsers not ready, copies whose last run failed."""
+        bad: set[tuple[str, str]] = set()
+        for record in self._registry.agents(include_unhealthy=True):
+            if not self._registry.healthy(record):
+                bad.add((record.agent_id, ""))
+            for browser in record.browsers:
+                if browser.state not in (
+                    common_pb2.BROWSER_STATE_READY,
+                    common_pb2.BROWSER_STATE_STANDBY,
+                ):
+                    bad.add((record.agent_id, browser.browser_id))
+        for deployment in self.models.values():
+            for stage in deployment.pipeline.stages:
+                for r in [*stage.replicas, *stage.spares]:
+                    if not r.healthy:
+                        bad.add((r.agent_id, r.browser_id))
+        return bad
+
+    def takeover(
+        self, model: str, shard_index: int, agent_id: str, browser_id: str
+    ) -> Takeover | None:
+        """The placement in which a healthy spare serves in place of the failed replica.
+
+        None when no spare may (none left, or all untrusted: the load path follows),
+        or when no copy of the shard is on the failed browser (moved already). A spare
+        on the failed browser is simply dropped (``promoted`` None). Raises DeployError
+        (NOT_FOUND) for an unknown model, shard or agent. Call it under the write lock
+        and commit what it returns before anything else changes the placement.
+        """
+        current = self.placement(model)
+        if self._registry.get(agent_id) is None:
+            raise DeployError(
+                grpc.StatusCode.NOT_FOUND, f"no agent {agent_id[:64]!r} is known to the cluster"
+            )
+        shard = next((s for s in current.shards if s.shard.index == shard_index), None)
+        if shard is None:
+            raise DeployError(grpc.StatusCode.NOT_FOUND, f"{model} has no shard {shard_index}")
+
+        def on_failed(r: pb.ShardReplica) -> bool:
+            return r.agent_id == agent_id and browser_id in ("", r.browser_id)
+
+        failed = next((r for r in shard.replicas if on_failed(r)), None)
+        if failed is None:
+            dead_spare = next((r for r in shard.spares if on_failed(r)), None)
+            if dead_spare is None:
+                return None
+            kept = [r for r in shard.spares if r is not dead_spare]
+            del shard.spares[:]
+            shard.spares.extend(kept)
+            return Takeover(current, None, dead_spare)
+        unhealthy = self.unhealthy()
+        unhealthy.add((agent_id, browser_id))
+        chosen = choose_takeover(
+            [Slot(r.agent_id, r.browser_id) for r in shard.spares],
+            failed=Slot(agent_id, browser_id),
+            serving=[Slot(r.agent_id, r.browser_id) for r in shard.replicas],
+            unhealthy=unhealthy,
+        )
+        if chosen is None:
+            return None
+        promoted = next(r for r in shard.spares if (r.agent_id, r.browser_id) == chosen.key)
+        spares = [r for r in shard.spares if r is not promoted]
+        serving = pb.ShardReplica()
+        serving.CopyFrom(promoted)
+        serving.spare = False
+        serving.healthy = True
+        replicas = [serving if r is failed else r for r in shard.replicas]
+        replaced = pb.ShardReplica()
+        replaced.CopyFrom(failed)
+        del shard.replicas[:]
+        shard.replicas.extend(replicas)
+        del shard.spares[:]
+        shard.spares.extend(spares)
+        return Takeover(current, serving, replaced)
+
+    def replenish_later(self, model: str, shard_index: int, commit: PlacementCommitter) -> bool:
+        """Load a new spare for a shard in the background, if it has fewer than its
+        placement asks; True when one is on its way. Failures are logged and tried
+        again a few times, never raised."""
+        deployment = self.models.get(model)
+        if deployment is None or not self._spare_wanted(deployment.placement, shard_index):
+            return False
+        task = asyncio.get_running_loop().create_task(
+            self._replenish(model, shard_index, commit, deployment.placement.deploy_id)
+        )
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return True
+
+    @staticmethod
+    def _spare_wanted(placement: pb.Placement, shard_index: int) -> bool:
+        shard = next((s for s in placement.shards if s.shard.index == shard_index), None)
+        return shard is not None and len(shard.spares) < placement.spares
+
+    async def _replenish(
+        self, model: str, shard_index: int, commit: PlacementCommitter, deploy_id: str
+    ) -> None:
+        for attempt, wait_s in enumerate(SPARE_RETRY_WAITS_S, start=1):
+            try:
+                if await self._replenish_once(model, shard_index, commit, deploy_id):
+                    return
+            except Exception as exc:  # logged, never raised: the takeover already answered
+                log.warning(
+                    "new spare not loaded; trying again",
+                    extra={
+                        "model": model,
+                        "shard": shard_index,
+                        "attempt": attempt,
+                        "error": repr(exc),
+                    },
+                )
+            await asyncio.sleep(wait_s)
+        log.warning("shard left without a new spare", extra={"model": model, "shard": shard_index})
+
+    async def _replenish_once(
+        self, model: str, shard_index: int, commit: PlacementCommitter, deploy_id: str
+    ) -> bool:
+        """One try; True when done (committed, or nothing left to do)."""
+        deployment = self.models.get(model)
+        if deployment is None or deployment.placement.deploy_id != deploy_id:
+            return True  # undeployed or redeployed meanwhile
+        if not self._spare_wanted(deployment.placement, shard_index):
+            return True
+        shard = next(s for s in deployment.placement.shards if s.shard.index == shard_index)
+        holding = [Slot(r.agent_id, r.browser_id) for r in [*shard.replicas, *shard.spares]]
+        native = any(r.browser_id == NATIVE_RUNTIME_ID for r in shard.replicas)
+        kind = common_pb2.RUNTIME_NATIVE if native else common_pb2.RUNTIME_BROWSER
+        agents = [self._registry.to_proto(r) for r in self._registry.agents()]
+        candidates = [c for c in candidates_from(agents, self.used_bytes()) if c.runtime == kind]
+        load = Load.of(
+            (Slot(r.agent_id, r.browser_id), 0)
+            for d in self.models.values()
+            for s in d.placement.shards
+            for r in [*s.replicas, *s.spares]
+        )
+        slot = spare_slot(
+            shard.shard.size_bytes,
+            holding=holding,
+            candidates=candidates,
+            load=load,
+            unhealthy=self.unhealthy(),
+        )
+        if slot is None:
+            raise DeployError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"no runtime beside shard {shard_index}'s copies can take a spare",
+            )
+        provider = shard.replicas[0].execution_provider if shard.replicas else 0
+        paths = await self._shard_paths(deployment.placement)
+        loaded = await self.link(slot.agent_id).load(
+            shard.shard,
+            paths[shard_index],
+            runtime=kind,
+            provider=provider,
+            browser_id=slot.browser_id,
+            timeout=self._load_timeout,
+        )
+        spare = loaded_replica(slot.agent_id, loaded, spare=True)
+        trial = self._with_spare(model, shard_index, spare, deploy_id)
+        if trial is None:
+            await self.unload(spare)
+            return True
+        warmed = deployment_of(trial, self.run_hop, self.on_failure)
+        stage = next(s for s in warmed.pipeline.stages if s.index == shard_index)
+        error = await self._warm(warmed, shard_index, stage.spares[-1])
+        if error is not None:
+            await self.unload(spare)
+            raise DeployError(grpc.StatusCode.UNAVAILABLE, f"the spare's warm-up failed: {error}")
+        try:
+            committed = await commit(lambda: self._with_spare(model, shard_index, spare, deploy_id))
+        except BaseException:
+            await self.unload(spare)
+            raise
+        if not committed:
+            await self.unload(spare)
+        else:
+            log.info(
+                "new spare loaded",
+                extra={
+                    "model": model,
+                    "shard": shard_index,
+                    "agent_id": spare.agent_id,
+                    "browser_id": spare.browser_id,
+                },
+            )
+        return True
+
+    def _with_spare(
+        self, model: str, shard_index: int, spare: pb.ShardReplica, deploy_id: str
+    ) -> pb.Placement | None:
+        """The model's current placement with ``spare`` added to a shard; None when it no
+        longer fits there (redeployed, enough spares, or a copy on that runtime)."""
+        deployment = self.models.get(model)
+        if deployment is None or deployment.placement.deploy_id != deploy_id:
+            return None
+        if not self._spare_wanted(deployment.placement, shard_index):
+            return None
+        placement = pb.Placement()
+        placement.CopyFrom(deployment.placement)
+        shard = next(s for s in placement.shards if s.shard.index == shard_index)
+        if any(
+            (r.agent_id, r.browser_id) == (spare.agent_id, spare.browser_id)
+            for r in [*shard.replicas, *shard.spares]
+        ):
+            return None
+        shard.spares.append(spare)
         return placement
 
     async def release(self, placement: pb.Placement) -> None:
         """Unload every replica of a placement that no longer serves (or never committed)."""
         for shard in placement.shards:
-            for replica in shard.replicas:
+            for replica in [*shard.replicas, *shard.spares]:
                 await self.unload(replica)
 
     async def unload(self, replica: pb.ShardReplica) -> bool:
@@ -593,6 +931,8 @@ class Deployments:
         ):
             for replica_pb, replica in zip(shard_placement.replicas, stage.replicas, strict=True):
                 replica_pb.healthy = replica.healthy
+            for spare_pb, spare in zip(shard_placement.spares, stage.spares, strict=True):
+                spare_pb.healthy = spare.healthy
         return placement
 
     async def close(self) -> None:

@@ -50,7 +50,7 @@ class Replica:
 
 @dataclass
 class Stage:
-    """One shard of the chain and its replicas."""
+    """One shard of the chain, its replicas and its hot spares."""
 
     index: int
     input_names: Sequence[str]
@@ -58,6 +58,9 @@ class Stage:
     replicas: list[Replica]
     turns: int = 0
     """Requests routed so far; the healthy replicas take turns."""
+    spares: list[Replica] = field(default_factory=list)
+    """Hot spares: never routed to (``order`` leaves them out), only run when pinned
+    (their warm-up, a probe)."""
 
     def order(self) -> list[Replica]:
         """The replicas to try for the next request: the healthy ones in turn (so each
@@ -201,7 +204,7 @@ class Pipeline:
         feeds: Sequence[common_pb2.Tensor],
         deadline: float,
     ) -> tuple[dict[str, common_pb2.Tensor], common_pb2.ShardTiming]:
-        replica = next((r for r in stage.replicas if pin.matches(r)), None)
+        replica = next((r for r in [*stage.replicas, *stage.spares] if pin.matches(r)), None)
         if replica is None:
             raise InferError(
                 grpc.StatusCode.NOT_FOUND,

@@ -9,7 +9,7 @@ import hashlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
@@ -448,7 +448,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
     async def ReplaceShard(
         self, request: pb.ReplaceShardRequest, context: Context
     ) -> pb.ReplaceShardResponse:
-        """Load a replica off a failed browser elsewhere, commit, then unload the old one."""
+        """Move a shard's replica off a failed browser: a hot spare takes over when one
+        may (a placement change, no load; a new spare follows in the background),
+        otherwise a replica is loaded elsewhere. Commit, then unload the old one."""
         if not self._replicator.is_leader:
             await self._not_leader(context)
         if not request.model or not request.agent_id or request.shard_index < 0:
@@ -456,6 +458,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 "ReplaceShard needs a model, a shard_index >= 0 and the failed agent_id",
             )
+        taken_over = await self._take_over(request, context)
+        if taken_over is not None:
+            return taken_over
         # The load runs outside the write lock, so the shards of a failed browser move
         # at once; only the commit is one at a time.
         try:
@@ -497,6 +502,55 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             placement=self._deployments.placement(request.model),
             from_standby=replacement.from_standby,
         )
+
+    async def _take_over(
+        self, request: pb.ReplaceShardRequest, context: Context
+    ) -> pb.ReplaceShardResponse | None:
+        """Swap the failed replica for a hot spare, committed; None when no spare may."""
+        async with self._writes:
+            takeover = self._deployments.takeover(
+                request.model, request.shard_index, request.agent_id, request.browser_id
+            )
+            if takeover is None:
+                return None
+            await self._commit(placement_command(takeover.placement), context)
+        self._deployments.unload_later(takeover.replaced)
+        loading = self._deployments.replenish_later(
+            request.model, request.shard_index, self._commit_in_background
+        )
+        promoted = takeover.promoted
+        log.info(
+            "spare took over" if promoted is not None else "failed spare dropped",
+            extra={
+                "model": request.model,
+                "shard": request.shard_index,
+                "from": f"{takeover.replaced.agent_id}/{takeover.replaced.browser_id}",
+                "to": f"{promoted.agent_id}/{promoted.browser_id}" if promoted else "",
+                "spare_loading": loading,
+            },
+        )
+        return pb.ReplaceShardResponse(
+            replica=promoted,
+            placement=self._deployments.placement(request.model),
+            from_spare=promoted is not None,
+            spare_loading=loading,
+        )
+
+    async def _commit_in_background(self, build: Callable[[], pb.Placement | None]) -> bool:
+        """Commit the placement ``build`` makes under the write lock (for work off the
+        request path, such as a new spare); False when it makes none or this replica
+        is no longer the leader. Raises TimeoutError when it was not committed in time."""
+        async with self._writes:
+            placement = build()
+            if placement is None:
+                return False
+            try:
+                await self._replicator.propose(
+                    placement_command(placement), self._settings.propose_timeout_s
+                )
+            except NotLeaderError:
+                return False  # the new leader's placement stands; nothing to retry here
+            return True
 
     async def RestartBrowser(
         self, request: pb.RestartBrowserRequest, context: Context

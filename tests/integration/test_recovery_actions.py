@@ -34,7 +34,10 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[webshard.Client
     try:
         with webshard.Client(local.coordinators(), timeout=60) as sdk:
             wait_for(lambda: len(sdk.list_agents()) == 3, 30, "three agents to register")
-            sdk.deploy("minilm-l6", sharding="layer", shards=2, replicas=1, runtime="native")
+            # No spares: these are the load path and pins on replicas (see test_spares.py).
+            sdk.deploy(
+                "minilm-l6", sharding="layer", shards=2, replicas=1, runtime="native", spares=0
+            )
             yield sdk
     finally:
         local.stop()

@@ -161,3 +161,60 @@ async def test_replacements_loaded_at_once_commit_one_after_the_other() -> None:
     assert deployments.placement_after(again) is None
     deployments.models.clear()
     assert deployments.placement_after(first) is None
+
+
+def with_spare(deployments: Deployments, where: str, *, healthy: bool = True) -> None:
+    agent_id, browser_id = where.split("/")
+    deployment = deployments.models["minilm-l6"]
+    deployment.placement.spares = 1
+    deployment.placement.shards[0].spares.add(
+        agent_id=agent_id, browser_id=browser_id, handle="spare", healthy=True, spare=True
+    )
+    deployment.pipeline.stages[0].spares.append(Replica(agent_id, browser_id, "spare", 1, healthy))
+
+
+def copies(placement: pb.Placement) -> tuple[list[str], list[str]]:
+    [shard] = placement.shards
+    return (
+        [f"{r.agent_id}/{r.browser_id}" for r in shard.replicas],
+        [f"{r.agent_id}/{r.browser_id}" for r in shard.spares],
+    )
+
+
+def test_a_healthy_spare_takes_over_without_a_load() -> None:
+    deployments, links = rig(dead=set())
+    with_spare(deployments, "agent-2/b0")
+    takeover = deployments.takeover("minilm-l6", 0, "agent-0", "b0")
+    assert takeover is not None and takeover.promoted is not None
+    assert (takeover.promoted.agent_id, takeover.promoted.handle) == ("agent-2", "spare")
+    assert not takeover.promoted.spare
+    assert takeover.replaced.handle == "old"
+    # The failed replica's place in the order goes to the spare; no spare is left.
+    assert copies(takeover.placement) == (["agent-2/b0", "agent-1/b0"], [])
+    assert all(not link.loads for link in links.values())
+    # Nothing changes until the placement is committed.
+    assert copies(deployments.placement("minilm-l6"))[1] == ["agent-2/b0"]
+
+
+async def test_an_unhealthy_spare_is_passed_over_and_the_load_avoids_its_runtime() -> None:
+    deployments, _ = rig(dead=set())
+    with_spare(deployments, "agent-2/b0", healthy=False)
+    assert deployments.takeover("minilm-l6", 0, "agent-0", "b0") is None
+    replacement = await deployments.prepare_replacement("minilm-l6", 0, "agent-0", "b0")
+    assert replacement is not None
+    assert (replacement.replica.agent_id, replacement.replica.browser_id) != ("agent-2", "b0")
+
+
+def test_a_spare_on_the_failed_agent_is_not_promoted_but_a_failed_spare_is_dropped() -> None:
+    deployments, _ = rig(dead=set())
+    with_spare(deployments, "agent-0/b1")
+    assert deployments.takeover("minilm-l6", 0, "agent-0", "") is None  # the whole agent
+    takeover = deployments.takeover("minilm-l6", 0, "agent-1", "b0")
+    assert takeover is not None and takeover.promoted is not None
+    assert copies(takeover.placement) == (["agent-0/b0", "agent-0/b1"], [])
+    # A failure on the browser holding only the spare: the spare goes, nothing is promoted.
+    fresh, _ = rig(dead=set())
+    with_spare(fresh, "agent-2/b0")
+    dropped = fresh.takeover("minilm-l6", 0, "agent-2", "b0")
+    assert dropped is not None and dropped.promoted is None
+    assert copies(dropped.placement) == (["agent-0/b0", "agent-1/b0"], [])

@@ -693,6 +693,7 @@ class Client(_ServiceClient):
         recovery_strategy: str | None = None,
         request_id: str | None = None,
         timeout: float | None = None,
+        spares: int | None = None,
     ) -> coordinator_pb2.Placement:
         """Cuts ``model`` into shards, places them on agents and returns the placement.
 
@@ -710,6 +711,11 @@ class Client(_ServiceClient):
             request_id: makes the deploy idempotent, so a retry (after a leader
                 change, say) never deploys twice; generated when None.
             timeout: deadline in seconds; the client's default when None.
+            spares: hot spares per shard: loaded and warmed, taking no traffic, ready
+                to take over from a failed replica without a load. None (or -1): the
+                coordinator's default, one per shard where the fleet has room; 0: none.
+                The coordinator checks the count (INVALID_ARGUMENT names the runtimes
+                free for spares).
 
         Raises:
             ValueError: an option names no known value, or a count is out of range.
@@ -735,6 +741,7 @@ class Client(_ServiceClient):
                 "recovery strategy",
             ),
             request_id=request_id or uuid.uuid4().hex,
+            spares=spares,
         )
         response = await self._unary(
             "DeployModel", request, coordinator_pb2.DeployModelResponse, timeout=timeout

@@ -200,6 +200,7 @@ class Client(_SyncClient):
         recovery_strategy: str | None = None,
         request_id: str | None = None,
         timeout: float | None = None,
+        spares: int | None = None,
     ) -> coordinator_pb2.Placement:
         """Cuts ``model`` into shards and places them; see :meth:`webshard.aio.Client.deploy`."""
         return self._runner.run(
@@ -214,6 +215,7 @@ class Client(_SyncClient):
                 recovery_strategy=recovery_strategy,
                 request_id=request_id,
                 timeout=timeout,
+                spares=spares,
             )
         )
 

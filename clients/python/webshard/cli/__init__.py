@@ -121,6 +121,7 @@ def _deploy(args: argparse.Namespace) -> int:
             replicas=args.replicas,
             runtime=args.runtime,
             ep=args.ep,
+            spares=args.spares,
         )
     if args.json:
         from google.protobuf.json_format import MessageToDict
@@ -133,7 +134,10 @@ def _deploy(args: argparse.Namespace) -> int:
             f"{r.agent_id}/{r.browser_id} ({_ep_name(r.execution_provider)})"
             for r in shard.replicas
         )
-        print(f"  shard {shard.shard.index}  {shard.shard.size_bytes / 1e6:8.2f} MB  {where}")
+        spare = "".join(f", spare {r.agent_id}/{r.browser_id}" for r in shard.spares)
+        print(
+            f"  shard {shard.shard.index}  {shard.shard.size_bytes / 1e6:8.2f} MB  {where}{spare}"
+        )
     return 0
 
 
@@ -240,6 +244,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="where to cut [layer]",
     )
     dep.add_argument("--replicas", type=int, default=1, help="copies of each shard [1]")
+    dep.add_argument(
+        "--spares",
+        type=int,
+        default=None,
+        help="hot spares per shard, loaded and warmed, taking no traffic "
+        "[default: one where the fleet has room; 0: none]",
+    )
     dep.add_argument("--runtime", choices=("native", "browser"), help="where shards run")
     dep.add_argument("--ep", choices=("webgpu", "webnn", "wasm", "cpu"), help="pin a provider")
     target_args(dep)

@@ -470,6 +470,7 @@ class ShardReplica(_message.Message):
     EXECUTION_PROVIDER_FIELD_NUMBER: _builtins.int
     EXECUTION_PROVIDER_REASON_FIELD_NUMBER: _builtins.int
     HEALTHY_FIELD_NUMBER: _builtins.int
+    SPARE_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """agent_id is the agent that holds it."""
     browser_id: _builtins.str
@@ -482,6 +483,11 @@ class ShardReplica(_message.Message):
     """execution_provider_reason says why that provider was chosen."""
     healthy: _builtins.bool
     """healthy is false while the replica is being recovered."""
+    spare: _builtins.bool
+    """spare is true for a hot spare: loaded and warmed (its session created and one
+    real inference run through it), taking no traffic until a takeover makes it
+    serve. Spares are listed in ShardPlacement.spares, never in replicas.
+    """
     def __init__(
         self,
         *,
@@ -491,10 +497,11 @@ class ShardReplica(_message.Message):
         execution_provider: _common_pb2.ExecutionProvider.ValueType = ...,
         execution_provider_reason: _builtins.str = ...,
         healthy: _builtins.bool = ...,
+        spare: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "browser_id", b"browser_id", "execution_provider", b"execution_provider", "execution_provider_reason", b"execution_provider_reason", "handle", b"handle", "healthy", b"healthy"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "browser_id", b"browser_id", "execution_provider", b"execution_provider", "execution_provider_reason", b"execution_provider_reason", "handle", b"handle", "healthy", b"healthy", "spare", b"spare"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -508,6 +515,7 @@ class ShardPlacement(_message.Message):
 
     SHARD_FIELD_NUMBER: _builtins.int
     REPLICAS_FIELD_NUMBER: _builtins.int
+    SPARES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def shard(self) -> _common_pb2.ShardSpec:
         """shard is the shard."""
@@ -516,15 +524,22 @@ class ShardPlacement(_message.Message):
     def replicas(self) -> _containers.RepeatedCompositeFieldContainer[Global___ShardReplica]:
         """replicas are its copies, the preferred one first."""
 
+    @_builtins.property
+    def spares(self) -> _containers.RepeatedCompositeFieldContainer[Global___ShardReplica]:
+        """spares are its hot spares (each with spare set), on runtimes that hold no
+        replica or other spare of this shard; requests are never routed to them.
+        """
+
     def __init__(
         self,
         *,
         shard: _common_pb2.ShardSpec | None = ...,
         replicas: _abc.Iterable[Global___ShardReplica] | None = ...,
+        spares: _abc.Iterable[Global___ShardReplica] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["shard", b"shard"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["replicas", b"replicas", "shard", b"shard"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["replicas", b"replicas", "shard", b"shard", "spares", b"spares"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -543,6 +558,7 @@ class Placement(_message.Message):
     RUNTIME_FIELD_NUMBER: _builtins.int
     RECOVERY_STRATEGY_FIELD_NUMBER: _builtins.int
     DEPLOY_ID_FIELD_NUMBER: _builtins.int
+    SPARES_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """model is the model name."""
     sharding: _common_pb2.ShardingStrategy.ValueType
@@ -555,6 +571,11 @@ class Placement(_message.Message):
     """recovery_strategy is the strategy that repairs this model's failures."""
     deploy_id: _builtins.str
     """deploy_id is the request_id of the deploy that produced this placement."""
+    spares: _builtins.int
+    """spares is the number of hot spares each shard should keep: a spare that takes
+    over is followed by a new one, loaded off the request path. A shard may hold
+    fewer while the fleet has no room (a default spare is best effort).
+    """
     @_builtins.property
     def shards(self) -> _containers.RepeatedCompositeFieldContainer[Global___ShardPlacement]:
         """shards are the shards in chain order."""
@@ -569,10 +590,11 @@ class Placement(_message.Message):
         runtime: _common_pb2.Runtime.ValueType = ...,
         recovery_strategy: _common_pb2.RecoveryStrategy.ValueType = ...,
         deploy_id: _builtins.str = ...,
+        spares: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deploy_id", b"deploy_id", "model", b"model", "recovery_strategy", b"recovery_strategy", "runtime", b"runtime", "sharding", b"sharding", "shards", b"shards", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deploy_id", b"deploy_id", "model", b"model", "recovery_strategy", b"recovery_strategy", "runtime", b"runtime", "sharding", b"sharding", "shards", b"shards", "spares", b"spares", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -593,6 +615,7 @@ class DeployModelRequest(_message.Message):
     EXECUTION_PROVIDER_FIELD_NUMBER: _builtins.int
     RECOVERY_STRATEGY_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    SPARES_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """model is the model name, for example "minilm-l6"."""
     sharding: _common_pb2.ShardingStrategy.ValueType
@@ -613,6 +636,14 @@ class DeployModelRequest(_message.Message):
     """request_id makes the deploy idempotent: a retry with the same id (after a
     leader change, say) returns the placement it produced instead of deploying again.
     """
+    spares: _builtins.int
+    """spares is the number of hot spares per shard: copies loaded and warmed on
+    runtimes that hold no other copy of the shard, taking no traffic, ready to take
+    over from a failed replica without a load. Unset or -1 means the default: one
+    spare per shard where the fleet has room (best effort: the deploy never fails
+    for lack of room for it). 0 means none. Any other negative value, or more than
+    the fleet can hold, is INVALID_ARGUMENT.
+    """
     def __init__(
         self,
         *,
@@ -625,12 +656,15 @@ class DeployModelRequest(_message.Message):
         execution_provider: _common_pb2.ExecutionProvider.ValueType = ...,
         recovery_strategy: _common_pb2.RecoveryStrategy.ValueType = ...,
         request_id: _builtins.str = ...,
+        spares: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_spares", b"_spares", "spares", b"spares"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["execution_provider", b"execution_provider", "model", b"model", "recovery_strategy", b"recovery_strategy", "replicas", b"replicas", "request_id", b"request_id", "runtime", b"runtime", "shard_count", b"shard_count", "sharding", b"sharding", "standby_count", b"standby_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_spares", b"_spares", "execution_provider", b"execution_provider", "model", b"model", "recovery_strategy", b"recovery_strategy", "replicas", b"replicas", "request_id", b"request_id", "runtime", b"runtime", "shard_count", b"shard_count", "sharding", b"sharding", "spares", b"spares", "standby_count", b"standby_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__spares: _TypeAlias = _typing.Literal["spares"]  # noqa: Y015
+    _WhichOneofArgType__spares: _TypeAlias = _typing.Literal["_spares", b"_spares"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__spares) -> _WhichOneofReturnType__spares | None: ...
 
 Global___DeployModelRequest: _TypeAlias = DeployModelRequest  # noqa: Y015
 
@@ -1360,8 +1394,18 @@ class ReplaceShardResponse(_message.Message):
     REPLICA_FIELD_NUMBER: _builtins.int
     PLACEMENT_FIELD_NUMBER: _builtins.int
     FROM_STANDBY_FIELD_NUMBER: _builtins.int
+    FROM_SPARE_FIELD_NUMBER: _builtins.int
+    SPARE_LOADING_FIELD_NUMBER: _builtins.int
     from_standby: _builtins.bool
     """from_standby is true when a warm standby browser took the shard."""
+    from_spare: _builtins.bool
+    """from_spare is true when a hot spare took over: one committed placement change,
+    no load. replica is then the spare, now serving.
+    """
+    spare_loading: _builtins.bool
+    """spare_loading is true when a new spare for the shard is being loaded in the
+    background (after a takeover); it appears in the placement once committed.
+    """
     @_builtins.property
     def replica(self) -> Global___ShardReplica:
         """replica is the new replica."""
@@ -1376,10 +1420,12 @@ class ReplaceShardResponse(_message.Message):
         replica: Global___ShardReplica | None = ...,
         placement: Global___Placement | None = ...,
         from_standby: _builtins.bool = ...,
+        from_spare: _builtins.bool = ...,
+        spare_loading: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["placement", b"placement", "replica", b"replica"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_standby", b"from_standby", "placement", b"placement", "replica", b"replica"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_spare", b"from_spare", "from_standby", b"from_standby", "placement", b"placement", "replica", b"replica", "spare_loading", b"spare_loading"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,113 @@
+"""Hot spares on a local cluster of native agents: placed beside the replicas, never
+routed to, taking over from a failed replica with a placement change, followed by a
+new spare; spares=0 keeps recovery by loading; impossible counts are refused."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import webshard
+from webshard.cli.local import LocalCluster
+from webshard.coordinator.v1 import coordinator_pb2
+from webshard.errors import InvalidArgumentError
+
+from tests.conftest import wait_for
+from tests.integration.test_inference import cosine, reference_embeddings
+
+MODEL = "minilm-l6"
+SENTENCE = "A spare that takes no traffic is ready when it is needed."
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[webshard.Client]:
+    local = LocalCluster(
+        agents=3,
+        data_dir=tmp_path_factory.mktemp("cluster"),
+        auto_ports=True,
+        extra_args={"browser_agent": ["--browsers", "0"]},
+    )
+    local.start(timeout=120)
+    try:
+        with webshard.Client(local.coordinators(), timeout=60) as sdk:
+            wait_for(lambda: len(sdk.list_agents()) == 3, 30, "three agents to register")
+            yield sdk
+    finally:
+        local.stop()
+
+
+def runtimes(replicas: object) -> set[tuple[str, str]]:
+    return {(r.agent_id, r.browser_id) for r in replicas}  # type: ignore[attr-defined]
+
+
+def correct(client: webshard.Client) -> bool:
+    [expected] = reference_embeddings([SENTENCE])
+    result = client.infer(MODEL, texts=[SENTENCE])
+    return bool(cosine(result.outputs["sentence_embedding"][0], expected) >= 0.99999)
+
+
+def test_spares_sit_beside_the_replicas_and_take_no_traffic(client: webshard.Client) -> None:
+    placement = client.deploy(MODEL, shards=2, replicas=1, runtime="native", spares=1)
+    assert placement.spares == 1
+    for shard in placement.shards:
+        [spare] = shard.spares
+        assert spare.spare and spare.healthy
+        assert runtimes([spare]).isdisjoint(runtimes(shard.replicas))
+    serving = {s.shard.index: runtimes(s.replicas) for s in placement.shards}
+    for _ in range(6):
+        result = client.infer(MODEL, texts=[SENTENCE])
+        for hop in result.trail:
+            assert (hop.agent_id, hop.browser_id) in serving[hop.shard_index]
+
+
+@pytest.mark.parametrize("asked", [-5, 99])
+def test_an_impossible_spare_count_is_refused_and_nothing_changes(
+    client: webshard.Client, asked: int
+) -> None:
+    before = client.placement(MODEL)
+    with pytest.raises(InvalidArgumentError, match="2 runtimes are free"):
+        client.deploy(MODEL, shards=2, replicas=1, runtime="native", spares=asked)
+    after = client.placement(MODEL)
+    assert after == before
+
+
+def test_a_spare_takes_over_and_a_new_spare_follows(client: webshard.Client) -> None:
+    before = client.placement(MODEL)
+    shard = before.shards[1]
+    [old] = shard.replicas
+    [spare] = shard.spares
+    moved = client.replace_shard(MODEL, 1, old.agent_id, old.browser_id)
+    assert moved.from_spare and not moved.from_standby
+    assert (moved.replica.agent_id, moved.replica.handle) == (spare.agent_id, spare.handle)
+    assert [(r.agent_id, r.handle) for r in moved.placement.shards[1].replicas] == [
+        (spare.agent_id, spare.handle)
+    ]
+    assert moved.spare_loading
+    assert correct(client)
+
+    def replenished() -> bool:
+        shard = client.placement(MODEL).shards[1]
+        return len(shard.spares) == 1 and runtimes(shard.spares).isdisjoint(
+            runtimes(shard.replicas)
+        )
+
+    wait_for(replenished, 60, "a new spare for shard 1")
+    result = client.infer(MODEL, texts=[SENTENCE])
+    now = client.placement(MODEL)
+    for hop in result.trail:
+        assert (hop.agent_id, hop.browser_id) in runtimes(now.shards[hop.shard_index].replicas)
+
+
+def test_without_spares_a_replacement_is_loaded(client: webshard.Client) -> None:
+    placement = client.deploy(MODEL, shards=2, replicas=1, runtime="native", spares=0)
+    assert placement.spares == 0
+    assert all(not s.spares for s in placement.shards)
+    [old] = placement.shards[0].replicas
+    moved: coordinator_pb2.ReplaceShardResponse = client.replace_shard(
+        MODEL, 0, old.agent_id, old.browser_id
+    )
+    assert not moved.from_spare and not moved.spare_loading
+    assert moved.replica.agent_id != old.agent_id
+    assert moved.replica.handle != old.handle
+    assert all(not s.spares for s in moved.placement.shards)
+    assert correct(client)

@@ -77,22 +77,33 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
 
 
 @contextlib.contextmanager
-def browser_cluster(data_dir: Path, agents: int) -> Iterator[LocalCluster]:
-    """A local cluster whose agents each run one headless Chromium (no native runtime),
-    started with every agent attached to the leader, and stopped afterwards."""
+def attached_cluster(
+    data_dir: Path, agents: int, agent_args: list[str], *, timeout: float = 240
+) -> Iterator[LocalCluster]:
+    """A local cluster started with every agent attached to the leader, stopped afterwards."""
     local = LocalCluster(
         agents=agents,
         data_dir=data_dir,
         auto_ports=True,
-        extra_args={"browser_agent": ["--browsers", "1", "--native", "false"]},
+        extra_args={"browser_agent": agent_args},
     )
-    local.start(timeout=240)
+    local.start(timeout=timeout)
     try:
         with webshard.Client(local.coordinators(), timeout=60) as client:
             wait_for(lambda: len(client.list_agents()) == agents, 60, f"{agents} agents to attach")
         yield local
     finally:
         local.stop()
+
+
+def browser_cluster(data_dir: Path, agents: int) -> contextlib.AbstractContextManager[LocalCluster]:
+    """A local cluster whose agents each run one headless Chromium (no native runtime)."""
+    return attached_cluster(data_dir, agents, ["--browsers", "1", "--native", "false"])
+
+
+def native_cluster(data_dir: Path, agents: int) -> contextlib.AbstractContextManager[LocalCluster]:
+    """A local cluster whose agents run shards in their native runtime (no browser)."""
+    return attached_cluster(data_dir, agents, ["--browsers", "0"], timeout=120)
 
 
 class ServiceProcess:

@@ -28,6 +28,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -279,3 +280,26 @@ class MetricsSender:
                 return UNREACHABLE
             await asyncio.sleep(wait)
             wait = min(wait * 2, config.retry_max_s)
+
+
+class SenderSettings(Protocol):
+    """The settings of a service that sends records to the metrics service."""
+
+    metrics: str
+    metrics_queue: int
+    metrics_give_up_s: float
+    cluster_token: str
+
+
+def sender_from(settings: SenderSettings, service: str) -> MetricsSender | None:
+    """The sender ``settings`` ask for, or None when they name no metrics service."""
+    if not settings.metrics:
+        return None
+    return MetricsSender(
+        settings.metrics,
+        service=service,
+        config=DeliveryConfig(
+            capacity=settings.metrics_queue, give_up_s=settings.metrics_give_up_s
+        ),
+        token=settings.cluster_token,
+    )

@@ -312,6 +312,21 @@ class Deployments:
                     r.healthy = health.get((r.agent_id, r.browser_id, r.handle), True)
         self.models[model] = deployment
 
+    def _failed_shard(
+        self, model: str, shard_index: int, agent_id: str
+    ) -> tuple[pb.Placement, pb.ShardPlacement]:
+        """The model's placement and the shard a failure names; DeployError (NOT_FOUND)
+        for an unknown model, shard or agent."""
+        current = self.placement(model)
+        if self._registry.get(agent_id) is None:
+            raise DeployError(
+                grpc.StatusCode.NOT_FOUND, f"no agent {agent_id[:64]!r} is known to the cluster"
+            )
+        shard = next((s for s in current.shards if s.shard.index == shard_index), None)
+        if shard is None:
+            raise DeployError(grpc.StatusCode.NOT_FOUND, f"{model} has no shard {shard_index}")
+        return current, shard
+
     async def prepare_replacement(
         self, model: str, shard_index: int, agent_id: str, browser_id: str
     ) -> Replacement | None:
@@ -325,14 +340,7 @@ class Deployments:
         another agent before the failed one's; never a browser that already holds
         the shard. Raises DeployError when none can take it.
         """
-        current = self.placement(model)
-        if self._registry.get(agent_id) is None:
-            raise DeployError(
-                grpc.StatusCode.NOT_FOUND, f"no agent {agent_id[:64]!r} is known to the cluster"
-            )
-        shard = next((s for s in current.shards if s.shard.index == shard_index), None)
-        if shard is None:
-            raise DeployError(grpc.StatusCode.NOT_FOUND, f"{model} has no shard {shard_index}")
+        current, shard = self._failed_shard(model, shard_index, agent_id)
         failed = [
             r for r in shard.replicas if r.agent_id == agent_id and browser_id in ("", r.browser_id)
         ]
@@ -687,14 +695,7 @@ class Deployments:
         (NOT_FOUND) for an unknown model, shard or agent. Call it under the write lock
         and commit what it returns before anything else changes the placement.
         """
-        current = self.placement(model)
-        if self._registry.get(agent_id) is None:
-            raise DeployError(
-                grpc.StatusCode.NOT_FOUND, f"no agent {agent_id[:64]!r} is known to the cluster"
-            )
-        shard = next((s for s in current.shards if s.shard.index == shard_index), None)
-        if shard is None:
-            raise DeployError(grpc.StatusCode.NOT_FOUND, f"{model} has no shard {shard_index}")
+        current, shard = self._failed_shard(model, shard_index, agent_id)
 
         def on_failed(r: pb.ShardReplica) -> bool:
             return r.agent_id == agent_id and browser_id in ("", r.browser_id)

@@ -12,7 +12,7 @@ from webshard.fault_injector.v1 import fault_injector_pb2_grpc as pb_grpc
 from webshard.metrics.v1 import metrics_pb2
 
 from services.common.auth import fault_token
-from services.common.metrics_delivery import DeliveryConfig, MetricsSender
+from services.common.metrics_delivery import MetricsSender, sender_from
 from services.common.server import BasicApp, Lifecycle
 from services.fault_injector.agents import GrpcAgentHooks
 from services.fault_injector.breakers import RecoveryBreakers
@@ -96,18 +96,7 @@ def make_app(settings: FaultInjectorSettings, lifecycle: Lifecycle) -> BasicApp:
         memory_cap_bytes=settings.memory_pressure_cap_mb * 1024 * 1024,
     )
 
-    sender = (
-        MetricsSender(
-            settings.metrics,
-            service="fault-injector",
-            config=DeliveryConfig(
-                capacity=settings.metrics_queue, give_up_s=settings.metrics_give_up_s
-            ),
-            token=settings.cluster_token,
-        )
-        if settings.metrics
-        else None
-    )
+    sender = sender_from(settings, "fault-injector")
     tasks: list[asyncio.Task[None]] = []
 
     async def start() -> None:

@@ -9,7 +9,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from webshard.metrics.v1 import metrics_pb2
 from webshard.recovery.v1 import recovery_pb2_grpc as pb_grpc
 
-from services.common.metrics_delivery import DeliveryConfig, MetricsSender
+from services.common.metrics_delivery import sender_from
 from services.common.server import BasicApp, Lifecycle
 from services.recovery.actuator import CoordinatorActuator
 from services.recovery.breakers import Breakers, Transition
@@ -58,18 +58,7 @@ def make_app(settings: RecoverySettings, lifecycle: Lifecycle) -> BasicApp:
     clock = time.time
     breakers = Breakers(settings.breaker_config(), clock)
     breakers.add_listener(_log_transition)
-    sender = (
-        MetricsSender(
-            settings.metrics,
-            service="recovery",
-            config=DeliveryConfig(
-                capacity=settings.metrics_queue, give_up_s=settings.metrics_give_up_s
-            ),
-            token=settings.cluster_token,
-        )
-        if settings.metrics
-        else None
-    )
+    sender = sender_from(settings, "recovery")
     if sender is not None:
 
         def record(transition: Transition) -> None:

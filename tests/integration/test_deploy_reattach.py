@@ -21,84 +21,68 @@ from webshard.errors import InvalidArgumentError
 from webshard.tensors import encode_tensor
 
 from services.models import example_inputs
-from tests.conftest import wait_for
+from tests.conftest import native_cluster, wait_for
 from tests.integration.test_coordinator_replicas import leader, status
 
 VIT_INPUTS = [encode_tensor(n, v) for n, v in example_inputs("vit-tiny").items()]
 
 
 def test_a_deploy_right_after_a_leader_kill_waits_for_the_agents(tmp_path: Path) -> None:
-    cluster = LocalCluster(
-        agents=2,
-        data_dir=tmp_path / "cluster",
-        auto_ports=True,
-        extra_args={"browser_agent": ["--browsers", "0"]},
-    )
-    cluster.start(timeout=120)
-    try:
-        with webshard.Client(cluster.coordinators(), timeout=60) as client:
-            wait_for(lambda: len(client.list_agents()) == 2, 30, "both agents to attach")
-            victim = leader(cluster)
-            assert victim is not None
-            # The agents are slow to notice (stopped), so the new leader knows both
-            # from the replicated state while neither has reattached yet.
-            agents = [cluster.popen(f"agent-{i}").pid for i in range(2)]
+    with (
+        native_cluster(tmp_path / "cluster", 2) as cluster,
+        webshard.Client(cluster.coordinators(), timeout=60) as client,
+    ):
+        victim = leader(cluster)
+        assert victim is not None
+        # The agents are slow to notice (stopped), so the new leader knows both
+        # from the replicated state while neither has reattached yet.
+        agents = [cluster.popen(f"agent-{i}").pid for i in range(2)]
+        for pid in agents:
+            os.kill(pid, signal.SIGSTOP)
+        resume = threading.Timer(3.0, lambda: [os.kill(p, signal.SIGCONT) for p in agents])
+        try:
+            os.kill(cluster.popen(victim).pid, signal.SIGKILL)
+            cluster.popen(victim).wait(timeout=10)
+            resume.start()
+            placement = client.deploy(
+                "minilm-l6", sharding="layer", shards=2, replicas=2, runtime="native"
+            )
+        finally:
+            resume.cancel()
             for pid in agents:
-                os.kill(pid, signal.SIGSTOP)
-            resume = threading.Timer(3.0, lambda: [os.kill(p, signal.SIGCONT) for p in agents])
-            try:
-                os.kill(cluster.popen(victim).pid, signal.SIGKILL)
-                cluster.popen(victim).wait(timeout=10)
-                resume.start()
-                placement = client.deploy(
-                    "minilm-l6", sharding="layer", shards=2, replicas=2, runtime="native"
-                )
-            finally:
-                resume.cancel()
-                for pid in agents:
-                    os.kill(pid, signal.SIGCONT)
-            assert all(len(s.replicas) == 2 for s in placement.shards)
-            result = client.infer("minilm-l6", texts=["after the leader change"])
-            assert result.outputs["sentence_embedding"].shape == (1, 384)
-    finally:
-        cluster.stop()
+                os.kill(pid, signal.SIGCONT)
+        assert all(len(s.replicas) == 2 for s in placement.shards)
+        result = client.infer("minilm-l6", texts=["after the leader change"])
+        assert result.outputs["sentence_embedding"].shape == (1, 384)
 
 
 def test_followers_never_say_a_just_deployed_model_is_missing(tmp_path: Path) -> None:
-    cluster = LocalCluster(
-        agents=1,
-        data_dir=tmp_path / "cluster",
-        auto_ports=True,
-        extra_args={"browser_agent": ["--browsers", "0"]},
-    )
-    cluster.start(timeout=120)
-    try:
-        with webshard.Client(cluster.coordinators(), timeout=60) as client:
-            wait_for(lambda: len(client.list_agents()) == 1, 30, "the agent to attach")
-            chief = leader(cluster)
-            followers = [
-                cluster.address(f"coordinator-{i}") for i in range(3) if f"coordinator-{i}" != chief
-            ]
-            answers: list[str] = []
-            for _ in range(10):
-                client.deploy("vit-tiny", sharding="layer", shards=1, runtime="native")
-                for follower in followers:
-                    # A raw call: a follower that has not applied the deploy yet must
-                    # send the caller to the leader, never answer NOT_FOUND.
-                    with grpc.insecure_channel(follower) as channel:
-                        try:
-                            pb_grpc.CoordinatorServiceStub(channel).Infer(
-                                pb.InferRequest(model="vit-tiny", inputs=VIT_INPUTS), timeout=30
-                            )
-                            answers.append("OK")
-                        except grpc.RpcError as err:
-                            assert err.code() == grpc.StatusCode.FAILED_PRECONDITION, err
-                            assert dict(err.trailing_metadata() or ())["webshard-leader"]
-                            answers.append(err.code().name)
-                client.undeploy("vit-tiny")
-            assert len(answers) == 20
-    finally:
-        cluster.stop()
+    with (
+        native_cluster(tmp_path / "cluster", 1) as cluster,
+        webshard.Client(cluster.coordinators(), timeout=60) as client,
+    ):
+        chief = leader(cluster)
+        followers = [
+            cluster.address(f"coordinator-{i}") for i in range(3) if f"coordinator-{i}" != chief
+        ]
+        answers: list[str] = []
+        for _ in range(10):
+            client.deploy("vit-tiny", sharding="layer", shards=1, runtime="native")
+            for follower in followers:
+                # A raw call: a follower that has not applied the deploy yet must
+                # send the caller to the leader, never answer NOT_FOUND.
+                with grpc.insecure_channel(follower) as channel:
+                    try:
+                        pb_grpc.CoordinatorServiceStub(channel).Infer(
+                            pb.InferRequest(model="vit-tiny", inputs=VIT_INPUTS), timeout=30
+                        )
+                        answers.append("OK")
+                    except grpc.RpcError as err:
+                        assert err.code() == grpc.StatusCode.FAILED_PRECONDITION, err
+                        assert dict(err.trailing_metadata() or ())["webshard-leader"]
+                        answers.append(err.code().name)
+            client.undeploy("vit-tiny")
+        assert len(answers) == 20
 
 
 def shard_runs(cluster: LocalCluster, agents: int) -> int:
@@ -114,42 +98,35 @@ def shard_runs(cluster: LocalCluster, agents: int) -> int:
 
 
 def test_an_infer_retried_across_a_leader_kill_runs_once(tmp_path: Path) -> None:
-    cluster = LocalCluster(
-        agents=2,
-        data_dir=tmp_path / "cluster",
-        auto_ports=True,
-        extra_args={"browser_agent": ["--browsers", "0"]},
-    )
-    cluster.start(timeout=120)
-    try:
-        with webshard.Client(cluster.coordinators(), timeout=60) as client:
-            wait_for(lambda: len(client.list_agents()) == 2, 30, "both agents to attach")
-            client.deploy("minilm-l6", sharding="layer", shards=2, replicas=1, runtime="native")
-            chief = leader(cluster)
-            assert chief is not None
-            before = status(cluster.address(chief))
-            assert before is not None
-            first = client.infer("minilm-l6", texts=["asked once"], request_id="once-1")
-            runs = shard_runs(cluster, 2)
-            assert runs == 2  # one activation per shard
+    with (
+        native_cluster(tmp_path / "cluster", 2) as cluster,
+        webshard.Client(cluster.coordinators(), timeout=60) as client,
+    ):
+        client.deploy("minilm-l6", sharding="layer", shards=2, replicas=1, runtime="native")
+        chief = leader(cluster)
+        assert chief is not None
+        before = status(cluster.address(chief))
+        assert before is not None
+        warmed = shard_runs(cluster, 2)  # the spares' warm-up inferences
+        first = client.infer("minilm-l6", texts=["asked once"], request_id="once-1")
+        runs = shard_runs(cluster, 2)
+        assert runs == warmed + 2  # one activation per shard
 
-            def replicated() -> bool:
-                # The answer's entry is committed on the leader and applied everywhere.
-                views = [status(cluster.address(f"coordinator-{i}")) for i in range(3)]
-                indexes = [v.replicas[0].commit_index for v in views if v is not None]
-                return len(indexes) == 3 and min(indexes) > before.replicas[0].commit_index
+        def replicated() -> bool:
+            # The answer's entry is committed on the leader and applied everywhere.
+            views = [status(cluster.address(f"coordinator-{i}")) for i in range(3)]
+            indexes = [v.replicas[0].commit_index for v in views if v is not None]
+            return len(indexes) == 3 and min(indexes) > before.replicas[0].commit_index
 
-            wait_for(replicated, 30, "the answer to be replicated")
-            os.kill(cluster.popen(chief).pid, signal.SIGKILL)
-            cluster.popen(chief).wait(timeout=10)
-            # The client lost the answer, say, and retries: the new leader answers it
-            # from the replicated state without running the model again.
-            again = client.infer("minilm-l6", texts=["asked once"], request_id="once-1")
-            np.testing.assert_array_equal(
-                again.outputs["sentence_embedding"], first.outputs["sentence_embedding"]
-            )
-            assert shard_runs(cluster, 2) == runs
-            with pytest.raises(InvalidArgumentError, match="different request"):
-                client.infer("minilm-l6", texts=["asked otherwise"], request_id="once-1")
-    finally:
-        cluster.stop()
+        wait_for(replicated, 30, "the answer to be replicated")
+        os.kill(cluster.popen(chief).pid, signal.SIGKILL)
+        cluster.popen(chief).wait(timeout=10)
+        # The client lost the answer, say, and retries: the new leader answers it
+        # from the replicated state without running the model again.
+        again = client.infer("minilm-l6", texts=["asked once"], request_id="once-1")
+        np.testing.assert_array_equal(
+            again.outputs["sentence_embedding"], first.outputs["sentence_embedding"]
+        )
+        assert shard_runs(cluster, 2) == runs
+        with pytest.raises(InvalidArgumentError, match="different request"):
+            client.infer("minilm-l6", texts=["asked otherwise"], request_id="once-1")

@@ -632,6 +632,7 @@ class FaultInjector:
                 "fault_id": record.fault_id,
                 "state": State.Name(state),  # type: ignore[arg-type]
                 "detail": detail,
+                "dry_run": record.fault.spec.dry_run,
             },
         )
         self.book.publish(record)

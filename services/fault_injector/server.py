@@ -30,17 +30,20 @@ RECORDED_STATES = (
     fi.FAULT_STATE_FAILED,
     fi.FAULT_STATE_REFUSED,
 )
-"""A fault is recorded once, when it reaches one of these; dry runs are not faults."""
+"""A fault is recorded once, when it reaches one of these; dry runs are not faults (a
+campaign's dry run of a composite, asking which children would be refused, records
+nothing)."""
 
 REMEMBERED = 10_000
 """Recorded fault ids kept so a fault published again is not recorded twice."""
 
 
-def fault_event(fault: fi.Fault) -> metrics_pb2.Event:
+def fault_event(fault: fi.Fault, run_id: str = "") -> metrics_pb2.Event:
     """A fault (with its children's targets) as the metrics service records it.
 
     The campaign run comes from the spec's ``run_id`` label, which the campaign
-    sets on every fault it asks for (refused attempts included).
+    sets on every fault it asks for (refused attempts included); a composite's
+    children are recorded under their parent's run (``run_id``).
     """
     record = metrics_pb2.FaultRecord(
         fault_id=fault.fault_id,
@@ -50,13 +53,17 @@ def fault_event(fault: fi.Fault) -> metrics_pb2.Event:
         targets=[t.id for t in fault.targets]
         + [t.id for child in fault.children for t in child.targets],
         detail=fault.detail,
-        run_id=fault.spec.labels.get("run_id", ""),
+        run_id=fault.spec.labels.get("run_id", "") or run_id,
     )
     if fault.HasField("injected_at"):
         record.injected_at.CopyFrom(fault.injected_at)
     if fault.HasField("reverted_at"):
         record.reverted_at.CopyFrom(fault.reverted_at)
     return metrics_pb2.Event(fault=record)
+
+
+def _with_descendants(fault: fi.Fault) -> list[fi.Fault]:
+    return [fault, *(d for child in fault.children for d in _with_descendants(child))]
 
 
 async def record_faults(injector: FaultInjector, sender: MetricsSender) -> None:
@@ -70,12 +77,19 @@ async def record_faults(injector: FaultInjector, sender: MetricsSender) -> None:
     include_existing = False
     while True:
         async for fault in injector.watch(include_existing=include_existing):
-            if fault.state not in RECORDED_STATES or fault.fault_id in recorded:
+            if fault.spec.dry_run:
                 continue
-            recorded[fault.fault_id] = None
-            if len(recorded) > REMEMBERED:
-                recorded.popitem(last=False)
-            sender.send(fault_event(fault))
+            run_id = fault.spec.labels.get("run_id", "")
+            # A composite's children are faults of their own (one may be refused while
+            # the others run): each is recorded when it ends, like the composite.
+            ended = [f for f in _with_descendants(fault) if f.state in RECORDED_STATES]
+            for one in ended:
+                if one.fault_id in recorded:
+                    continue
+                recorded[one.fault_id] = None
+                if len(recorded) > REMEMBERED:
+                    recorded.popitem(last=False)
+                sender.send(fault_event(one, run_id))
         log.warning("the fault watch for metrics ended; watching again")
         include_existing = True
 

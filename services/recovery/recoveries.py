@@ -242,6 +242,8 @@ class Recoveries:
         self._new_id = new_id
         self._entries: dict[str, _Entry] = {}
         self._running: dict[tuple[str, str, str, int], str] = {}
+        self._recovered: dict[tuple[str, str, str, int], str] = {}
+        """Failure key -> the recovery that last recovered it (late reports join it)."""
         self._watches: set[Watch] = set()
         self._retries: set[asyncio.Task[None]] = set()
 
@@ -350,13 +352,22 @@ class Recoveries:
         return record, False
 
     def _join(self, failure: Failure, detected: float) -> RecoveryRecord | None:
-        # A shard's error on a browser already being recovered as a whole joins that recovery.
-        recovery_id = self._running.get(failure.dedupe_key) or self._running.get(failure.domain_key)
-        entry = self._entries.get(recovery_id) if recovery_id is not None else None
-        if (
-            entry is None
-            or entry.record.state != RecoveryState.RUNNING
-            or abs(detected - entry.last_detected_at) > self.config.dedupe_window_s
+        # A shard's error on a browser already being recovered as a whole joins that
+        # recovery. So does a late report that names the fault behind a failure recovered
+        # already without knowing it (a spare takes over in milliseconds, before the
+        # agent's own report of the crash arrives): the same failure, now attributed.
+        entry = None
+        for key in (failure.dedupe_key, failure.domain_key):
+            recovery_id = self._running.get(key)
+            if recovery_id is None and failure.fault_id:
+                recovery_id = self._recovered.get(key)
+            entry = self._entries.get(recovery_id) if recovery_id is not None else None
+            if entry is not None:
+                break
+        if entry is None or abs(detected - entry.last_detected_at) > self.config.dedupe_window_s:
+            return None
+        if entry.record.state != RecoveryState.RUNNING and (
+            entry.record.state != RecoveryState.SUCCEEDED or entry.record.failure.fault_id
         ):
             return None
         entry.last_detected_at = max(entry.last_detected_at, detected)
@@ -369,11 +380,12 @@ class Recoveries:
                 fault_intensity=failure.fault_intensity,
                 fault_traceparent=failure.fault_traceparent,
             )
-            entry.span.set_attribute("fault.id", failure.fault_id)
-            entry.span.set_attribute("fault.intensity", failure.fault_intensity)
-            fault = _fault_span(failure)
-            if fault.is_valid:
-                entry.span.add_link(fault)
+            if entry.record.state == RecoveryState.RUNNING:  # a finished span takes nothing
+                entry.span.set_attribute("fault.id", failure.fault_id)
+                entry.span.set_attribute("fault.intensity", failure.fault_intensity)
+                fault = _fault_span(failure)
+                if fault.is_valid:
+                    entry.span.add_link(fault)
         self._change(entry, **changes)
         return entry.record
 
@@ -535,6 +547,8 @@ class Recoveries:
         key = entry.record.failure.dedupe_key
         if self._running.get(key) == entry.record.recovery_id:
             del self._running[key]
+            if ok:
+                self._recovered[key] = entry.record.recovery_id
         entry.done.set()
         log.info(
             "recovery finished",
@@ -568,6 +582,8 @@ class Recoveries:
             rid for rid, e in self._entries.items() if e.record.state != RecoveryState.RUNNING
         ][:excess]:
             del self._entries[recovery_id]
+        for key in [k for k, rid in self._recovered.items() if rid not in self._entries]:
+            del self._recovered[key]
 
     async def close(self) -> None:
         """Cancel the retries waiting and the running recoveries (each ends FAILED), and

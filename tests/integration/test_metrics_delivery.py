@@ -146,17 +146,26 @@ def test_breaker_transitions_reach_the_run_report_and_an_outage_shows_its_losses
                 metrics = MetricsClient(metrics_proc.address, timeout=10)
                 await open_and_close(recovery, "agent-3")  # something to send: the loss rides along
 
+                dropped: list[int] = []
+
                 async def loss_reported() -> bool:
+                    # Every one of the 6 transitions is in the report or counted as lost,
+                    # and the outage lost some (which of its records were given up, and
+                    # whether a batch sent while metrics restarted was too, is timing).
                     await mark_run(metrics, 2)
                     doc = await report(metrics)
                     delivery = doc["delivery"]
                     assert isinstance(delivery, dict)
-                    return bool(delivery["dropped"] == 2 and doc["breaker_transitions"] == 4)
+                    dropped[:] = [int(delivery["dropped"])]
+                    return bool(
+                        dropped[0] >= 1 and dropped[0] + int(doc["breaker_transitions"]) == 6
+                    )
 
                 await until(loss_reported, 30, "the dropped count in the run's report")
                 markdown = (await metrics.report(format="markdown", run_id=RUN)).decode()
-                assert "**2 record(s) never reached the metrics service**" in markdown
-                assert "| recovery | metrics unreachable | 2 |" in markdown
+                lost = dropped[0]
+                assert f"**{lost} record(s) never reached the metrics service**" in markdown
+                assert f"| recovery | metrics unreachable | {lost} |" in markdown
                 await metrics.close()
             finally:
                 await recovery.close()

@@ -196,6 +196,25 @@ async def test_a_later_report_that_names_the_fault_gives_it_to_the_recovery(
     assert [format(link.context.trace_id, "032x") for link in root.links] == ["1f" * 16]
 
 
+async def test_a_report_naming_the_fault_after_a_fast_recovery_attributes_it(
+    harness: Harness,
+) -> None:
+    # A spare took over before the agent's own report of the crash arrived.
+    first, _ = harness.recoveries.report(failure())
+    done = await harness.recoveries.wait(first.recovery_id)
+    assert done.state == RecoveryState.SUCCEEDED and done.failure.fault_id == ""
+    named = dataclasses.replace(failure(), fault_id="fault-9", fault_intensity="moderate")
+    joined, was_joined = harness.recoveries.report(named)
+    assert was_joined and joined.recovery_id == first.recovery_id
+    assert joined.state == RecoveryState.SUCCEEDED
+    assert (joined.failure.fault_id, joined.failure.fault_intensity) == ("fault-9", "moderate")
+    # Attributed once: another report naming a fault is a failure of its own.
+    again, was_joined = harness.recoveries.report(
+        dataclasses.replace(failure(), fault_id="fault-10")
+    )
+    assert not was_joined and again.recovery_id != first.recovery_id
+
+
 async def test_a_failed_recovery_is_started_again_until_one_succeeds(harness: Harness) -> None:
     """A shard must not stay short of a replica because one attempt failed (a leader
     change during the action, say): the recovery starts again, a wait later."""

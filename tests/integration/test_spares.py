@@ -8,11 +8,10 @@ from collections.abc import Iterator
 
 import pytest
 import webshard
-from webshard.cli.local import LocalCluster
 from webshard.coordinator.v1 import coordinator_pb2
 from webshard.errors import InvalidArgumentError
 
-from tests.conftest import wait_for
+from tests.conftest import native_cluster, wait_for
 from tests.integration.test_inference import cosine, reference_embeddings
 
 MODEL = "minilm-l6"
@@ -21,19 +20,11 @@ SENTENCE = "A spare that takes no traffic is ready when it is needed."
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[webshard.Client]:
-    local = LocalCluster(
-        agents=3,
-        data_dir=tmp_path_factory.mktemp("cluster"),
-        auto_ports=True,
-        extra_args={"browser_agent": ["--browsers", "0"]},
-    )
-    local.start(timeout=120)
-    try:
-        with webshard.Client(local.coordinators(), timeout=60) as sdk:
-            wait_for(lambda: len(sdk.list_agents()) == 3, 30, "three agents to register")
-            yield sdk
-    finally:
-        local.stop()
+    with (
+        native_cluster(tmp_path_factory.mktemp("cluster"), 3) as local,
+        webshard.Client(local.coordinators(), timeout=60) as sdk,
+    ):
+        yield sdk
 
 
 def runtimes(replicas: object) -> set[tuple[str, str]]:

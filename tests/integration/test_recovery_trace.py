@@ -253,8 +253,10 @@ async def recover(
                 await asyncio.sleep(0.05)
 
         await asyncio.wait_for(registered(), 30)
+        # No spares: the trace of a replica loaded by ReplaceShard is what is checked
+        # (a spare's takeover loads nothing).
         placement = await coordinator.deploy(
-            MODEL, sharding="layer", shards=2, replicas=2, runtime="native"
+            MODEL, sharding="layer", shards=2, replicas=2, runtime="native", spares=0
         )
         replica = placement.shards[0].replicas[0]
         reported = await recovery.report_failure(

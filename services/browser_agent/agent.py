@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -124,6 +125,9 @@ class ShardHost:
         self._browsers = browsers  # the pool's current list: it changes on crashes
         self._pool = pool
         self._loaded: dict[str, LoadedEntry] = {}
+        # (runtime id, spec, wall time) of recent unloads: what a browser held when it
+        # failed, even where a spare's takeover unloaded it before the failure was reported.
+        self._unloaded: deque[tuple[str, common_pb2.ShardSpec, float]] = deque(maxlen=256)
 
     def runtimes(self) -> list[ShardRuntime]:
         """Every runtime, native first."""
@@ -266,6 +270,7 @@ class ShardHost:
         await entry.runtime.unload(handle)
         del self._loaded[handle]
         runtime_id = entry.runtime.runtime_id
+        self._unloaded.append((runtime_id, entry.spec, time.time()))
         if self._pool is not None and not self.shards_on(runtime_id):
             await self._pool.shrink(runtime_id)
         return entry
@@ -273,6 +278,12 @@ class ShardHost:
     def shards_on(self, runtime_id: str) -> list[common_pb2.ShardSpec]:
         """The shards loaded in one runtime."""
         return [e.spec for e in self._loaded.values() if e.runtime.runtime_id == runtime_id]
+
+    def shards_held(self, runtime_id: str, at: float) -> list[common_pb2.ShardSpec]:
+        """The shards ``runtime_id`` held at wall time ``at``: those loaded in it now and
+        those unloaded from it since."""
+        since = [spec for rid, spec, when in self._unloaded if rid == runtime_id and when >= at]
+        return self.shards_on(runtime_id) + since
 
     def forget(self, runtime: ShardRuntime) -> list[LoadedEntry]:
         """Drop every shard a dead runtime held and return them."""

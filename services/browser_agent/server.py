@@ -73,7 +73,10 @@ def make_app(settings: AgentSettings, lifecycle: Lifecycle) -> BasicApp:
             kind = BROWSER_FAILURES.get(event.kind)
             if kind is None:
                 continue
-            specs = host.shards_on(event.browser_id)  # a standby holds none: the pool replaces it
+            # What it held when it failed: a spare may take over, and the coordinator unload
+            # the lost replicas, before this loop gets the event. A standby holds none (the
+            # pool replaces it).
+            specs = host.shards_held(event.browser_id, event.at)
             for spec in specs:
                 reporter.report(
                     source=recovery_pb2.FAILURE_SOURCE_AGENT

@@ -440,8 +440,10 @@ class BrowserRuntime:
             return
         reason = f"browser process {pid} exited"
         self._mark_lost(reason)
-        await asyncio.to_thread(self._reap)
+        # Told before the reap: the reap takes a while, and a close in the meantime (the
+        # browser's last shard moved away) cancels this task.
         self._emit(BrowserEventKind.PROCESS_EXITED, reason)
+        await asyncio.to_thread(self._reap)
 
     async def _check_page(self) -> None:
         """After the socket dropped: a crashed renderer is gone for good, a cut one is not."""

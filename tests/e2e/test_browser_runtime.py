@@ -653,9 +653,12 @@ async def test_killed_browser_fails_calls_in_flight_and_is_reaped(
     assert runtime.workdir is not None
     workdir = runtime.workdir
     # The exit is told at once; the reap of what the launch left follows it.
-    async with asyncio.timeout(PROMPT_S):
-        while [p for p in launch_processes(workdir) if "chromedriver" not in p.name()]:
-            await asyncio.sleep(0.05)
+    await asyncio.to_thread(
+        wait_until,
+        lambda: not [p for p in launch_processes(workdir) if "chromedriver" not in p.name()],
+        PROMPT_S,
+        "the killed browser's processes reaped",
+    )
 
 
 async def test_close_during_launch_reaps_the_launch(

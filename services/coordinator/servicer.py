@@ -352,6 +352,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             role=wire.role_to_proto(self._replicator.role),
             term=self._replicator.term,
             commit_index=self._replicator.commit_index,
+            answers_kept=len(self._state.answers),
         )
         replicas = [me] + [
             pb.ReplicaInfo(replica_id=rid, address=addr)

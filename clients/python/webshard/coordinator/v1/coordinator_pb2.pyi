@@ -839,6 +839,7 @@ class ReplicaInfo(_message.Message):
     ROLE_FIELD_NUMBER: _builtins.int
     TERM_FIELD_NUMBER: _builtins.int
     COMMIT_INDEX_FIELD_NUMBER: _builtins.int
+    ANSWERS_KEPT_FIELD_NUMBER: _builtins.int
     replica_id: _builtins.str
     """replica_id is the replica's id."""
     address: _builtins.str
@@ -849,6 +850,10 @@ class ReplicaInfo(_message.Message):
     """term is its current term."""
     commit_index: _builtins.int
     """commit_index is its highest committed log index."""
+    answers_kept: _builtins.int
+    """answers_kept counts the Infer answers its replicated request ledger holds:
+    a retry of one of those request ids is answered without running the model.
+    """
     def __init__(
         self,
         *,
@@ -857,10 +862,11 @@ class ReplicaInfo(_message.Message):
         role: Global___ReplicaRole.ValueType = ...,
         term: _builtins.int = ...,
         commit_index: _builtins.int = ...,
+        answers_kept: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "commit_index", b"commit_index", "replica_id", b"replica_id", "role", b"role", "term", b"term"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "answers_kept", b"answers_kept", "commit_index", b"commit_index", "replica_id", b"replica_id", "role", b"role", "term", b"term"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

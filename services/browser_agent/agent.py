@@ -5,7 +5,6 @@ Plain logic over the runtimes and the shard store; the servicer maps it to gRPC.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -23,6 +22,7 @@ from services.browser_agent.runtime import (
     ShardRuntimeError,
     Tensors,
 )
+from services.common.pulse import Pulse
 
 
 class NotFound(ShardRuntimeError):
@@ -93,6 +93,11 @@ class Connectable(Protocol):
     @property
     def connected(self) -> bool:
         """True while the runtime is reachable."""
+        ...
+
+    @property
+    def changed(self) -> Pulse:
+        """Fires when ``connected`` or the runtime's state changes."""
         ...
 
 
@@ -230,7 +235,7 @@ class ShardHost:
                 raise Unavailable(
                     f"browser {browser_id}'s page is still disconnected after {waited:.1f} s"
                 )
-            await asyncio.sleep(0.02)
+            await runtime.changed.wait(timeout_s - waited)
         return time.monotonic() - started
 
     async def load(

@@ -31,6 +31,7 @@ from webshard.tensors import encode_tensor
 
 from services.common.errors import DomainError
 from services.common.failures import FailureReporter, failure_kind
+from services.common.pulse import Pulse
 from services.coordinator.links import AgentLink, HopError
 from services.coordinator.pipeline import (
     FailureSink,
@@ -207,6 +208,8 @@ class Deployments:
         self._links: dict[str, AgentLink] = {}
         self._background: set[asyncio.Task[None]] = set()
         self.models: dict[str, Deployment] = {}
+        self.changed = Pulse()
+        """Fires whenever a model's placement is applied or removed."""
         """Deployed models, as the replicated log has applied them."""
 
     def link(self, agent_id: str) -> AgentLink:
@@ -299,6 +302,7 @@ class Deployments:
         """
         previous = self.models.pop(model, None)
         if placement is None:
+            self.changed.fire()
             return
         deployment = deployment_of(placement, self.run_hop, self.on_failure)
         if previous is not None:
@@ -311,6 +315,7 @@ class Deployments:
                 for r in [*stage.replicas, *stage.spares]:
                     r.healthy = health.get((r.agent_id, r.browser_id, r.handle), True)
         self.models[model] = deployment
+        self.changed.fire()
 
     def _failed_shard(
         self, model: str, shard_index: int, agent_id: str
@@ -367,7 +372,8 @@ class Deployments:
             )
             if destination is None:
                 if time.monotonic() < deadline:
-                    await asyncio.sleep(0.2)  # the registry learns of browsers from status
+                    # The registry learns of browsers from the agents' status reports.
+                    await self._registry.changed.wait(deadline - time.monotonic())
                     continue
                 raise DeployError(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from google.protobuf.timestamp_pb2 import Timestamp
 from webshard.common.v1 import common_pb2
 
+from services.common.pulse import Pulse
+
 
 @dataclass
 class AgentRecord:
@@ -40,6 +42,9 @@ class AgentRegistry:
         self._clock = clock
         self._agents: dict[str, AgentRecord] = {}
         self._sessions = 0
+        self.changed = Pulse()
+        """Fires when an agent is learnt of, attaches, detaches, reports its browsers or
+        heartbeats again after falling silent: what placement can use has changed."""
 
     def upsert(
         self,
@@ -67,6 +72,7 @@ class AgentRegistry:
             record.address = address
             record.memory_budget_bytes = memory_budget_bytes
             record.browsers = list(browsers)
+        self.changed.fire()
 
     def attach(self, agent_id: str) -> int:
         """Note that the agent's session opened here; return the session's number."""
@@ -75,6 +81,7 @@ class AgentRegistry:
         record.session = self._sessions
         record.connected = True
         record.last_heartbeat = self._clock()
+        self.changed.fire()
         return self._sessions
 
     def register(
@@ -95,13 +102,17 @@ class AgentRegistry:
     def heartbeat(self, agent_id: str, *, in_flight: int, memory_used_bytes: int) -> None:
         """Note a heartbeat."""
         record = self._agents[agent_id]
+        silent = not self.healthy(record)
         record.last_heartbeat = self._clock()
         record.in_flight = in_flight
         record.memory_used_bytes = memory_used_bytes
+        if silent:
+            self.changed.fire()
 
     def update_browsers(self, agent_id: str, browsers: Iterable[common_pb2.BrowserInfo]) -> None:
         """Replace an agent's browser list from a status report."""
         self._agents[agent_id].browsers = list(browsers)
+        self.changed.fire()
 
     def disconnected(self, agent_id: str, session: int) -> None:
         """Note that a session ended, unless the agent has since opened a newer one."""
@@ -109,6 +120,7 @@ class AgentRegistry:
         if record is not None and record.session == session:
             record.connected = False
             record.detached_at = self._clock()
+            self.changed.fire()
 
     def reattaching(self, within_s: float) -> list[str]:
         """Agents known to the cluster whose session is not open here but ended (or who

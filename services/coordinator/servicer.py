@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import hashlib
 import logging
@@ -133,23 +132,6 @@ def request_fingerprint(request: pb.InferRequest) -> bytes:
     return hashlib.sha256(asked.SerializeToString(deterministic=True)).digest()
 
 
-class Pulse:
-    """Wakes everyone waiting at the moment it fires (here: an agent attached)."""
-
-    def __init__(self) -> None:
-        self._event = asyncio.Event()
-
-    def fire(self) -> None:
-        """Wake the current waiters; later waiters wait for the next firing."""
-        self._event.set()
-        self._event = asyncio.Event()
-
-    async def wait(self, timeout: float) -> None:
-        """Return at the next firing, or after ``timeout`` seconds."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._event.wait(), max(0.0, timeout))
-
-
 class AnswerRecorder:
     """Replicates Infer answers by request id, in batches, off the request path.
 
@@ -225,7 +207,6 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         )
         self._writes = asyncio.Lock()  # deploys, undeploys and moves one at a time
         self._barriers = ModelBarriers()
-        self._attached = Pulse()
 
     async def _not_leader(self, context: Context, error: NotLeaderError | None = None) -> None:
         """End a call this replica cannot serve, pointing at the leader when it knows one."""
@@ -288,7 +269,6 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         await self._commit(agent_command(entry), context)
         session = self._registry.attach(reg.agent_id)
         self._deployments.mark_agent(reg.agent_id, healthy=True)
-        self._attached.fire()
         log.info("agent registered", extra={"agent_id": reg.agent_id, "agent_address": reg.address})
         interval = Duration()
         interval.FromMilliseconds(int(self._settings.heartbeat_interval_s * 1000))
@@ -418,7 +398,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
                     "deploy waits for agents reattaching",
                     extra={"model": request.model, "agents": waiting, "reason": exc.message},
                 )
-                await self._attached.wait(min(left, self._settings.reattach_wait_s))
+                await self._registry.changed.wait(min(left, self._settings.reattach_wait_s))
 
     async def UndeployModel(
         self, request: pb.UndeployModelRequest, context: Context
@@ -685,7 +665,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
                 raise error
             if latest is not current:
                 return latest
-            await asyncio.sleep(0.02)
+            await self._deployments.changed.wait(retry_at - time.monotonic())
         if time.monotonic() >= deadline:
             raise error
         return self._deployments.models.get(model, current)

@@ -38,6 +38,8 @@ from webshard.common.v1 import common_pb2
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
+from services.common.pulse import Pulse
+
 from ..runtime import (
     BadInput,
     LoadResult,
@@ -132,6 +134,8 @@ class BrowserRuntime:
         self._chromedriver_pid: int | None = None
         self._browser_pid: int | None = None
         self._socket: ServerConnection | None = None
+        self.changed = Pulse()
+        """Fires when the page's socket opens or closes and when the state changes."""
         self._hello: asyncio.Future[dict[str, Any]] | None = None
         self._capabilities = common_pb2.Capabilities()
         self._pending: dict[int, asyncio.Future[_Reply]] = {}
@@ -398,7 +402,8 @@ class BrowserRuntime:
                 "browser state",
                 extra={"browser_id": self._id, "state": State.Name(state)},
             )
-        self._state = state
+            self._state = state
+            self.changed.fire()
 
     def _emit(self, kind: BrowserEventKind, message: str) -> None:
         log.info(
@@ -484,6 +489,7 @@ class BrowserRuntime:
         if self._closing or self._lost is not None:
             return
         previous, self._socket = self._socket, conn
+        self.changed.fire()
         if previous is not None:
             await previous.close()
         self._on_hello(hello)
@@ -496,6 +502,7 @@ class BrowserRuntime:
             if self._socket is conn:
                 self._socket = None
                 self._on_socket_closed(conn)
+                self.changed.fire()
 
     def _on_hello(self, hello: dict[str, Any]) -> None:
         assert self._hello is not None

@@ -215,6 +215,10 @@ class Session(Protocol):
         """Break the open session stream; False when none is open."""
         ...
 
+    def report_status(self) -> None:
+        """Tell the coordinator the browsers' state now (a fault began or ended)."""
+        ...
+
 
 @dataclasses.dataclass(frozen=True)
 class HookRequest:
@@ -316,6 +320,22 @@ class FaultHooks:
         """(fault id, hook, browser id) of every revertible effect in force."""
         return [(a.fault_id, a.hook, a.result.browser_id) for a in self._applied]
 
+    def mark(self, infos: list[common_pb2.BrowserInfo]) -> list[common_pb2.BrowserInfo]:
+        """``infos`` with each browser's faults in force filled in (a fault on the whole
+        agent is in force on each of its browsers)."""
+        for info in infos:
+            del info.faults_in_force[:]
+            info.faults_in_force.extend(
+                sorted(
+                    {
+                        a.fault_id
+                        for a in self._applied
+                        if a.result.browser_id in ("", info.browser_id)
+                    }
+                )
+            )
+        return infos
+
     async def apply(self, request: HookRequest) -> HookResult:
         """Perform a hook; raises HookError with the status to answer when it cannot."""
         _require(bool(request.fault_id), "INVALID_ARGUMENT", "fault_id must not be empty")
@@ -374,6 +394,7 @@ class FaultHooks:
                 effect.ended_at = self._clock()  # done at once (a kill, a crash)
             if applied.result.revertible:
                 self._applied.append(applied)
+                self._session.report_status()
                 if request.duration_s > 0:
                     applied.timer = asyncio.create_task(
                         self._revert_after(applied, request.duration_s),
@@ -554,6 +575,7 @@ class FaultHooks:
 
     async def _undo(self, applied: _Applied) -> None:
         self._applied.remove(applied)
+        self._session.report_status()
         if applied.effect is not None:
             applied.effect.ended_at = self._clock()
         hook, browser = applied.hook, applied.browser

@@ -57,7 +57,7 @@ def make_app(settings: AgentSettings, lifecycle: Lifecycle) -> BasicApp:
         address=settings.advertise_address or f"{settings.host}:{settings.port or DEFAULT_PORT}",
         coordinators=settings.coordinators,
         memory_budget_bytes=settings.memory_budget_mb * 1024 * 1024,
-        browsers=host.status,
+        browsers=lambda: hooks.mark(host.status()),
         max_backoff_s=settings.reconnect_max_backoff_s,
         token=settings.cluster_token,
     )
@@ -70,6 +70,7 @@ def make_app(settings: AgentSettings, lifecycle: Lifecycle) -> BasicApp:
         # before any request does; recovery hears of them at once.
         while True:
             event = await pool.events.get()
+            session.report_status()
             kind = BROWSER_FAILURES.get(event.kind)
             if kind is None:
                 continue

@@ -225,7 +225,7 @@ class BrowserAgentServicer(pb_grpc.BrowserAgentServiceServicer):
         """The agent's runtimes, their shards and memory, its store and session."""
         return pb.GetStatusResponse(
             agent_id=self._settings.agent_id,
-            browsers=self._host.status(),
+            browsers=self._hooks.mark(self._host.status()),
             memory_budget_bytes=self._settings.memory_budget_mb * 1024 * 1024,
             cached_shard_sha256=self._store.hashes(),
             coordinator_address=self._session.attached_to,

@@ -24,6 +24,7 @@ from webshard.coordinator.v1 import coordinator_pb2_grpc as pb_grpc
 
 from services.browser_agent.hooks import Link
 from services.common.auth import bearer_metadata
+from services.common.pulse import Pulse
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ class CoordinatorSession:
         self.attached = asyncio.Event()
         self.link = Link()
         """Conditions fault hooks put on the session's traffic."""
+        self._status_due = Pulse()
         self._call: (
             grpc.aio.StreamStreamCall[pb.AgentSessionRequest, pb.AgentSessionResponse] | None
         ) = None
@@ -186,34 +188,49 @@ class CoordinatorSession:
         interval: float,
         registered: list[common_pb2.BrowserInfo],
     ) -> None:
-        """Heartbeat every ``interval``; send the browser list when it changed."""
+        """Heartbeat every ``interval``; send the browser list when it changed, at once
+        when ``report_status`` asks."""
         sequence = 0
         reported = _status_key(registered)
+        beat_at = time.monotonic()
         while True:
-            sequence += 1
-            sent = Timestamp()
-            sent.FromNanoseconds(time.time_ns())
             browsers = self._browsers()
-            # Injected latency holds each message; heartbeats then come that much apart more.
-            await self.link.hold()
-            await call.write(
-                pb.AgentSessionRequest(
-                    heartbeat=pb.AgentHeartbeat(
-                        sequence=sequence,
-                        sent_at=sent,
-                        memory_used_bytes=sum(b.memory_bytes for b in browsers),
+            beat = time.monotonic() >= beat_at
+            key = _status_key(browsers)
+            if beat or key != reported:
+                # Injected latency holds each message; heartbeats then come that much
+                # apart more.
+                await self.link.hold()
+            if beat:
+                sequence += 1
+                sent = Timestamp()
+                sent.FromNanoseconds(time.time_ns())
+                await call.write(
+                    pb.AgentSessionRequest(
+                        heartbeat=pb.AgentHeartbeat(
+                            sequence=sequence,
+                            sent_at=sent,
+                            memory_used_bytes=sum(b.memory_bytes for b in browsers),
+                        )
                     )
                 )
-            )
-            if (key := _status_key(browsers)) != reported:
+                beat_at = time.monotonic() + interval
+            if key != reported:
                 await call.write(
                     pb.AgentSessionRequest(status=pb.AgentStatusReport(browsers=browsers))
                 )
                 reported = key
-            await asyncio.sleep(interval)
+            await self._status_due.wait(beat_at - time.monotonic())
+
+    def report_status(self) -> None:
+        """Send the browser list now if it changed (a fault took effect, a browser failed),
+        not at the next heartbeat."""
+        self._status_due.fire()
 
 
-def _status_key(browsers: list[common_pb2.BrowserInfo]) -> list[tuple[str, int, int]]:
+def _status_key(
+    browsers: list[common_pb2.BrowserInfo],
+) -> list[tuple[str, int, int, tuple[str, ...]]]:
     # Memory moves all the time; a status report is due when a browser appears,
-    # disappears, changes state or gains or loses shards.
-    return [(b.browser_id, b.state, len(b.shards)) for b in browsers]
+    # disappears, changes state, gains or loses shards, or a fault starts or ends there.
+    return [(b.browser_id, b.state, len(b.shards), tuple(b.faults_in_force)) for b in browsers]

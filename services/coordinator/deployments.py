@@ -18,7 +18,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,6 +73,9 @@ SPARE_RETRY_WAITS_S = (0.5, 1.0, 2.0, 4.0)
 
 WARM_UP_TIMEOUT_S = 60.0
 """How long a spare's warm-up inference may take."""
+
+RECENT_FAILURE_S = 5.0
+"""A runtime whose hop failed this recently takes no spare, takeover or replacement."""
 
 # Commits a placement built (from the state at that moment) under the coordinator's
 # write lock; False when the builder found nothing to commit.
@@ -198,8 +201,12 @@ class Deployments:
         load_timeout_s: float = 120.0,
         replace_wait_s: float = 5.0,
         token: str = "",
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._registry = registry
+        self._clock = clock
+        self._failed_at: dict[tuple[str, str], float] = {}
+        """(agent, browser) -> when a hop there last failed."""
         self._token = token
         self._reporter = reporter
         self._cache_dir = cache_dir
@@ -208,9 +215,9 @@ class Deployments:
         self._links: dict[str, AgentLink] = {}
         self._background: set[asyncio.Task[None]] = set()
         self.models: dict[str, Deployment] = {}
+        """Deployed models, as the replicated log has applied them."""
         self.changed = Pulse()
         """Fires whenever a model's placement is applied or removed."""
-        """Deployed models, as the replicated log has applied them."""
 
     def link(self, agent_id: str) -> AgentLink:
         """The link to an agent, reopened when its address changed."""
@@ -238,6 +245,7 @@ class Deployments:
 
     def on_failure(self, model: str, stage: Stage, replica: Replica, error: HopError) -> None:
         """Report a failed hop to recovery; the pipeline replays it on the next replica."""
+        self._failed_at[(replica.agent_id, replica.browser_id)] = self._clock()
         self._reporter.report(
             source=recovery_pb2.FAILURE_SOURCE_DATA_PATH,
             kind=failure_kind(error.code),
@@ -333,7 +341,12 @@ class Deployments:
         return current, shard
 
     async def prepare_replacement(
-        self, model: str, shard_index: int, agent_id: str, browser_id: str
+        self,
+        model: str,
+        shard_index: int,
+        agent_id: str,
+        browser_id: str,
+        avoid: Iterable[tuple[str, str]] = (),
     ) -> Replacement | None:
         """Load a shard's replica off a failed browser (or agent) elsewhere.
 
@@ -343,7 +356,8 @@ class Deployments:
         preference, an idle ready browser, a warm standby, the least loaded ready
         browser; on an agent holding no other replica of the shard first, then on
         another agent before the failed one's; never a browser that already holds
-        the shard. Raises DeployError when none can take it.
+        the shard, nor one ``unhealthy`` names (``avoid`` among them). Raises
+        DeployError when none can take it.
         """
         current, shard = self._failed_shard(model, shard_index, agent_id)
         failed = [
@@ -368,12 +382,19 @@ class Deployments:
         failures: list[str] = []
         while True:
             destination = self._destination(
-                native, holding, sharing, old, whole_agent=not browser_id
+                native,
+                holding | self.unhealthy(avoid),
+                sharing,
+                old,
+                whole_agent=not browser_id,
             )
             if destination is None:
                 if time.monotonic() < deadline:
-                    # The registry learns of browsers from the agents' status reports.
-                    await self._registry.changed.wait(deadline - time.monotonic())
+                    # The registry learns of browsers from the agents' status reports;
+                    # a recent failure ages out.
+                    await self._registry.changed.wait(
+                        min(deadline - time.monotonic(), self._until_a_failure_ages_out())
+                    )
                     continue
                 raise DeployError(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -439,7 +460,7 @@ class Deployments:
     def _destination(
         self,
         native: bool,
-        holding: set[tuple[str, str]],
+        excluded: set[tuple[str, str]],
         sharing: set[str],
         old: pb.ShardReplica,
         *,
@@ -456,7 +477,9 @@ class Deployments:
                 continue
             for browser in record.browsers:
                 key = (record.agent_id, browser.browser_id)
-                if key in holding or key == (old.agent_id, old.browser_id):
+                if key in excluded or (record.agent_id, "") in excluded:
+                    continue
+                if key == (old.agent_id, old.browser_id):
                     continue
                 if native:
                     if browser.runtime != common_pb2.RUNTIME_NATIVE:
@@ -670,15 +693,18 @@ class Deployments:
             return str(exc)
         return None
 
-    def unhealthy(self) -> set[tuple[str, str]]:
+    def unhealthy(self, avoid: Iterable[tuple[str, str]] = ()) -> set[tuple[str, str]]:
         """Runtimes (agent, browser) and whole agents (agent, "") not to trust now:
-        agents without a live session, browsers not ready, copies whose last run failed."""
-        bad: set[tuple[str, str]] = set()
+        agents without a live session, browsers not ready or with a fault in force,
+        copies whose last run failed, runtimes with a failed hop in the last
+        RECENT_FAILURE_S, and ``avoid`` (what the caller knows: open breakers,
+        recoveries under way)."""
+        bad: set[tuple[str, str]] = set(avoid)
         for record in self._registry.agents(include_unhealthy=True):
             if not self._registry.healthy(record):
                 bad.add((record.agent_id, ""))
             for browser in record.browsers:
-                if browser.state not in (
+                if browser.faults_in_force or browser.state not in (
                     common_pb2.BROWSER_STATE_READY,
                     common_pb2.BROWSER_STATE_STANDBY,
                 ):
@@ -688,10 +714,27 @@ class Deployments:
                 for r in [*stage.replicas, *stage.spares]:
                     if not r.healthy:
                         bad.add((r.agent_id, r.browser_id))
+        now = self._clock()
+        for key, at in list(self._failed_at.items()):
+            if now - at < RECENT_FAILURE_S:
+                bad.add(key)
+            else:
+                del self._failed_at[key]
         return bad
 
+    def _until_a_failure_ages_out(self) -> float:
+        """Seconds until the oldest recent failure stops counting (inf when none)."""
+        if not self._failed_at:
+            return float("inf")
+        return max(0.0, min(self._failed_at.values()) + RECENT_FAILURE_S - self._clock())
+
     def takeover(
-        self, model: str, shard_index: int, agent_id: str, browser_id: str
+        self,
+        model: str,
+        shard_index: int,
+        agent_id: str,
+        browser_id: str,
+        avoid: Iterable[tuple[str, str]] = (),
     ) -> Takeover | None:
         """The placement in which a healthy spare serves in place of the failed replica.
 
@@ -715,7 +758,7 @@ class Deployments:
             del shard.spares[:]
             shard.spares.extend(kept)
             return Takeover(current, None, dead_spare)
-        unhealthy = self.unhealthy()
+        unhealthy = self.unhealthy(avoid)
         unhealthy.add((agent_id, browser_id))
         chosen = choose_takeover(
             [Slot(r.agent_id, r.browser_id) for r in shard.spares],

@@ -439,6 +439,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 "ReplaceShard needs a model, a shard_index >= 0 and the failed agent_id",
             )
+        if any(not r.agent_id for r in request.avoid):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "every runtime in avoid needs an agent_id"
+            )
         taken_over = await self._take_over(request, context)
         if taken_over is not None:
             return taken_over
@@ -446,7 +450,11 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         # at once; only the commit is one at a time.
         try:
             replacement = await self._deployments.prepare_replacement(
-                request.model, request.shard_index, request.agent_id, request.browser_id
+                request.model,
+                request.shard_index,
+                request.agent_id,
+                request.browser_id,
+                avoid=[(r.agent_id, r.browser_id) for r in request.avoid],
             )
         except HopError as exc:
             await context.abort(
@@ -490,7 +498,11 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         """Swap the failed replica for a hot spare, committed; None when no spare may."""
         async with self._writes:
             takeover = self._deployments.takeover(
-                request.model, request.shard_index, request.agent_id, request.browser_id
+                request.model,
+                request.shard_index,
+                request.agent_id,
+                request.browser_id,
+                avoid=[(r.agent_id, r.browser_id) for r in request.avoid],
             )
             if takeover is None:
                 return None

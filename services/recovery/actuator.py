@@ -23,7 +23,7 @@ unavailable and the strategy treats the level as failed.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -70,6 +70,8 @@ class CoordinatorActuator:
         max_pause_s: the longest a barrier holds a model if its resume never comes.
         token: the cluster token, which the coordinator requires of the calls that act.
         client: a client to use instead of one made from ``coordinators`` (tests).
+        avoid: the runtimes (agent, browser) a shard must not move to now (recoveries
+            under way, open breakers); browser "" names a whole agent.
     """
 
     def __init__(
@@ -82,7 +84,9 @@ class CoordinatorActuator:
         max_pause_s: float = 10.0,
         token: str = "",
         client: Client | None = None,
+        avoid: Callable[[], Sequence[tuple[str, str]]] = lambda: (),
     ) -> None:
+        self.avoid = avoid
         # The client's calls carry the current span (a recovery's phase) as their
         # parent, so what the coordinator and its agents do belongs to the recovery's trace.
         self._client = client or Client(
@@ -179,6 +183,7 @@ class CoordinatorActuator:
                 target.shard_index,
                 target.agent_id,
                 target.browser_id,
+                avoid=self.avoid(),
                 timeout=self._timeout_s,
             )
         except RPCError as exc:

@@ -454,6 +454,15 @@ class Breakers:
         breaker = self._breakers.get(key)
         return breaker is not None and not breaker.allows()
 
+    def open_runtimes(self) -> list[tuple[str, str]]:
+        """(agent, browser) of every OPEN breaker; browser "" for an agent's."""
+        runtimes = []
+        for key, breaker in self._breakers.items():
+            if not breaker.allows():
+                agent, _, browser = key.target_id.partition("/")
+                runtimes.append((agent, browser))
+        return sorted(runtimes)
+
     def record(self, key: BreakerKey, ok: bool, reason: str) -> None:
         """Count one outcome for one breaker."""
         self._breaker(key).record(ok, reason)

@@ -32,7 +32,7 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Self
 
@@ -266,6 +266,12 @@ class Recoveries:
         watch = Watch(self, initial, self.config.watch_buffer)
         self._watches.add(watch)
         return watch
+
+    def unhealthy_runtimes(self) -> Sequence[tuple[str, str]]:
+        """(agent, browser) no shard should move to now: a recovery is under way there,
+        or its breaker is open (browser "" for a whole agent)."""
+        running = {(agent, browser) for agent, browser, _, _ in self._running}
+        return sorted(running | set(self.breakers.open_runtimes()))
 
     async def wait(self, recovery_id: str) -> RecoveryRecord:
         """Wait until the recovery finishes; return its final record. KeyError when unknown."""

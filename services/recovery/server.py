@@ -85,6 +85,7 @@ def make_app(settings: RecoverySettings, lifecycle: Lifecycle) -> BasicApp:
         config=settings.recoveries_config(),
         clock=clock,
     )
+    actuator.avoid = recoveries.unhealthy_runtimes
 
     agent_status = GrpcAgentStatus()
     prober = BreakerProber(

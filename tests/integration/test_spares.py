@@ -6,10 +6,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import grpc
 import pytest
 import webshard
+from webshard.browser_agent.v1 import browser_agent_pb2 as agent_pb
+from webshard.browser_agent.v1 import browser_agent_pb2_grpc as agent_grpc
+from webshard.cli.local import LocalCluster
 from webshard.coordinator.v1 import coordinator_pb2
-from webshard.errors import InvalidArgumentError
+from webshard.errors import InvalidArgumentError, ResourceExhaustedError
 
 from tests.conftest import native_cluster, wait_for
 from tests.integration.test_inference import cosine, reference_embeddings
@@ -19,11 +23,14 @@ SENTENCE = "A spare that takes no traffic is ready when it is needed."
 
 
 @pytest.fixture(scope="module")
-def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[webshard.Client]:
-    with (
-        native_cluster(tmp_path_factory.mktemp("cluster"), 3) as local,
-        webshard.Client(local.coordinators(), timeout=60) as sdk,
-    ):
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    with native_cluster(tmp_path_factory.mktemp("cluster"), 3) as local:
+        yield local
+
+
+@pytest.fixture(scope="module")
+def client(cluster: LocalCluster) -> Iterator[webshard.Client]:
+    with webshard.Client(cluster.coordinators(), timeout=60) as sdk:
         yield sdk
 
 
@@ -102,3 +109,51 @@ def test_without_spares_a_replacement_is_loaded(client: webshard.Client) -> None
     assert moved.replica.handle != old.handle
     assert all(not s.spares for s in moved.placement.shards)
     assert correct(client)
+
+
+def hook(address: str, fault_id: str, *, revert: bool = False) -> None:
+    """Put (or lift) a small RunShard delay on a whole agent: a fault in force there."""
+    with grpc.insecure_channel(address) as channel:
+        stub = agent_grpc.BrowserAgentServiceStub(channel)
+        if revert:
+            stub.RevertFaultHook(agent_pb.RevertFaultHookRequest(fault_id=fault_id), timeout=10)
+            return
+        request = agent_pb.ApplyFaultHookRequest(
+            fault_id=fault_id, hook=agent_pb.FAULT_HOOK_DELAY, data_path_only=True
+        )
+        request.delay.FromMilliseconds(1)
+        stub.ApplyFaultHook(request, timeout=10)
+
+
+def test_no_replacement_lands_where_a_fault_is_in_force(
+    cluster: LocalCluster, client: webshard.Client
+) -> None:
+    placement = client.deploy("vit-tiny", shards=1, replicas=1, runtime="native", spares=0)
+    [old] = placement.shards[0].replicas
+    agents = {a.agent_id: a.address for a in client.cluster_status().agents}
+    others = sorted(a for a in agents if a != old.agent_id)
+
+    def faults_seen(expected: dict[str, bool]) -> bool:
+        seen = {a.agent_id: a for a in client.cluster_status().agents}
+        return all(
+            any(b.faults_in_force for b in seen[agent].browsers) == faulty
+            for agent, faulty in expected.items()
+        )
+
+    for agent in others:
+        hook(agents[agent], f"lag-{agent}")
+    try:
+        wait_for(lambda: faults_seen(dict.fromkeys(others, True)), 30, "the faults to be known")
+        # Every other runtime has a fault in force: refused, and nothing moves.
+        with pytest.raises(ResourceExhaustedError, match="no ready browser"):
+            client.replace_shard("vit-tiny", 0, old.agent_id, old.browser_id)
+        assert client.placement("vit-tiny") == placement
+        # One fault ends: the replica goes there, not to the one still in force.
+        hook(agents[others[0]], f"lag-{others[0]}", revert=True)
+        wait_for(lambda: faults_seen({others[0]: False}), 30, "the fault's end to be known")
+        moved = client.replace_shard("vit-tiny", 0, old.agent_id, old.browser_id)
+        assert moved.replica.agent_id == others[0]
+    finally:
+        for agent in others:
+            hook(agents[agent], f"lag-{agent}", revert=True)
+    client.undeploy("vit-tiny")

@@ -17,9 +17,11 @@ from webshard.coordinator.v1 import coordinator_pb2 as pb
 
 from services.coordinator.deployments import (
     MAX_REPLACE_TRIES,
+    RECENT_FAILURE_S,
     DeployError,
     Deployment,
     Deployments,
+    Replacement,
 )
 from services.coordinator.links import HopError
 from services.coordinator.pipeline import Pipeline, Replica, Stage
@@ -57,12 +59,31 @@ def browser(browser_id: str, state: int) -> common_pb2.BrowserInfo:
     )
 
 
-def rig(dead: set[str]) -> tuple[Deployments, dict[str, FakeLink]]:
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class NullReporter:
+    def report(self, **fields: Any) -> None:
+        pass
+
+
+def rig(dead: set[str], clock: Clock | None = None) -> tuple[Deployments, dict[str, FakeLink]]:
     registry = AgentRegistry(heartbeat_timeout_s=60)
     registry.register("agent-0", "a0:1", 1 << 30, [browser("b0", READY), browser("b1", READY)])
     registry.register("agent-1", "a1:1", 1 << 30, [browser("b0", READY), browser("b1", STANDBY)])
     registry.register("agent-2", "a2:1", 1 << 30, [browser("b0", READY), browser("b1", STANDBY)])
-    deployments = Deployments(registry, None, reporter=None, replace_wait_s=0)  # type: ignore[arg-type]
+    deployments = Deployments(
+        registry,
+        None,
+        reporter=NullReporter(),  # type: ignore[arg-type]
+        replace_wait_s=0,
+        clock=clock or Clock(),
+    )
     links = {a: FakeLink(a, f"a{a[-1]}:1", dead) for a in ("agent-0", "agent-1", "agent-2")}
     deployments._links.update(links)  # type: ignore[arg-type]
 
@@ -218,3 +239,45 @@ def test_a_spare_on_the_failed_agent_is_not_promoted_but_a_failed_spare_is_dropp
     dropped = fresh.takeover("minilm-l6", 0, "agent-2", "b0")
     assert dropped is not None and dropped.promoted is None
     assert copies(dropped.placement) == (["agent-0/b0", "agent-1/b0"], [])
+
+
+def where(replacement: Replacement | None) -> str:
+    assert replacement is not None
+    return f"{replacement.replica.agent_id}/{replacement.replica.browser_id}"
+
+
+async def test_no_replica_goes_where_a_fault_is_in_force() -> None:
+    deployments, _ = rig(dead=set())
+    faulty = browser("b0", READY)
+    faulty.faults_in_force.append("fault-7")
+    deployments._registry.update_browsers("agent-2", [faulty, browser("b1", STANDBY)])
+    moved = await deployments.prepare_replacement("minilm-l6", 0, "agent-0", "b0")
+    assert where(moved) != "agent-2/b0"  # the first choice without the fault
+
+
+async def test_a_runtime_that_failed_a_hop_just_now_is_passed_over_for_a_while() -> None:
+    clock = Clock()
+    deployments, _ = rig(dead=set(), clock=clock)
+    stage = deployments.models["minilm-l6"].pipeline.stages[0]
+    hop = HopError("agent-2", grpc.StatusCode.UNAVAILABLE, "socket closed")
+    deployments.on_failure("minilm-l6", stage, Replica("agent-2", "b0", "h", 1, True), hop)
+    assert ("agent-2", "b0") in deployments.unhealthy()
+    assert where(await deployments.prepare_replacement("minilm-l6", 0, "agent-0", "b0")) != (
+        "agent-2/b0"
+    )
+    clock.now += RECENT_FAILURE_S
+    assert ("agent-2", "b0") not in deployments.unhealthy()
+    assert where(await deployments.prepare_replacement("minilm-l6", 0, "agent-0", "b0")) == (
+        "agent-2/b0"
+    )
+
+
+async def test_what_the_caller_asks_to_avoid_takes_neither_a_takeover_nor_a_load() -> None:
+    deployments, _ = rig(dead=set())
+    with_spare(deployments, "agent-2/b0")
+    avoid = [("agent-2", "")]  # a recovery under way on agent-2, say
+    assert deployments.takeover("minilm-l6", 0, "agent-0", "b0", avoid=avoid) is None
+    moved = await deployments.prepare_replacement("minilm-l6", 0, "agent-0", "b0", avoid=avoid)
+    assert not where(moved).startswith("agent-2/")
+    # Without it, the spare takes over.
+    assert deployments.takeover("minilm-l6", 0, "agent-0", "b0") is not None

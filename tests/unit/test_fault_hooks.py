@@ -120,10 +120,14 @@ class FakeSession:
     def __init__(self) -> None:
         self.link = Link()
         self.cuts = 0
+        self.reports = 0
 
     def cut(self) -> bool:
         self.cuts += 1
         return True
+
+    def report_status(self) -> None:
+        self.reports += 1
 
 
 def hooks_with(*browsers: FakeBrowser) -> tuple[FaultHooks, FakeSession, ShardHost]:
@@ -614,3 +618,18 @@ def test_a_local_cluster_gives_its_agents_the_injectors_fault_token(tmp_path: Pa
     # Without a token, none is invented (one in the environment reaches them by itself).
     open_cluster = plan(agents=1, data_dir=tmp_path, auto_ports=True)
     assert not any("--fault-token" in p.args for p in open_cluster)
+
+
+async def test_faults_in_force_are_marked_on_their_browsers_and_told_at_once() -> None:
+    hooks, session, _ = hooks_with(FakeBrowser("browser-0"), FakeBrowser("browser-1"))
+    await hooks.apply(request(H.FAULT_HOOK_OFFLINE, browser_id="browser-0", fault_id="off"))
+    assert session.reports == 1  # the coordinator hears of it before the next heartbeat
+    await hooks.apply(request(H.FAULT_HOOK_DELAY, delay_s=0.01, fault_id="lag"))
+    infos = [common_pb2.BrowserInfo(browser_id=b) for b in ("browser-0", "browser-1")]
+    marked = {i.browser_id: list(i.faults_in_force) for i in hooks.mark(infos)}
+    # A fault on the whole agent is in force on each browser.
+    assert marked == {"browser-0": ["lag", "off"], "browser-1": ["lag"]}
+    await hooks.revert("off")
+    await hooks.revert("lag")
+    assert session.reports == 4
+    assert all(not i.faults_in_force for i in hooks.mark(infos))

@@ -353,3 +353,13 @@ def test_enums_carry_the_contract_numbers() -> None:
         assert common_pb2.BreakerState.Name(state.value) == f"BREAKER_STATE_{state.name}"
     for scope in BreakerScope:
         assert recovery_pb2.BreakerScope.Name(scope.value) == f"BREAKER_SCOPE_{scope.name}"
+
+
+def test_open_breakers_name_the_runtimes_to_avoid() -> None:
+    clock = FakeClock()
+    breakers, _ = board(clock, consecutive_failures=1, minimum_calls=10, window=10)
+    assert breakers.open_runtimes() == []
+    breakers.record(BROWSER, False, "page crashed")
+    breakers.record(BreakerKey.agent("agent-2"), False, "agent lost")
+    breakers.record(BreakerKey.agent("agent-3"), True, "verify passed")
+    assert breakers.open_runtimes() == [("agent-1", "b0"), ("agent-2", "")]

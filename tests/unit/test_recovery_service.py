@@ -169,6 +169,22 @@ async def test_reports_of_one_failure_share_one_recovery_while_it_runs(harness: 
     assert not joined and again.recovery_id not in (first.recovery_id, other.recovery_id)
 
 
+async def test_runtimes_under_recovery_or_with_an_open_breaker_are_to_be_avoided(
+    harness: Harness,
+) -> None:
+    harness.actuator.gate = asyncio.Event()
+    assert harness.recoveries.unhealthy_runtimes() == []
+    first, _ = harness.recoveries.report(failure())
+    other, _ = harness.recoveries.report(
+        failure(FailureKind.SHARD_ERROR, browser_id="b1", shard_index=2)
+    )
+    assert harness.recoveries.unhealthy_runtimes() == [("agent-1", "b0"), ("agent-1", "b1")]
+    harness.actuator.gate.set()
+    for recovery in (first, other):
+        await harness.recoveries.wait(recovery.recovery_id)
+    assert harness.recoveries.unhealthy_runtimes() == harness.breakers.open_runtimes()
+
+
 async def test_a_later_report_that_names_the_fault_gives_it_to_the_recovery(
     harness: Harness,
 ) -> None:
@@ -684,8 +700,8 @@ class FakeClient:
             raise answer
         return answer
 
-    async def replace_shard(self, *args: Any, timeout: float | None = None) -> Any:
-        self.calls.append(("replace", *args))
+    async def replace_shard(self, *args: Any, avoid: Any = (), timeout: float | None = None) -> Any:
+        self.calls.append(("replace", *args, list(avoid)))
         return self.moved
 
     async def restart_browser(self, *args: Any, timeout: float | None = None) -> Any:
@@ -760,7 +776,12 @@ async def test_coordinator_actuator_acts_through_the_coordinator() -> None:
     client = FakeClient(
         placement_proto=coordinator_placement(), answers=[answer(0.5), UnavailableError("offline")]
     )
-    actuator = CoordinatorActuator([], client=client, reconnect_wait_s=1.5)  # type: ignore[arg-type]
+    actuator = CoordinatorActuator(
+        [],
+        client=client,  # type: ignore[arg-type]
+        reconnect_wait_s=1.5,
+        avoid=lambda: [("agent-2", "")],  # a recovery under way there, say
+    )
     target = Target("agent-1", "b0", "minilm-l6", 1)
     # Retrying in place probes the failed replica: the shard pinned to it.
     assert (await actuator.retry_in_place(target)).served_by == (("agent-1", "b0"),)
@@ -788,8 +809,8 @@ async def test_coordinator_actuator_acts_through_the_coordinator() -> None:
     with pytest.raises(ActionUnavailable, match="workload controller"):
         await actuator.restart_agent(target)
     assert client.calls == [
-        ("replace", "minilm-l6", 1, "agent-1", "b0"),
-        ("replace", "minilm-l6", 1, "agent-1", "b0"),
+        ("replace", "minilm-l6", 1, "agent-1", "b0", [("agent-2", "")]),
+        ("replace", "minilm-l6", 1, "agent-1", "b0", [("agent-2", "")]),
         ("restart", "agent-1", "b0"),
         ("reconnect", "agent-1", "b0", 1.5),
         ("pause", "minilm-l6", 10.0),

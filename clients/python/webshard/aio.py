@@ -830,14 +830,21 @@ class Client(_ServiceClient):
         agent_id: str,
         browser_id: str = "",
         *,
+        avoid: Iterable[tuple[str, str]] = (),
         timeout: float | None = None,
     ) -> coordinator_pb2.ReplaceShardResponse:
         """Moves the shard's replica on ``agent_id``/``browser_id`` (any browser of the
-        agent when empty) to a ready browser or warm standby elsewhere."""
+        agent when empty) to a hot spare, or a ready browser or warm standby elsewhere;
+        never to a runtime in ``avoid`` ((agent, browser) pairs, browser "" for a
+        whole agent)."""
         return await self._unary(
             "ReplaceShard",
             coordinator_pb2.ReplaceShardRequest(
-                model=model, shard_index=shard_index, agent_id=agent_id, browser_id=browser_id
+                model=model,
+                shard_index=shard_index,
+                agent_id=agent_id,
+                browser_id=browser_id,
+                avoid=[coordinator_pb2.RuntimeRef(agent_id=a, browser_id=b) for a, b in avoid],
             ),
             coordinator_pb2.ReplaceShardResponse,
             timeout=timeout,

@@ -256,11 +256,14 @@ class Client(_SyncClient):
         agent_id: str,
         browser_id: str = "",
         *,
+        avoid: Iterable[tuple[str, str]] = (),
         timeout: float | None = None,
     ) -> coordinator_pb2.ReplaceShardResponse:
         """Moves a shard's replica; see :meth:`webshard.aio.Client.replace_shard`."""
         return self._runner.run(
-            self._aio.replace_shard(model, shard_index, agent_id, browser_id, timeout=timeout)
+            self._aio.replace_shard(
+                model, shard_index, agent_id, browser_id, avoid=avoid, timeout=timeout
+            )
         )
 
     def restart_browser(

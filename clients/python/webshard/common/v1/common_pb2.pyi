@@ -635,6 +635,7 @@ class BrowserInfo(_message.Message):
     SHARDS_FIELD_NUMBER: _builtins.int
     STARTED_AT_FIELD_NUMBER: _builtins.int
     RUNTIME_FIELD_NUMBER: _builtins.int
+    FAULTS_IN_FORCE_FIELD_NUMBER: _builtins.int
     browser_id: _builtins.str
     """browser_id is unique within the agent."""
     state: Global___BrowserState.ValueType
@@ -657,6 +658,13 @@ class BrowserInfo(_message.Message):
     def started_at(self) -> _timestamp_pb2.Timestamp:
         """started_at is when the browser was launched."""
 
+    @_builtins.property
+    def faults_in_force(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """faults_in_force are the ids of the injected faults whose effect on this
+        browser is in force (a fault on the whole agent is listed on each of its
+        browsers). Placement puts no replica or spare there meanwhile.
+        """
+
     def __init__(
         self,
         *,
@@ -668,10 +676,11 @@ class BrowserInfo(_message.Message):
         shards: _abc.Iterable[Global___LoadedShard] | None = ...,
         started_at: _timestamp_pb2.Timestamp | None = ...,
         runtime: Global___Runtime.ValueType = ...,
+        faults_in_force: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["browser_id", b"browser_id", "capabilities", b"capabilities", "memory_bytes", b"memory_bytes", "pid", b"pid", "runtime", b"runtime", "shards", b"shards", "started_at", b"started_at", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["browser_id", b"browser_id", "capabilities", b"capabilities", "faults_in_force", b"faults_in_force", "memory_bytes", b"memory_bytes", "pid", b"pid", "runtime", b"runtime", "shards", b"shards", "started_at", b"started_at", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

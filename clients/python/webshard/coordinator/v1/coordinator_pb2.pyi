@@ -1365,6 +1365,7 @@ class ReplaceShardRequest(_message.Message):
     SHARD_INDEX_FIELD_NUMBER: _builtins.int
     AGENT_ID_FIELD_NUMBER: _builtins.int
     BROWSER_ID_FIELD_NUMBER: _builtins.int
+    AVOID_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """model is the deployed model."""
     shard_index: _builtins.int
@@ -1373,6 +1374,14 @@ class ReplaceShardRequest(_message.Message):
     """agent_id is the agent the failed replica is on."""
     browser_id: _builtins.str
     """browser_id is the failed browser; empty means every browser of the agent (the agent failed)."""
+    @_builtins.property
+    def avoid(self) -> _containers.RepeatedCompositeFieldContainer[Global___RuntimeRef]:
+        """avoid are runtimes the caller knows to be unhealthy (an open breaker, a
+        recovery under way there): neither a spare there takes over nor a replica is
+        loaded there. The coordinator adds those it knows itself: browsers with a
+        fault in force or a failed hop in the last few seconds.
+        """
+
     def __init__(
         self,
         *,
@@ -1380,14 +1389,41 @@ class ReplaceShardRequest(_message.Message):
         shard_index: _builtins.int = ...,
         agent_id: _builtins.str = ...,
         browser_id: _builtins.str = ...,
+        avoid: _abc.Iterable[Global___RuntimeRef] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "browser_id", b"browser_id", "model", b"model", "shard_index", b"shard_index"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "avoid", b"avoid", "browser_id", b"browser_id", "model", b"model", "shard_index", b"shard_index"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReplaceShardRequest: _TypeAlias = ReplaceShardRequest  # noqa: Y015
+
+@_typing.final
+class RuntimeRef(_message.Message):
+    """RuntimeRef names one browser (or the native runtime) of an agent."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    BROWSER_ID_FIELD_NUMBER: _builtins.int
+    agent_id: _builtins.str
+    """agent_id is the agent."""
+    browser_id: _builtins.str
+    """browser_id is the browser; empty means every runtime of the agent."""
+    def __init__(
+        self,
+        *,
+        agent_id: _builtins.str = ...,
+        browser_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "browser_id", b"browser_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RuntimeRef: _TypeAlias = RuntimeRef  # noqa: Y015
 
 @_typing.final
 class ReplaceShardResponse(_message.Message):

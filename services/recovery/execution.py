@@ -194,9 +194,14 @@ class Executor:
 
     async def _rung(self, rung: Rung, parent: Context) -> tuple[bool, str, float]:
         """Run one rung; return whether its verify passed, what happened, and when it ended."""
+        deadline = None if rung.budget_s is None else self.clock() + rung.budget_s
+
+        async def phase(step: Step) -> tuple[bool, str, float]:
+            return await self._phase(step, rung.level, parent, deadline)
+
         failed: str | None = None
         for step in rung.setup:
-            ok, detail, _ = await self._phase(step, rung.level, parent)
+            ok, detail, _ = await phase(step)
             if not ok:
                 failed = f"{step.name} {step.target}: {detail}"
                 break
@@ -205,23 +210,32 @@ class Executor:
             for step in rung.actions:
                 if failed is not None and not rung.independent:
                     break
-                ok, detail, _ = await self._phase(step, rung.level, parent)
+                ok, detail, _ = await phase(step)
                 if not ok and failed is None:
                     failed = f"{step.name} {step.target}: {detail}"
             for step in rung.teardown:
-                ok, detail, _ = await self._phase(step, rung.level, parent)
+                # A barrier taken is released whatever the budget says.
+                ok, detail, _ = await self._phase(step, rung.level, parent, None)
                 if not ok and failed is None:
                     failed = f"{step.name} {step.target}: {detail}"
         if failed is not None:
             return False, failed, self.clock()
-        ok, detail, ended = await self._phase(rung.verify, rung.level, parent)
+        ok, detail, ended = await phase(rung.verify)
         if not ok:
             return False, f"verify: {detail}", ended
         return True, detail, ended
 
-    async def _phase(self, step: Step, level: Level, parent: Context) -> tuple[bool, str, float]:
-        """Run one step as a timed phase with its own span; return ok, detail, end time."""
+    async def _phase(
+        self, step: Step, level: Level, parent: Context, deadline: float | None
+    ) -> tuple[bool, str, float]:
+        """Run one step as a timed phase with its own span; return ok, detail, end time.
+
+        ``deadline`` (the rung's budget, on ``clock``) shortens the action's timeout.
+        """
         started = self.clock()
+        timeout = self.action_timeout_s
+        if deadline is not None:
+            timeout = max(0.0, min(timeout, deadline - started))
         span = self.tracer.start_span(step.name, context=parent, start_time=_ns(started))
         span.set_attribute("recovery.phase", step.name)
         span.set_attribute("recovery.level", level.name.lower())
@@ -231,9 +245,9 @@ class Executor:
             # The phase's span is current for the action: wait_for's task copies the
             # context it is made in, so the action's calls are children of the phase.
             with trace.use_span(span, end_on_exit=False):
-                result = await asyncio.wait_for(
-                    _call(self.actuator, step)(step.target), self.action_timeout_s
-                )
+                if timeout <= 0:
+                    raise TimeoutError  # the rung's budget is spent: not tried
+                result = await asyncio.wait_for(_call(self.actuator, step)(step.target), timeout)
         except asyncio.CancelledError:
             # The service is stopping: the span still ends, so the trace is whole.
             span.set_status(Status(StatusCode.ERROR, "cancelled"))
@@ -246,7 +260,12 @@ class Executor:
             for agent_id, browser_id in exc.failed_on:
                 self.on_evidence(agent_id, browser_id, False)
         except TimeoutError:
-            detail = f"no answer within {self.action_timeout_s:g} s"
+            if timeout <= 0:
+                detail = "not tried: the rung's time budget was spent"
+            elif timeout < self.action_timeout_s:
+                detail = f"no answer within {timeout:g} s (the rung's time budget)"
+            else:
+                detail = f"no answer within {timeout:g} s"
         except Exception as exc:
             # An actuator bug must not kill the recovery: it fails the phase, visibly.
             log.exception("recovery action raised", extra={"phase": step.name})

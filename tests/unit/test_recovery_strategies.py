@@ -22,6 +22,7 @@ from services.recovery.execution import (
     PhaseRecord,
 )
 from services.recovery.strategies import (
+    IN_PLACE_BUDGET_S,
     Action,
     AdaptiveChooser,
     Failure,
@@ -159,9 +160,10 @@ async def execute(
     *,
     open_breakers: Sequence[BreakerKey] = (),
     timeout_s: float = 5.0,
+    cost_s: float = 0.25,
 ) -> Run:
     clock = FakeClock()
-    actuator = FakeActuator(clock, dict(script or {}))
+    actuator = FakeActuator(clock, dict(script or {}), cost_s=cost_s)
     phases: list[PhaseRecord] = []
     evidence: list[tuple[str, str, bool]] = []
     executor = Executor(
@@ -230,6 +232,8 @@ def test_progressive_climbs_every_level_and_guards_in_place_levels_with_breakers
         "restart-browser",
         "restart-agent",
     ]
+    # The in-place levels are short: past their budget the re-place is the faster way.
+    assert [r.budget_s for r in plan.rungs] == [IN_PLACE_BUDGET_S] * 2 + [None] * 3
     # With no browser named there is no browser to restart.
     no_browser = plan_progressive(failure(FailureKind.AGENT_GONE, browser_id=""), None)
     assert Level.RESTART_BROWSER not in [r.level for r in no_browser.rungs]
@@ -368,6 +372,28 @@ async def test_an_action_past_its_deadline_fails_its_phase() -> None:
     )
     assert run.phases[0].detail == "no answer within 0.01 s"
     assert run.result.highest_level == Level.RECONNECT
+
+
+async def test_an_in_place_level_that_hangs_costs_its_budget_not_the_action_timeout() -> None:
+    run = await execute(
+        plan_progressive(failure(FailureKind.SHARD_ERROR), PLACEMENT),
+        {Action.RETRY_IN_PLACE: HANG, Action.RECONNECT: HANG},
+        timeout_s=60,
+    )
+    assert [p.detail for p in run.phases[:2]] == [
+        f"no answer within {IN_PLACE_BUDGET_S:g} s (the rung's time budget)"
+    ] * 2
+    assert run.result.ok and run.result.highest_level == Level.REPLACE_ON_STANDBY
+
+
+async def test_a_step_after_the_budget_is_spent_is_not_tried() -> None:
+    # The retry takes the whole budget: its verify is not run, and the next level is.
+    run = await execute(
+        plan_progressive(failure(FailureKind.SHARD_ERROR), PLACEMENT), cost_s=IN_PLACE_BUDGET_S
+    )
+    assert run.names[:3] == ["retry", "verify", "reconnect"]
+    assert run.phases[1].detail == "not tried: the rung's time budget was spent"
+    assert ("verify", failure(FailureKind.SHARD_ERROR).checked) not in run.actuator.calls[:2]
 
 
 async def test_failed_on_evidence_reaches_the_breakers() -> None:

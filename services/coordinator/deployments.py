@@ -266,15 +266,18 @@ class Deployments:
         )
 
     def agent_lost(self, agent_id: str) -> None:
-        """An agent's session broke: stop routing to it, and report each shard replica it held."""
+        """An agent's session broke: stop routing to it, and report each copy it held,
+        replica or spare (a lost spare is dropped and another loaded in its place)."""
         self.mark_agent(agent_id, healthy=False)
-        lost = [
-            (model, stage.index, replica.browser_id)
-            for model, deployment in sorted(self.models.items())
-            for stage in deployment.pipeline.stages
-            for replica in stage.replicas
-            if replica.agent_id == agent_id
-        ]
+        lost = sorted(
+            {
+                (model, stage.index, copy.browser_id)
+                for model, deployment in self.models.items()
+                for stage in deployment.pipeline.stages
+                for copy in [*stage.replicas, *stage.spares]
+                if copy.agent_id == agent_id
+            }
+        )
         for model, shard_index, browser_id in lost or [("", -1, "")]:
             self._reporter.report(
                 source=recovery_pb2.FAILURE_SOURCE_HEARTBEAT,

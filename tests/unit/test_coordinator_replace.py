@@ -68,8 +68,11 @@ class Clock:
 
 
 class NullReporter:
+    def __init__(self) -> None:
+        self.reports: list[dict[str, Any]] = []
+
     def report(self, **fields: Any) -> None:
-        pass
+        self.reports.append(fields)
 
 
 def rig(dead: set[str], clock: Clock | None = None) -> tuple[Deployments, dict[str, FakeLink]]:
@@ -281,3 +284,17 @@ async def test_what_the_caller_asks_to_avoid_takes_neither_a_takeover_nor_a_load
     assert not where(moved).startswith("agent-2/")
     # Without it, the spare takes over.
     assert deployments.takeover("minilm-l6", 0, "agent-0", "b0") is not None
+
+
+def test_a_lost_agent_that_held_only_a_spare_is_reported_for_that_shard() -> None:
+    deployments, _ = rig(dead=set())
+    with_spare(deployments, "agent-2/b0")
+    deployments.agent_lost("agent-2")
+    reporter = deployments._reporter
+    assert isinstance(reporter, NullReporter)
+    assert [(r["model"], r["shard_index"], r["browser_id"]) for r in reporter.reports] == [
+        ("minilm-l6", 0, "b0")
+    ]
+    # Recovery's ReplaceShard for it drops the spare: nothing is promoted.
+    dropped = deployments.takeover("minilm-l6", 0, "agent-2", "b0")
+    assert dropped is not None and dropped.promoted is None

@@ -19,6 +19,7 @@ converts by value.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import random
 import statistics
@@ -266,6 +267,9 @@ class Plan:
     rungs: tuple[Rung, ...]
     reason: str = ""
     """Why this strategy, when adaptive chose it."""
+    drain: bool = False
+    """The failed browser still serves but is over its memory headroom: its shards
+    move off it before it is lost (no in-place level keeps them there)."""
 
     def describe(self) -> str:
         """One line for the plan phase: the strategy and the ladder."""
@@ -273,6 +277,8 @@ class Plan:
         head = self.strategy.label
         if self.requested != self.strategy:
             head = f"{self.requested.label} chose {self.strategy.label} ({self.reason})"
+        if self.drain:
+            head = f"drain, {head}"
         return f"{head}: {ladder}"
 
 
@@ -408,14 +414,25 @@ def make_plan(
     placement: ModelPlacement | None,
     chooser: AdaptiveChooser | None = None,
 ) -> Plan:
-    """The plan of ``strategy`` for ``failure``; ADAPTIVE asks ``chooser`` which one."""
+    """The plan of ``strategy`` for ``failure``; ADAPTIVE asks ``chooser`` which one.
+
+    An out-of-memory report (the browser is over its memory headroom, still
+    serving) makes the plan a drain: the levels that keep the shards in place go.
+    """
     if strategy != Strategy.ADAPTIVE:
-        return PLANNERS[strategy](failure, placement)
-    if chooser is None:
+        plan = PLANNERS[strategy](failure, placement)
+    elif chooser is None:
         raise ValueError("the adaptive strategy needs a chooser")
-    choice = chooser.choose(failure.kind)
-    plan = PLANNERS[choice.strategy](failure, placement)
-    return Plan(Strategy.ADAPTIVE, plan.strategy, plan.rungs, choice.reason)
+    else:
+        choice = chooser.choose(failure.kind)
+        chosen = PLANNERS[choice.strategy](failure, placement)
+        plan = Plan(Strategy.ADAPTIVE, chosen.strategy, chosen.rungs, choice.reason)
+    if failure.kind != FailureKind.OUT_OF_MEMORY:
+        return plan
+    # A browser over its memory headroom still answers, so a retry in place would
+    # pass and leave its shards there until it is lost: drain it instead.
+    moving = tuple(r for r in plan.rungs if r.level >= Level.REPLACE_ON_STANDBY)
+    return dataclasses.replace(plan, rungs=moving, drain=True)
 
 
 # ----------------------------------------------------------------------------- adaptive

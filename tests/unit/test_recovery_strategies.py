@@ -531,3 +531,20 @@ def test_strategy_names_parse_and_enums_carry_the_contract_numbers() -> None:
         assert {m.value: prefix + m.name for m in enum_type} == {
             v: proto.Name(v) for v in proto.values() if v
         }
+
+
+@pytest.mark.parametrize("strategy", [Strategy.PROGRESSIVE, Strategy.ADAPTIVE])
+def test_a_browser_over_its_memory_headroom_is_drained_not_retried_in_place(
+    strategy: Strategy,
+) -> None:
+    plan = make_plan(
+        strategy, failure(FailureKind.OUT_OF_MEMORY), PLACEMENT, AdaptiveChooser(seed=1)
+    )
+    assert plan.drain
+    assert plan.rungs[0].level == Level.REPLACE_ON_STANDBY
+    assert {r.level for r in plan.rungs}.isdisjoint({Level.RETRY_IN_PLACE, Level.RECONNECT})
+    assert plan.describe().startswith("drain, ")
+    crashed = make_plan(
+        strategy, failure(FailureKind.RENDERER_CRASH), PLACEMENT, AdaptiveChooser(seed=1)
+    )
+    assert not crashed.drain and "drain" not in crashed.describe()

@@ -195,6 +195,18 @@ class Cell:
     recoveries: int = 0
     succeeded: int = 0
     durations_ms: list[float] = field(default_factory=list)
+    """Succeeded recoveries, detection to the verified answer."""
+    effect_ms: list[float] = field(default_factory=list)
+    """Succeeded recoveries, from the fault's first effect (as the agent's hook stamped
+    it) to the verified answer: detection included."""
+    detect_ms: list[float] = field(default_factory=list)
+    """Per fault: its first effect to the first failure report of a recovery."""
+    phase_ms: dict[str, list[float]] = field(default_factory=dict)
+    """Succeeded recoveries' phases by name (replace, verify, ...)."""
+    after_fault_ms: list[float] = field(default_factory=list)
+    """Latencies of the requests started within AFTER_FAULT_S of one of its faults."""
+    p99_ratio: float | None = None
+    """p99 of ``after_fault_ms`` over the run's fault-free p99: what clients feel."""
     answers: int = 0
     wrong: int = 0
     lost: int = 0
@@ -208,9 +220,20 @@ class Cell:
 
     def percentile(self, q: float) -> float | None:
         """The q-th percentile of recovery time in ms; None with no recovery."""
-        if not self.durations_ms:
-            return None
-        return float(np.percentile(self.durations_ms, q))
+        return percentile(self.durations_ms, q)
+
+    def phase_p50(self, name: str) -> float | None:
+        """The median of the succeeded recoveries' ``name`` phases in ms."""
+        return percentile(self.phase_ms.get(name, []), 50)
+
+
+AFTER_FAULT_S = 5.0
+"""The window after a fault's first effect whose requests count as near it."""
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """The q-th percentile of ``values``; None when there are none."""
+    return float(np.percentile(values, q)) if len(values) else None
 
 
 @dataclass(frozen=True)
@@ -316,30 +339,7 @@ class Campaign:
 
     def cells(self) -> list[Cell]:
         """The figures of every scenario x strategy cell, in plan order."""
-        cells = {
-            (scenario, strategy): Cell(scenario, strategy, ep=self._ep)
-            for strategy in self.plan.strategies
-            for scenario in self.plan.scenarios
-        }
-        for it in self.iterations:
-            cell = cells[(it.scenario, it.strategy)]
-            cell.faults += 1
-            if it.problem:
-                cell.problems.append(it.problem)
-            for recovery in it.recoveries:
-                cell.recoveries += 1
-                if recovery.state == recovery_pb2.RECOVERY_STATE_SUCCEEDED:
-                    cell.succeeded += 1
-                    cell.durations_ms.append(recovery.duration.ToNanoseconds() / 1e6)
-            for answer in self.answers:
-                if it.started_at <= answer.started_at < it.ended_at:
-                    cell.answers += 1
-                    cell.wrong += answer.ok and not answer.correct
-                    cell.lost += not answer.ok
-        return [cells[key] for key in sorted(cells, key=self._order)]
-
-    def _order(self, key: tuple[str, str]) -> tuple[int, int]:
-        return self.plan.scenarios.index(key[0]), self.plan.strategies.index(key[1])
+        return cells_of(self.plan, self.iterations, self.answers, self._ep)
 
     # --- steps ----------------------------------------------------------------
 
@@ -515,7 +515,7 @@ class Campaign:
     async def _recoveries_since(self, since: float) -> list[recovery_pb2.Recovery]:
         found = []
         for recovery in await self._recovery.list_recoveries(limit=500):
-            started = recovery.started_at.ToNanoseconds() / 1e9
+            started = _seconds(recovery.started_at)
             if recovery.recovery_id in self._seen_recoveries or started < since - 0.5:
                 continue
             self._seen_recoveries.add(recovery.recovery_id)
@@ -628,6 +628,61 @@ def _request_record(answer: Answer, model: str, run_id: str) -> metrics_pb2.Requ
     )
 
 
+def cells_of(
+    plan: Plan, iterations: Sequence[Iteration], answers: Sequence[Answer], ep: str
+) -> list[Cell]:
+    """The figures of every scenario x strategy cell of a run, in plan order."""
+    cells = {  # in plan order: by scenario, then strategy
+        (scenario, strategy): Cell(scenario, strategy, ep=ep)
+        for scenario in plan.scenarios
+        for strategy in plan.strategies
+    }
+    near: set[int] = set()  # answers started within AFTER_FAULT_S of a fault
+    for it in iterations:
+        cell = cells[(it.scenario, it.strategy)]
+        cell.faults += 1
+        if it.problem:
+            cell.problems.append(it.problem)
+        effect = (
+            _seconds(it.fault.injected_at)
+            if it.fault is not None and it.fault.HasField("injected_at")
+            else None
+        )
+        for recovery in it.recoveries:
+            cell.recoveries += 1
+            if recovery.state != recovery_pb2.RECOVERY_STATE_SUCCEEDED:
+                continue
+            cell.succeeded += 1
+            cell.durations_ms.append(recovery.duration.ToNanoseconds() / 1e6)
+            start = effect if effect is not None else _seconds(recovery.started_at)
+            cell.effect_ms.append((_seconds(recovery.finished_at) - start) * 1000)
+            for phase in recovery.phases:
+                cell.phase_ms.setdefault(phase.name, []).append(
+                    phase.duration.ToNanoseconds() / 1e6
+                )
+        if effect is not None and it.recoveries:
+            first = min(_seconds(r.started_at) for r in it.recoveries)
+            cell.detect_ms.append(max(0.0, first - effect) * 1000)
+        for i, answer in enumerate(answers):
+            if it.started_at <= answer.started_at < it.ended_at:
+                cell.answers += 1
+                cell.wrong += answer.ok and not answer.correct
+                cell.lost += not answer.ok
+            if effect is not None and effect <= answer.started_at < effect + AFTER_FAULT_S:
+                near.add(i)
+                if answer.ok:
+                    cell.after_fault_ms.append(answer.latency_s * 1000)
+    quiet = percentile(
+        [a.latency_s * 1000 for i, a in enumerate(answers) if i not in near and a.ok],
+        99,
+    )
+    for cell in cells.values():
+        loud = percentile(cell.after_fault_ms, 99)
+        if loud is not None and quiet:
+            cell.p99_ratio = loud / quiet
+    return list(cells.values())
+
+
 def summary_line(cells: Sequence[Cell]) -> str:
     """Totals over every cell."""
     answers = sum(c.answers for c in cells)
@@ -638,3 +693,7 @@ def summary_line(cells: Sequence[Cell]) -> str:
         f"(median {median}), {answers} answers checked, "
         f"{sum(c.wrong for c in cells)} wrong, {sum(c.lost for c in cells)} failed"
     )
+
+
+def _seconds(stamp: Timestamp) -> float:
+    return stamp.ToNanoseconds() / 1e9

@@ -5,8 +5,12 @@ For each breaker setting a local cluster starts (3 agents, each with one headles
 Chromium and one warm standby; recovery with ``--breakers-enabled`` on or off) and
 the campaign runner injects every scenario under every strategy ``--iterations``
 times while requests flow, every answer checked against the reference. Each row
-is one cell: its recoveries' p50/p95/max (detection to verified answer), their
-success rate, and the answers checked, wrong and failed meanwhile.
+is one cell: its recoveries' p50/p95/max (detection to verified answer), the same
+from the fault's first effect (as the agent's hook stamped it: detection included),
+detection (first effect to first failure report), the replace and verify phases'
+p50, what clients felt (the p99 of requests started within 5 s of a fault over
+the run's p99 away from faults), the success rate, and the answers checked, wrong
+and failed meanwhile.
 
     make bench-recovery                                  # 30 faults per cell
     make bench-recovery BENCH_ARGS="--iterations 3 --scenario browser_crash"
@@ -27,7 +31,7 @@ from typing import Any
 from webshard.cli.local import LocalCluster
 
 from services.campaign.cli import ProgressBar
-from services.campaign.runner import Addresses, Campaign, Plan
+from services.campaign.runner import Addresses, Campaign, Plan, percentile
 from services.campaign.scenarios import SCENARIOS
 from tests.bench.common import RESULTS, write
 
@@ -41,6 +45,12 @@ COLUMNS = (
     "p50_ms",
     "p95_ms",
     "max_ms",
+    "effect_p50_ms",
+    "effect_p95_ms",
+    "detect_p50_ms",
+    "replace_p50_ms",
+    "verify_p50_ms",
+    "p99_after_fault_ratio",
     "success_rate",
     "answers",
     "wrong",
@@ -80,6 +90,12 @@ def run(plan: Plan, breakers: bool, data_dir: Path) -> list[dict[str, Any]]:
                     "p50_ms": c.percentile(50),
                     "p95_ms": c.percentile(95),
                     "max_ms": max(c.durations_ms) if c.durations_ms else None,
+                    "effect_p50_ms": percentile(c.effect_ms, 50),
+                    "effect_p95_ms": percentile(c.effect_ms, 95),
+                    "detect_p50_ms": percentile(c.detect_ms, 50),
+                    "replace_p50_ms": c.phase_p50("replace"),
+                    "verify_p50_ms": c.phase_p50("verify"),
+                    "p99_after_fault_ratio": c.p99_ratio,
                     "success_rate": round(c.success_rate, 4),
                     "answers": c.answers,
                     "wrong": c.wrong,

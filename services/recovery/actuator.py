@@ -56,6 +56,12 @@ def placement_from_proto(placement: coordinator_pb2.Placement) -> ModelPlacement
             )
             for shard in placement.shards
         },
+        spares={
+            shard.shard.index: tuple(
+                Replica(r.agent_id, r.browser_id, r.healthy) for r in shard.spares
+            )
+            for shard in placement.shards
+        },
     )
 
 

@@ -32,9 +32,9 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Self
+from typing import Any, Self
 
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -97,6 +97,11 @@ class RecoveryRecord:
     """Reports of the failure joined into this recovery, the first included."""
     retry_of: str = ""
     """The failed recovery this one starts again; empty for a first attempt."""
+    redundancy_restored_at: float | None = None
+    """When, after it succeeded, every shard of its model was back to the healthy
+    replicas and spares it had when the failure was planned for (a hot spare's
+    takeover is followed by a new spare loaded in the background); None until then,
+    and for good when that did not happen within ``redundancy_wait_s``."""
 
     @property
     def duration_s(self) -> float | None:
@@ -129,6 +134,11 @@ class RecoveriesConfig:
     leave a shard short of a replica; 0 turns this off."""
     retry_after_s: float = 1.0
     """The wait before the first retry; each later one waits twice as long."""
+    redundancy_wait_s: float = 120.0
+    """How long after a recovery its model's redundancy is watched for (off the
+    recovery's path: the recovery has already answered)."""
+    redundancy_check_s: float = 0.25
+    """How often the placement is read meanwhile."""
 
     def validate(self) -> None:
         """Raise ValueError naming the first value out of range."""
@@ -142,6 +152,8 @@ class RecoveriesConfig:
             raise ValueError(f"action timeout {self.action_timeout_s} s must be positive")
         if self.retries < 0 or self.retry_after_s < 0:
             raise ValueError("retries and the wait before a retry must not be negative")
+        if self.redundancy_wait_s < 0 or self.redundancy_check_s <= 0:
+            raise ValueError("the redundancy wait must not be negative, its checks positive")
 
 
 class WatchOverflow(Exception):
@@ -245,7 +257,8 @@ class Recoveries:
         self._recovered: dict[tuple[str, str, str, int], str] = {}
         """Failure key -> the recovery that last recovered it (late reports join it)."""
         self._watches: set[Watch] = set()
-        self._retries: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        """Work off the recoveries' path: retries waiting, redundancy watches."""
 
     # ------------------------------------------------------------------ queries
 
@@ -468,12 +481,12 @@ class Recoveries:
             if result.ok and result.highest_level is not None:
                 detail = f"restored at {result.highest_level.name.lower()}: {detail}"
             self._finish(entry, result.ok, result.finished_at, result.highest_level, detail)
+            if result.ok and placement is not None:
+                self._background(self._await_redundancy(entry, placement))
             duration = result.finished_at - entry.record.started_at
             self.chooser.record(failure.kind, plan.strategy, result.ok, duration)
             if not result.ok and entry.attempt < self.config.retries:
-                task = asyncio.get_running_loop().create_task(self._retry(entry))
-                self._retries.add(task)
-                task.add_done_callback(self._retries.discard)
+                self._background(self._retry(entry))
         except asyncio.CancelledError:
             self._finish(
                 entry,
@@ -506,6 +519,42 @@ class Recoveries:
                 "attempt": entry.attempt + 1,
             },
         )
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _await_redundancy(self, entry: _Entry, before: ModelPlacement) -> None:
+        """Stamp ``redundancy_restored_at`` once the model's placement is back to
+        ``before``'s healthy replicas and spares, with a span in the recovery's trace."""
+        checks = max(1, round(self.config.redundancy_wait_s / self.config.redundancy_check_s))
+        for _ in range(checks):
+            now = await self._placement(before.model)
+            if now is not None and now.redundancy_as(before):
+                break
+            await asyncio.sleep(self.config.redundancy_check_s)
+        else:
+            log.info(
+                "redundancy not restored in time",
+                extra={
+                    "recovery_id": entry.record.recovery_id,
+                    "model": before.model,
+                    "waited_s": self.config.redundancy_wait_s,
+                },
+            )
+            return
+        recovered = entry.record.finished_at or entry.record.started_at
+        restored = max(self._clock(), recovered)
+        self._change(entry, redundancy_restored_at=restored)
+        span = self._tracer.start_span(
+            "restore-redundancy",
+            context=trace.set_span_in_context(entry.span),
+            start_time=_ns(recovered),
+        )
+        span.set_attribute("recovery.phase", "restore-redundancy")
+        span.set_attribute("recovery.redundancy_restored_ms", (restored - recovered) * 1000)
+        span.end(end_time=_ns(restored))
 
     async def _placement(self, model: str) -> ModelPlacement | None:
         if not model or self._placements is None:
@@ -592,10 +641,10 @@ class Recoveries:
             del self._recovered[key]
 
     async def close(self) -> None:
-        """Cancel the retries waiting and the running recoveries (each ends FAILED), and
-        end every watch."""
-        for retry in list(self._retries):
-            retry.cancel()
+        """Cancel the retries waiting, the redundancy watches and the running recoveries
+        (each ends FAILED), and end every watch."""
+        for task in list(self._tasks):
+            task.cancel()
         tasks = [e.task for e in self._entries.values() if e.task is not None and not e.task.done()]
         for task in tasks:
             task.cancel()

@@ -197,6 +197,11 @@ def recovery_to_proto(record: RecoveryRecord) -> pb.Recovery:
     if record.finished_at is not None:
         message.finished_at.CopyFrom(_timestamp(record.finished_at))
         message.duration.CopyFrom(duration(record.finished_at - record.started_at))
+    if record.redundancy_restored_at is not None:
+        message.redundancy_restored_at.CopyFrom(_timestamp(record.redundancy_restored_at))
+        message.redundancy_restored.CopyFrom(
+            duration(record.redundancy_restored_at - record.started_at)
+        )
     return message
 
 

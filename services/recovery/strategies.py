@@ -200,10 +200,22 @@ class ModelPlacement:
     """The strategy the model was deployed with; None when it named none."""
     replicas: Mapping[int, Sequence[Replica]] = field(default_factory=dict)
     """Shard index -> its replicas, the preferred one first."""
+    spares: Mapping[int, Sequence[Replica]] = field(default_factory=dict)
+    """Shard index -> its hot spares."""
 
     def shards_on(self, target: Target) -> list[int]:
         """The shards with a replica on the target's browser (or agent), in chain order."""
         return sorted(i for i, copies in self.replicas.items() if any(r.on(target) for r in copies))
+
+    def redundancy_as(self, before: ModelPlacement) -> bool:
+        """Whether every shard is back to the healthy replicas and spares it had in
+        ``before`` (the placement when the failure was planned for)."""
+        for index, replicas in before.replicas.items():
+            healthy = sum(r.healthy for r in self.replicas.get(index, ()))
+            spares = sum(r.healthy for r in self.spares.get(index, ()))
+            if healthy < len(replicas) or spares < len(before.spares.get(index, ())):
+                return False
+        return True
 
 
 class Action(enum.Enum):

@@ -36,7 +36,7 @@ from services.recovery.recoveries import (
     RecoveryState,
     WatchOverflow,
 )
-from services.recovery.servicer import RecoveryServicer
+from services.recovery.servicer import RecoveryServicer, recovery_to_proto
 from services.recovery.settings import RecoverySettings
 from services.recovery.strategies import (
     Action,
@@ -44,6 +44,7 @@ from services.recovery.strategies import (
     FailureKind,
     Level,
     ModelPlacement,
+    Replica,
     Strategy,
     Target,
 )
@@ -286,6 +287,11 @@ async def test_retries_stop_after_their_number(harness: Harness) -> None:
 async def test_watch_sends_the_existing_then_every_change(harness: Harness) -> None:
     record, _ = harness.recoveries.report(failure())
     await harness.recoveries.wait(record.recovery_id)
+    # Its last change: the placement it was planned for is whole again.
+    await until(
+        lambda: getattr(harness.recoveries.get("r1"), "redundancy_restored_at", None) is not None,
+        "r1's redundancy",
+    )
     watch = harness.recoveries.watch(include_existing=True)
     existing = await anext(watch)
     assert (existing.recovery_id, existing.state) == ("r1", RecoveryState.SUCCEEDED)
@@ -870,3 +876,76 @@ def test_settings_reach_the_knobs_and_bad_values_stop_startup() -> None:
         load_settings(RecoverySettings, ["--breaker-probe-interval-s", "0"], env={})
     with pytest.raises(SettingsError, match=r"probe timeout -1\.0 s"):
         load_settings(RecoverySettings, ["--breaker-probe-timeout-s", "-1"], env={})
+
+
+async def test_redundancy_restored_is_stamped_once_the_spares_are_back() -> None:
+    spare = Replica("agent-2", "b1")
+    before = dataclasses.replace(PLACEMENT, spares={1: (spare,)})
+    placements = FakePlacements({"minilm-l6": before})
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    clock = FakeClock()
+    recoveries = Recoveries(
+        actuator=FakeActuator(clock),
+        placements=placements,
+        breakers=Breakers(BreakerConfig(), clock),
+        chooser=AdaptiveChooser(min_trials=1),
+        config=RecoveriesConfig(redundancy_wait_s=30, redundancy_check_s=0.01),
+        clock=clock,
+        tracer_provider=provider,
+    )
+    try:
+        # The spare took over: shard 1 serves, but has no spare until a new one loads.
+        placements.placements["minilm-l6"] = dataclasses.replace(PLACEMENT, spares={})
+        record, _ = recoveries.report(failure(FailureKind.SHARD_ERROR), Strategy.SIMPLE)
+        done = await recoveries.wait(record.recovery_id)
+        assert done.state == RecoveryState.SUCCEEDED and done.redundancy_restored_at is None
+        clock.advance(2.0)  # the new spare is loaded, warmed and committed
+        placements.placements["minilm-l6"] = before
+
+        def restored_at() -> float | None:
+            now = recoveries.get(record.recovery_id)
+            return now.redundancy_restored_at if now is not None else None
+
+        await until(lambda: restored_at() is not None, "redundancy to be restored")
+        restored = recoveries.get(record.recovery_id)
+        assert restored is not None and done.finished_at is not None
+        assert restored.redundancy_restored_at == done.finished_at + 2.0
+        message = recovery_to_proto(restored)
+        assert message.redundancy_restored.ToMilliseconds() == round(
+            (restored.redundancy_restored_at - restored.started_at) * 1000
+        )
+        [span] = [s for s in exporter.get_finished_spans() if s.name == "restore-redundancy"]
+        [root] = [s for s in exporter.get_finished_spans() if s.name == "recovery"]
+        assert span.parent is not None and span.parent.span_id == root.context.span_id
+    finally:
+        await recoveries.close()
+
+
+async def test_redundancy_that_never_comes_back_stays_unstamped() -> None:
+    clock = FakeClock()
+    # Planned against a placement whose shard 1 had two replicas; it never regains them.
+    lacking = dataclasses.replace(PLACEMENT, replicas={**PLACEMENT.replicas, 1: ()})
+    reads = iter([PLACEMENT])
+
+    class Shrunk(FakePlacements):
+        async def placement(self, model: str) -> ModelPlacement | None:
+            return next(reads, lacking)
+
+    recoveries = Recoveries(
+        actuator=FakeActuator(clock),
+        placements=Shrunk(),
+        breakers=Breakers(BreakerConfig(), clock),
+        chooser=AdaptiveChooser(min_trials=1),
+        config=RecoveriesConfig(redundancy_wait_s=0.05, redundancy_check_s=0.01),
+        clock=clock,
+    )
+    try:
+        record, _ = recoveries.report(failure(FailureKind.SHARD_ERROR), Strategy.SIMPLE)
+        assert (await recoveries.wait(record.recovery_id)).state == RecoveryState.SUCCEEDED
+        await until(lambda: not recoveries._tasks, "the redundancy watch to give up")
+        after = recoveries.get(record.recovery_id)
+        assert after is not None and after.redundancy_restored_at is None
+    finally:
+        await recoveries.close()

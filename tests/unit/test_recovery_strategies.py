@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -548,3 +549,17 @@ def test_a_browser_over_its_memory_headroom_is_drained_not_retried_in_place(
         strategy, failure(FailureKind.RENDERER_CRASH), PLACEMENT, AdaptiveChooser(seed=1)
     )
     assert not crashed.drain and "drain" not in crashed.describe()
+
+
+def test_redundancy_is_whole_when_every_shard_has_its_healthy_replicas_and_spares_back() -> None:
+    spare = Replica("agent-2", "b1")
+    before = dataclasses.replace(PLACEMENT, spares={1: (spare,)})
+    assert before.redundancy_as(before)
+    # The spare took over: shard 1 serves on two healthy replicas, with no spare left.
+    assert not dataclasses.replace(PLACEMENT, spares={}).redundancy_as(before)
+    # A spare is back, but one of shard 0's replicas is unhealthy.
+    sick = {**PLACEMENT.replicas, 0: (Replica("agent-1", "b0", healthy=False), spare)}
+    assert not dataclasses.replace(before, replicas=sick).redundancy_as(before)
+    assert not dataclasses.replace(before, spares={1: (Replica("a", "b", False),)}).redundancy_as(
+        before
+    )

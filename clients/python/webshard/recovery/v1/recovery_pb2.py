@@ -27,23 +27,23 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from webshard.common.v1 import common_pb2 as webshard_dot_common_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#webshard/recovery/v1/recovery.proto\x12\x14webshard.recovery.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1fwebshard/common/v1/common.proto\"\xfa\x03\n\rFailureReport\x12;\n\x06source\x18\x01 \x01(\x0e\x32#.webshard.recovery.v1.FailureSourceR\x06source\x12\x35\n\x04kind\x18\x02 \x01(\x0e\x32!.webshard.recovery.v1.FailureKindR\x04kind\x12\x19\n\x08\x61gent_id\x18\x03 \x01(\tR\x07\x61gentId\x12\x1d\n\nbrowser_id\x18\x04 \x01(\tR\tbrowserId\x12\x14\n\x05model\x18\x05 \x01(\tR\x05model\x12\x1f\n\x0bshard_index\x18\x06 \x01(\x05R\nshardIndex\x12\x1d\n\nrequest_id\x18\x07 \x01(\tR\trequestId\x12\x19\n\x08\x66\x61ult_id\x18\x08 \x01(\tR\x07\x66\x61ultId\x12\x18\n\x07message\x18\t \x01(\tR\x07message\x12;\n\x0b\x64\x65tected_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.TimestampR\ndetectedAt\x12\x46\n\x0f\x66\x61ult_intensity\x18\x0b \x01(\x0e\x32\x1d.webshard.common.v1.IntensityR\x0e\x66\x61ultIntensity\x12+\n\x11\x66\x61ult_traceparent\x18\x0c \x01(\tR\x10\x66\x61ultTraceparent\"\x95\x01\n\x14ReportFailureRequest\x12;\n\x06report\x18\x01 \x01(\x0b\x32#.webshard.recovery.v1.FailureReportR\x06report\x12@\n\x08strategy\x18\x02 \x01(\x0e\x32$.webshard.common.v1.RecoveryStrategyR\x08strategy\"\\\n\x15ReportFailureResponse\x12\x1f\n\x0brecovery_id\x18\x01 \x01(\tR\nrecoveryId\x12\"\n\x0c\x64\x65\x64uplicated\x18\x02 \x01(\x08R\x0c\x64\x65\x64uplicated\"\xfa\x01\n\rRecoveryPhase\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12;\n\x05level\x18\x02 \x01(\x0e\x32%.webshard.recovery.v1.EscalationLevelR\x05level\x12\x39\n\nstarted_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\tstartedAt\x12\x35\n\x08\x64uration\x18\x04 \x01(\x0b\x32\x19.google.protobuf.DurationR\x08\x64uration\x12\x0e\n\x02ok\x18\x05 \x01(\x08R\x02ok\x12\x16\n\x06\x64\x65tail\x18\x06 \x01(\tR\x06\x64\x65tail\"\xd0\x04\n\x08Recovery\x12\x1f\n\x0brecovery_id\x18\x01 \x01(\tR\nrecoveryId\x12;\n\x06report\x18\x02 \x01(\x0b\x32#.webshard.recovery.v1.FailureReportR\x06report\x12@\n\x08strategy\x18\x03 \x01(\x0e\x32$.webshard.common.v1.RecoveryStrategyR\x08strategy\x12\x39\n\x05state\x18\x04 \x01(\x0e\x32#.webshard.recovery.v1.RecoveryStateR\x05state\x12;\n\x06phases\x18\x05 \x03(\x0b\x32#.webshard.recovery.v1.RecoveryPhaseR\x06phases\x12\x39\n\nstarted_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\tstartedAt\x12;\n\x0b\x66inished_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\nfinishedAt\x12\x35\n\x08\x64uration\x18\x08 \x01(\x0b\x32\x19.google.protobuf.DurationR\x08\x64uration\x12\x19\n\x08trace_id\x18\t \x01(\tR\x07traceId\x12J\n\rhighest_level\x18\n \x01(\x0e\x32%.webshard.recovery.v1.EscalationLevelR\x0chighestLevel\x12\x16\n\x06\x64\x65tail\x18\x0b \x01(\tR\x06\x64\x65tail\"5\n\x12GetRecoveryRequest\x12\x1f\n\x0brecovery_id\x18\x01 \x01(\tR\nrecoveryId\"Q\n\x13GetRecoveryResponse\x12:\n\x08recovery\x18\x01 \x01(\x0b\x32\x1e.webshard.recovery.v1.RecoveryR\x08recovery\"-\n\x15ListRecoveriesRequest\x12\x14\n\x05limit\x18\x01 \x01(\x05R\x05limit\"X\n\x16ListRecoveriesResponse\x12>\n\nrecoveries\x18\x01 \x03(\x0b\x32\x1e.webshard.recovery.v1.RecoveryR\nrecoveries\"C\n\x16WatchRecoveriesRequest\x12)\n\x10include_existing\x18\x01 \x01(\x08R\x0fincludeExisting\"U\n\x17WatchRecoveriesResponse\x12:\n\x08recovery\x18\x01 \x01(\x0b\x32\x1e.webshard.recovery.v1.RecoveryR\x08recovery\"\xe9\x02\n\x07\x42reaker\x12\x38\n\x05scope\x18\x01 \x01(\x0e\x32\".webshard.recovery.v1.BreakerScopeR\x05scope\x12\x1b\n\ttarget_id\x18\x02 \x01(\tR\x08targetId\x12\x36\n\x05state\x18\x03 \x01(\x0e\x32 .webshard.common.v1.BreakerStateR\x05state\x12\x31\n\x14\x63onsecutive_failures\x18\x04 \x01(\x05R\x13\x63onsecutiveFailures\x12!\n\x0c\x66\x61ilure_rate\x18\x05 \x01(\x01R\x0b\x66\x61ilureRate\x12\x39\n\nchanged_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\tchangedAt\x12>\n\rnext_probe_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x0bnextProbeAt\"j\n\x11GetBreakerRequest\x12\x38\n\x05scope\x18\x01 \x01(\x0e\x32\".webshard.recovery.v1.BreakerScopeR\x05scope\x12\x1b\n\ttarget_id\x18\x02 \x01(\tR\x08targetId\"M\n\x12GetBreakerResponse\x12\x37\n\x07\x62reaker\x18\x01 \x01(\x0b\x32\x1d.webshard.recovery.v1.BreakerR\x07\x62reaker\"\x15\n\x13ListBreakersRequest\"Q\n\x14ListBreakersResponse\x12\x39\n\x08\x62reakers\x18\x01 \x03(\x0b\x32\x1d.webshard.recovery.v1.BreakerR\x08\x62reakers\"l\n\x13ResetBreakerRequest\x12\x38\n\x05scope\x18\x01 \x01(\x0e\x32\".webshard.recovery.v1.BreakerScopeR\x05scope\x12\x1b\n\ttarget_id\x18\x02 \x01(\tR\x08targetId\"O\n\x14ResetBreakerResponse\x12\x37\n\x07\x62reaker\x18\x01 \x01(\x0b\x32\x1d.webshard.recovery.v1.BreakerR\x07\x62reaker*\x9e\x01\n\rFailureSource\x12\x1e\n\x1a\x46\x41ILURE_SOURCE_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x46\x41ILURE_SOURCE_DATA_PATH\x10\x01\x12\x1c\n\x18\x46\x41ILURE_SOURCE_HEARTBEAT\x10\x02\x12\x17\n\x13\x46\x41ILURE_SOURCE_PAGE\x10\x03\x12\x18\n\x14\x46\x41ILURE_SOURCE_AGENT\x10\x04*\xff\x01\n\x0b\x46\x61ilureKind\x12\x1c\n\x18\x46\x41ILURE_KIND_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x46\x41ILURE_KIND_STREAM_BROKEN\x10\x01\x12\x1b\n\x17\x46\x41ILURE_KIND_AGENT_GONE\x10\x02\x12\x1c\n\x18\x46\x41ILURE_KIND_SHARD_ERROR\x10\x03\x12\x1f\n\x1b\x46\x41ILURE_KIND_RENDERER_CRASH\x10\x04\x12\x1c\n\x18\x46\x41ILURE_KIND_DEVICE_LOST\x10\x05\x12\x1e\n\x1a\x46\x41ILURE_KIND_OUT_OF_MEMORY\x10\x06\x12\x18\n\x14\x46\x41ILURE_KIND_TIMEOUT\x10\x07*\xeb\x01\n\x0f\x45scalationLevel\x12 \n\x1c\x45SCALATION_LEVEL_UNSPECIFIED\x10\x00\x12#\n\x1f\x45SCALATION_LEVEL_RETRY_IN_PLACE\x10\x01\x12\x1e\n\x1a\x45SCALATION_LEVEL_RECONNECT\x10\x02\x12\'\n#ESCALATION_LEVEL_REPLACE_ON_STANDBY\x10\x03\x12$\n ESCALATION_LEVEL_RESTART_BROWSER\x10\x04\x12\"\n\x1e\x45SCALATION_LEVEL_RESTART_AGENT\x10\x05*\x84\x01\n\rRecoveryState\x12\x1e\n\x1aRECOVERY_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16RECOVERY_STATE_RUNNING\x10\x01\x12\x1c\n\x18RECOVERY_STATE_SUCCEEDED\x10\x02\x12\x19\n\x15RECOVERY_STATE_FAILED\x10\x03*a\n\x0c\x42reakerScope\x12\x1d\n\x19\x42REAKER_SCOPE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x42REAKER_SCOPE_AGENT\x10\x01\x12\x19\n\x15\x42REAKER_SCOPE_BROWSER\x10\x02\x32\xed\x05\n\x0fRecoveryService\x12h\n\rReportFailure\x12*.webshard.recovery.v1.ReportFailureRequest\x1a+.webshard.recovery.v1.ReportFailureResponse\x12\x62\n\x0bGetRecovery\x12(.webshard.recovery.v1.GetRecoveryRequest\x1a).webshard.recovery.v1.GetRecoveryResponse\x12k\n\x0eListRecoveries\x12+.webshard.recovery.v1.ListRecoveriesRequest\x1a,.webshard.recovery.v1.ListRecoveriesResponse\x12p\n\x0fWatchRecoveries\x12,.webshard.recovery.v1.WatchRecoveriesRequest\x1a-.webshard.recovery.v1.WatchRecoveriesResponse0\x01\x12_\n\nGetBreaker\x12\'.webshard.recovery.v1.GetBreakerRequest\x1a(.webshard.recovery.v1.GetBreakerResponse\x12\x65\n\x0cListBreakers\x12).webshard.recovery.v1.ListBreakersRequest\x1a*.webshard.recovery.v1.ListBreakersResponse\x12\x65\n\x0cResetBreaker\x12).webshard.recovery.v1.ResetBreakerRequest\x1a*.webshard.recovery.v1.ResetBreakerResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#webshard/recovery/v1/recovery.proto\x12\x14webshard.recovery.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1fwebshard/common/v1/common.proto\"\xfa\x03\n\rFailureReport\x12;\n\x06source\x18\x01 \x01(\x0e\x32#.webshard.recovery.v1.FailureSourceR\x06source\x12\x35\n\x04kind\x18\x02 \x01(\x0e\x32!.webshard.recovery.v1.FailureKindR\x04kind\x12\x19\n\x08\x61gent_id\x18\x03 \x01(\tR\x07\x61gentId\x12\x1d\n\nbrowser_id\x18\x04 \x01(\tR\tbrowserId\x12\x14\n\x05model\x18\x05 \x01(\tR\x05model\x12\x1f\n\x0bshard_index\x18\x06 \x01(\x05R\nshardIndex\x12\x1d\n\nrequest_id\x18\x07 \x01(\tR\trequestId\x12\x19\n\x08\x66\x61ult_id\x18\x08 \x01(\tR\x07\x66\x61ultId\x12\x18\n\x07message\x18\t \x01(\tR\x07message\x12;\n\x0b\x64\x65tected_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.TimestampR\ndetectedAt\x12\x46\n\x0f\x66\x61ult_intensity\x18\x0b \x01(\x0e\x32\x1d.webshard.common.v1.IntensityR\x0e\x66\x61ultIntensity\x12+\n\x11\x66\x61ult_traceparent\x18\x0c \x01(\tR\x10\x66\x61ultTraceparent\"\x95\x01\n\x14ReportFailureRequest\x12;\n\x06report\x18\x01 \x01(\x0b\x32#.webshard.recovery.v1.FailureReportR\x06report\x12@\n\x08strategy\x18\x02 \x01(\x0e\x32$.webshard.common.v1.RecoveryStrategyR\x08strategy\"\\\n\x15ReportFailureResponse\x12\x1f\n\x0brecovery_id\x18\x01 \x01(\tR\nrecoveryId\x12\"\n\x0c\x64\x65\x64uplicated\x18\x02 \x01(\x08R\x0c\x64\x65\x64uplicated\"\xfa\x01\n\rRecoveryPhase\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12;\n\x05level\x18\x02 \x01(\x0e\x32%.webshard.recovery.v1.EscalationLevelR\x05level\x12\x39\n\nstarted_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\tstartedAt\x12\x35\n\x08\x64uration\x18\x04 \x01(\x0b\x32\x19.google.protobuf.DurationR\x08\x64uration\x12\x0e\n\x02ok\x18\x05 \x01(\x08R\x02ok\x12\x16\n\x06\x64\x65tail\x18\x06 \x01(\tR\x06\x64\x65tail\"\xee\x05\n\x08Recovery\x12\x1f\n\x0brecovery_id\x18\x01 \x01(\tR\nrecoveryId\x12;\n\x06report\x18\x02 \x01(\x0b\x32#.webshard.recovery.v1.FailureReportR\x06report\x12@\n\x08strategy\x18\x03 \x01(\x0e\x32$.webshard.common.v1.RecoveryStrategyR\x08strategy\x12\x39\n\x05state\x18\x04 \x01(\x0e\x32#.webshard.recovery.v1.RecoveryStateR\x05state\x12;\n\x06phases\x18\x05 \x03(\x0b\x32#.webshard.recovery.v1.RecoveryPhaseR\x06phases\x12\x39\n\nstarted_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\tstartedAt\x12;\n\x0b\x66inished_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\nfinishedAt\x12\x35\n\x08\x64uration\x18\x08 \x01(\x0b\x32\x19.google.protobuf.DurationR\x08\x64uration\x12\x19\n\x08trace_id\x18\t \x01(\tR\x07traceId\x12J\n\rhighest_level\x18\n \x01(\x0e\x32%.webshard.recovery.v1.EscalationLevelR\x0chighestLevel\x12\x16\n\x06\x64\x65tail\x18\x0b \x01(\tR\x06\x64\x65tail\x12P\n\x16redundancy_restored_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x14redundancyRestoredAt\x12J\n\x13redundancy_restored\x18\r \x01(\x0b\x32\x19.google.protobuf.DurationR\x12redundancyRestored\"5\n\x12GetRecoveryRequest\x12\x1f\n\x0brecovery_id\x18\x01 \x01(\tR\nrecoveryId\"Q\n\x13GetRecoveryResponse\x12:\n\x08recovery\x18\x01 \x01(\x0b\x32\x1e.webshard.recovery.v1.RecoveryR\x08recovery\"-\n\x15ListRecoveriesRequest\x12\x14\n\x05limit\x18\x01 \x01(\x05R\x05limit\"X\n\x16ListRecoveriesResponse\x12>\n\nrecoveries\x18\x01 \x03(\x0b\x32\x1e.webshard.recovery.v1.RecoveryR\nrecoveries\"C\n\x16WatchRecoveriesRequest\x12)\n\x10include_existing\x18\x01 \x01(\x08R\x0fincludeExisting\"U\n\x17WatchRecoveriesResponse\x12:\n\x08recovery\x18\x01 \x01(\x0b\x32\x1e.webshard.recovery.v1.RecoveryR\x08recovery\"\xe9\x02\n\x07\x42reaker\x12\x38\n\x05scope\x18\x01 \x01(\x0e\x32\".webshard.recovery.v1.BreakerScopeR\x05scope\x12\x1b\n\ttarget_id\x18\x02 \x01(\tR\x08targetId\x12\x36\n\x05state\x18\x03 \x01(\x0e\x32 .webshard.common.v1.BreakerStateR\x05state\x12\x31\n\x14\x63onsecutive_failures\x18\x04 \x01(\x05R\x13\x63onsecutiveFailures\x12!\n\x0c\x66\x61ilure_rate\x18\x05 \x01(\x01R\x0b\x66\x61ilureRate\x12\x39\n\nchanged_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\tchangedAt\x12>\n\rnext_probe_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x0bnextProbeAt\"j\n\x11GetBreakerRequest\x12\x38\n\x05scope\x18\x01 \x01(\x0e\x32\".webshard.recovery.v1.BreakerScopeR\x05scope\x12\x1b\n\ttarget_id\x18\x02 \x01(\tR\x08targetId\"M\n\x12GetBreakerResponse\x12\x37\n\x07\x62reaker\x18\x01 \x01(\x0b\x32\x1d.webshard.recovery.v1.BreakerR\x07\x62reaker\"\x15\n\x13ListBreakersRequest\"Q\n\x14ListBreakersResponse\x12\x39\n\x08\x62reakers\x18\x01 \x03(\x0b\x32\x1d.webshard.recovery.v1.BreakerR\x08\x62reakers\"l\n\x13ResetBreakerRequest\x12\x38\n\x05scope\x18\x01 \x01(\x0e\x32\".webshard.recovery.v1.BreakerScopeR\x05scope\x12\x1b\n\ttarget_id\x18\x02 \x01(\tR\x08targetId\"O\n\x14ResetBreakerResponse\x12\x37\n\x07\x62reaker\x18\x01 \x01(\x0b\x32\x1d.webshard.recovery.v1.BreakerR\x07\x62reaker*\x9e\x01\n\rFailureSource\x12\x1e\n\x1a\x46\x41ILURE_SOURCE_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x46\x41ILURE_SOURCE_DATA_PATH\x10\x01\x12\x1c\n\x18\x46\x41ILURE_SOURCE_HEARTBEAT\x10\x02\x12\x17\n\x13\x46\x41ILURE_SOURCE_PAGE\x10\x03\x12\x18\n\x14\x46\x41ILURE_SOURCE_AGENT\x10\x04*\xff\x01\n\x0b\x46\x61ilureKind\x12\x1c\n\x18\x46\x41ILURE_KIND_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x46\x41ILURE_KIND_STREAM_BROKEN\x10\x01\x12\x1b\n\x17\x46\x41ILURE_KIND_AGENT_GONE\x10\x02\x12\x1c\n\x18\x46\x41ILURE_KIND_SHARD_ERROR\x10\x03\x12\x1f\n\x1b\x46\x41ILURE_KIND_RENDERER_CRASH\x10\x04\x12\x1c\n\x18\x46\x41ILURE_KIND_DEVICE_LOST\x10\x05\x12\x1e\n\x1a\x46\x41ILURE_KIND_OUT_OF_MEMORY\x10\x06\x12\x18\n\x14\x46\x41ILURE_KIND_TIMEOUT\x10\x07*\xeb\x01\n\x0f\x45scalationLevel\x12 \n\x1c\x45SCALATION_LEVEL_UNSPECIFIED\x10\x00\x12#\n\x1f\x45SCALATION_LEVEL_RETRY_IN_PLACE\x10\x01\x12\x1e\n\x1a\x45SCALATION_LEVEL_RECONNECT\x10\x02\x12\'\n#ESCALATION_LEVEL_REPLACE_ON_STANDBY\x10\x03\x12$\n ESCALATION_LEVEL_RESTART_BROWSER\x10\x04\x12\"\n\x1e\x45SCALATION_LEVEL_RESTART_AGENT\x10\x05*\x84\x01\n\rRecoveryState\x12\x1e\n\x1aRECOVERY_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16RECOVERY_STATE_RUNNING\x10\x01\x12\x1c\n\x18RECOVERY_STATE_SUCCEEDED\x10\x02\x12\x19\n\x15RECOVERY_STATE_FAILED\x10\x03*a\n\x0c\x42reakerScope\x12\x1d\n\x19\x42REAKER_SCOPE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x42REAKER_SCOPE_AGENT\x10\x01\x12\x19\n\x15\x42REAKER_SCOPE_BROWSER\x10\x02\x32\xed\x05\n\x0fRecoveryService\x12h\n\rReportFailure\x12*.webshard.recovery.v1.ReportFailureRequest\x1a+.webshard.recovery.v1.ReportFailureResponse\x12\x62\n\x0bGetRecovery\x12(.webshard.recovery.v1.GetRecoveryRequest\x1a).webshard.recovery.v1.GetRecoveryResponse\x12k\n\x0eListRecoveries\x12+.webshard.recovery.v1.ListRecoveriesRequest\x1a,.webshard.recovery.v1.ListRecoveriesResponse\x12p\n\x0fWatchRecoveries\x12,.webshard.recovery.v1.WatchRecoveriesRequest\x1a-.webshard.recovery.v1.WatchRecoveriesResponse0\x01\x12_\n\nGetBreaker\x12\'.webshard.recovery.v1.GetBreakerRequest\x1a(.webshard.recovery.v1.GetBreakerResponse\x12\x65\n\x0cListBreakers\x12).webshard.recovery.v1.ListBreakersRequest\x1a*.webshard.recovery.v1.ListBreakersResponse\x12\x65\n\x0cResetBreaker\x12).webshard.recovery.v1.ResetBreakerRequest\x1a*.webshard.recovery.v1.ResetBreakerResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'webshard.recovery.v1.recovery_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FAILURESOURCE']._serialized_start=3042
-  _globals['_FAILURESOURCE']._serialized_end=3200
-  _globals['_FAILUREKIND']._serialized_start=3203
-  _globals['_FAILUREKIND']._serialized_end=3458
-  _globals['_ESCALATIONLEVEL']._serialized_start=3461
-  _globals['_ESCALATIONLEVEL']._serialized_end=3696
-  _globals['_RECOVERYSTATE']._serialized_start=3699
-  _globals['_RECOVERYSTATE']._serialized_end=3831
-  _globals['_BREAKERSCOPE']._serialized_start=3833
-  _globals['_BREAKERSCOPE']._serialized_end=3930
+  _globals['_FAILURESOURCE']._serialized_start=3200
+  _globals['_FAILURESOURCE']._serialized_end=3358
+  _globals['_FAILUREKIND']._serialized_start=3361
+  _globals['_FAILUREKIND']._serialized_end=3616
+  _globals['_ESCALATIONLEVEL']._serialized_start=3619
+  _globals['_ESCALATIONLEVEL']._serialized_end=3854
+  _globals['_RECOVERYSTATE']._serialized_start=3857
+  _globals['_RECOVERYSTATE']._serialized_end=3989
+  _globals['_BREAKERSCOPE']._serialized_start=3991
+  _globals['_BREAKERSCOPE']._serialized_end=4088
   _globals['_FAILUREREPORT']._serialized_start=160
   _globals['_FAILUREREPORT']._serialized_end=666
   _globals['_REPORTFAILUREREQUEST']._serialized_start=669
@@ -53,33 +53,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RECOVERYPHASE']._serialized_start=915
   _globals['_RECOVERYPHASE']._serialized_end=1165
   _globals['_RECOVERY']._serialized_start=1168
-  _globals['_RECOVERY']._serialized_end=1760
-  _globals['_GETRECOVERYREQUEST']._serialized_start=1762
-  _globals['_GETRECOVERYREQUEST']._serialized_end=1815
-  _globals['_GETRECOVERYRESPONSE']._serialized_start=1817
-  _globals['_GETRECOVERYRESPONSE']._serialized_end=1898
-  _globals['_LISTRECOVERIESREQUEST']._serialized_start=1900
-  _globals['_LISTRECOVERIESREQUEST']._serialized_end=1945
-  _globals['_LISTRECOVERIESRESPONSE']._serialized_start=1947
-  _globals['_LISTRECOVERIESRESPONSE']._serialized_end=2035
-  _globals['_WATCHRECOVERIESREQUEST']._serialized_start=2037
-  _globals['_WATCHRECOVERIESREQUEST']._serialized_end=2104
-  _globals['_WATCHRECOVERIESRESPONSE']._serialized_start=2106
-  _globals['_WATCHRECOVERIESRESPONSE']._serialized_end=2191
-  _globals['_BREAKER']._serialized_start=2194
-  _globals['_BREAKER']._serialized_end=2555
-  _globals['_GETBREAKERREQUEST']._serialized_start=2557
-  _globals['_GETBREAKERREQUEST']._serialized_end=2663
-  _globals['_GETBREAKERRESPONSE']._serialized_start=2665
-  _globals['_GETBREAKERRESPONSE']._serialized_end=2742
-  _globals['_LISTBREAKERSREQUEST']._serialized_start=2744
-  _globals['_LISTBREAKERSREQUEST']._serialized_end=2765
-  _globals['_LISTBREAKERSRESPONSE']._serialized_start=2767
-  _globals['_LISTBREAKERSRESPONSE']._serialized_end=2848
-  _globals['_RESETBREAKERREQUEST']._serialized_start=2850
-  _globals['_RESETBREAKERREQUEST']._serialized_end=2958
-  _globals['_RESETBREAKERRESPONSE']._serialized_start=2960
-  _globals['_RESETBREAKERRESPONSE']._serialized_end=3039
-  _globals['_RECOVERYSERVICE']._serialized_start=3933
-  _globals['_RECOVERYSERVICE']._serialized_end=4682
+  _globals['_RECOVERY']._serialized_end=1918
+  _globals['_GETRECOVERYREQUEST']._serialized_start=1920
+  _globals['_GETRECOVERYREQUEST']._serialized_end=1973
+  _globals['_GETRECOVERYRESPONSE']._serialized_start=1975
+  _globals['_GETRECOVERYRESPONSE']._serialized_end=2056
+  _globals['_LISTRECOVERIESREQUEST']._serialized_start=2058
+  _globals['_LISTRECOVERIESREQUEST']._serialized_end=2103
+  _globals['_LISTRECOVERIESRESPONSE']._serialized_start=2105
+  _globals['_LISTRECOVERIESRESPONSE']._serialized_end=2193
+  _globals['_WATCHRECOVERIESREQUEST']._serialized_start=2195
+  _globals['_WATCHRECOVERIESREQUEST']._serialized_end=2262
+  _globals['_WATCHRECOVERIESRESPONSE']._serialized_start=2264
+  _globals['_WATCHRECOVERIESRESPONSE']._serialized_end=2349
+  _globals['_BREAKER']._serialized_start=2352
+  _globals['_BREAKER']._serialized_end=2713
+  _globals['_GETBREAKERREQUEST']._serialized_start=2715
+  _globals['_GETBREAKERREQUEST']._serialized_end=2821
+  _globals['_GETBREAKERRESPONSE']._serialized_start=2823
+  _globals['_GETBREAKERRESPONSE']._serialized_end=2900
+  _globals['_LISTBREAKERSREQUEST']._serialized_start=2902
+  _globals['_LISTBREAKERSREQUEST']._serialized_end=2923
+  _globals['_LISTBREAKERSRESPONSE']._serialized_start=2925
+  _globals['_LISTBREAKERSRESPONSE']._serialized_end=3006
+  _globals['_RESETBREAKERREQUEST']._serialized_start=3008
+  _globals['_RESETBREAKERREQUEST']._serialized_end=3116
+  _globals['_RESETBREAKERRESPONSE']._serialized_start=3118
+  _globals['_RESETBREAKERRESPONSE']._serialized_end=3197
+  _globals['_RECOVERYSERVICE']._serialized_start=4091
+  _globals['_RECOVERYSERVICE']._serialized_end=4840
 # @@protoc_insertion_point(module_scope)

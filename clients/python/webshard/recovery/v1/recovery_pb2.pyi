@@ -373,6 +373,8 @@ class Recovery(_message.Message):
     TRACE_ID_FIELD_NUMBER: _builtins.int
     HIGHEST_LEVEL_FIELD_NUMBER: _builtins.int
     DETAIL_FIELD_NUMBER: _builtins.int
+    REDUNDANCY_RESTORED_AT_FIELD_NUMBER: _builtins.int
+    REDUNDANCY_RESTORED_FIELD_NUMBER: _builtins.int
     recovery_id: _builtins.str
     """recovery_id is the recovery's id."""
     strategy: _common_pb2.RecoveryStrategy.ValueType
@@ -399,11 +401,26 @@ class Recovery(_message.Message):
 
     @_builtins.property
     def finished_at(self) -> _timestamp_pb2.Timestamp:
-        """finished_at is when the first correct answer after it was served."""
+        """finished_at is when the first correct answer after it was served: for a
+        recovery that succeeded, the moment it recovered (the failed replica replaced,
+        the verify passed).
+        """
 
     @_builtins.property
     def duration(self) -> _duration_pb2.Duration:
         """duration is finished_at minus started_at."""
+
+    @_builtins.property
+    def redundancy_restored_at(self) -> _timestamp_pb2.Timestamp:
+        """redundancy_restored_at is when, after it succeeded, every shard of its model
+        was back to the healthy replicas and hot spares it had when the failure was
+        planned for (after a spare's takeover a new spare loads in the background).
+        Unset until then, and for good when that did not happen within two minutes.
+        """
+
+    @_builtins.property
+    def redundancy_restored(self) -> _duration_pb2.Duration:
+        """redundancy_restored is redundancy_restored_at minus started_at."""
 
     def __init__(
         self,
@@ -419,10 +436,12 @@ class Recovery(_message.Message):
         trace_id: _builtins.str = ...,
         highest_level: Global___EscalationLevel.ValueType = ...,
         detail: _builtins.str = ...,
+        redundancy_restored_at: _timestamp_pb2.Timestamp | None = ...,
+        redundancy_restored: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "finished_at", b"finished_at", "report", b"report", "started_at", b"started_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "finished_at", b"finished_at", "redundancy_restored", b"redundancy_restored", "redundancy_restored_at", b"redundancy_restored_at", "report", b"report", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "duration", b"duration", "finished_at", b"finished_at", "highest_level", b"highest_level", "phases", b"phases", "recovery_id", b"recovery_id", "report", b"report", "started_at", b"started_at", "state", b"state", "strategy", b"strategy", "trace_id", b"trace_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "duration", b"duration", "finished_at", b"finished_at", "highest_level", b"highest_level", "phases", b"phases", "recovery_id", b"recovery_id", "redundancy_restored", b"redundancy_restored", "redundancy_restored_at", b"redundancy_restored_at", "report", b"report", "started_at", b"started_at", "state", b"state", "strategy", b"strategy", "trace_id", b"trace_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -138,6 +138,7 @@ COLUMNS: tuple[tuple[str, Callable[[Cell], str]], ...] = (
     ("detect p50", lambda c: _ms(percentile(c.detect_ms, 50))),
     ("replace p50", lambda c: _ms(c.phase_p50("replace"))),
     ("verify p50", lambda c: _ms(c.phase_p50("verify"))),
+    ("restored p50", lambda c: _ms(percentile(c.restored_ms, 50))),
     ("p99 after fault", lambda c: "-" if c.p99_ratio is None else f"{c.p99_ratio:.1f}x"),
     ("success", lambda c: f"{c.success_rate:.0%}" if c.recoveries else "-"),
     ("answers", lambda c: str(c.answers)),
@@ -147,7 +148,8 @@ COLUMNS: tuple[tuple[str, Callable[[Cell], str]], ...] = (
 )
 """The campaign table: p50/p95 count from detection to the verified answer, "from
 effect" from the fault's first effect (detection included); detect is first effect
-to first failure report; "p99 after fault" is the p99 of the requests started within
+to first failure report; restored is detection until every shard had its replicas
+and spares back; "p99 after fault" is the p99 of the requests started within
 5 s of a fault over the run's p99 away from faults."""
 
 

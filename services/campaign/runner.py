@@ -199,6 +199,9 @@ class Cell:
     effect_ms: list[float] = field(default_factory=list)
     """Succeeded recoveries, from the fault's first effect (as the agent's hook stamped
     it) to the verified answer: detection included."""
+    restored_ms: list[float] = field(default_factory=list)
+    """Succeeded recoveries, detection until every shard had its replicas and spares
+    back (a new spare loaded after a takeover)."""
     detect_ms: list[float] = field(default_factory=list)
     """Per fault: its first effect to the first failure report of a recovery."""
     phase_ms: dict[str, list[float]] = field(default_factory=dict)
@@ -311,6 +314,8 @@ class Campaign:
         self.iterations: list[Iteration] = []
         self._seen_recoveries: set[str] = set()
         self._ep = ""
+        self._spares: dict[int, int] = {}
+        """Spares per shard as deployed: the cluster is whole again with them back."""
 
     async def close(self) -> None:
         """Close every client."""
@@ -363,6 +368,8 @@ class Campaign:
             for r in shard.replicas
         }
         self._ep = ",".join(sorted(providers))
+        # Whole again means its spares back too, as many as the deploy could place.
+        self._spares = {shard.shard.index: len(shard.spares) for shard in placement.shards}
         await self._settle(time.monotonic() + plan.settle_timeout_s)
 
     async def _load(self, worker: int, stop: asyncio.Event) -> None:
@@ -455,7 +462,7 @@ class Campaign:
                 record.problem = (
                     f"fault {fault.fault_id} ran without all of its children: {record.fault.detail}"
                 )
-            if not await self._settle(deadline):
+            if not await self._settle(deadline, since=record.started_at):
                 record.problem = record.problem or "the cluster did not become whole again in time"
         record.recoveries = await self._recoveries_since(record.started_at)
         if not record.problem and not record.recoveries:
@@ -481,11 +488,13 @@ class Campaign:
             fault = await self._injector.get_fault(fault.fault_id)
         return fault
 
-    async def _settle(self, deadline: float) -> bool:
-        """Wait until no recovery runs, every shard has its replicas and no browser launches."""
+    async def _settle(self, deadline: float, since: float | None = None) -> bool:
+        """Wait until no recovery runs, every shard has its replicas and spares, no
+        browser launches, and every recovery that succeeded since ``since`` has stamped
+        its model's redundancy as restored."""
         quiet_since = None
         while time.monotonic() < deadline:
-            if await self._whole():
+            if await self._whole(since):
                 quiet_since = quiet_since or time.monotonic()
                 if time.monotonic() - quiet_since >= 1.0:
                     return True
@@ -494,7 +503,7 @@ class Campaign:
             await asyncio.sleep(0.2)
         return False
 
-    async def _whole(self) -> bool:
+    async def _whole(self, since: float | None) -> bool:
         try:
             recoveries = await self._recovery.list_recoveries(limit=50)
             placement = await self._client.placement(self.plan.model)
@@ -503,8 +512,16 @@ class Campaign:
             return False
         if any(r.state == recovery_pb2.RECOVERY_STATE_RUNNING for r in recoveries):
             return False
+        if since is not None and any(
+            r.state == recovery_pb2.RECOVERY_STATE_SUCCEEDED
+            and not r.HasField("redundancy_restored")
+            and _seconds(r.started_at) >= since
+            for r in recoveries
+        ):
+            return False
         if any(
             len([r for r in shard.replicas if r.healthy]) < self.plan.replicas
+            or len([r for r in shard.spares if r.healthy]) < self._spares.get(shard.shard.index, 0)
             for shard in placement.shards
         ):
             return False
@@ -610,6 +627,9 @@ def _recovery_record(
         trace_id=recovery.trace_id,
         run_id=run_id,
         breakers_enabled=breakers_enabled,
+        redundancy_restored=recovery.redundancy_restored
+        if recovery.HasField("redundancy_restored")
+        else None,
     )
 
 
@@ -654,6 +674,8 @@ def cells_of(
                 continue
             cell.succeeded += 1
             cell.durations_ms.append(recovery.duration.ToNanoseconds() / 1e6)
+            if recovery.HasField("redundancy_restored"):
+                cell.restored_ms.append(recovery.redundancy_restored.ToNanoseconds() / 1e6)
             start = effect if effect is not None else _seconds(recovery.started_at)
             cell.effect_ms.append((_seconds(recovery.finished_at) - start) * 1000)
             for phase in recovery.phases:

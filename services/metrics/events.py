@@ -52,6 +52,7 @@ TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
         "trace_id",
         "run_id",
         "breakers_enabled",
+        "redundancy_restored_ms",
     ),
     "recovery_phases": (
         "recovery_id",
@@ -198,6 +199,9 @@ def _rows(event: pb.Event, where: int) -> Iterable[tuple[str, tuple[Any, ...]]]:
                 r.trace_id,
                 r.run_id,
                 r.breakers_enabled,
+                _duration_ms(r.redundancy_restored, where, "redundancy restored")
+                if r.HasField("redundancy_restored")
+                else None,
             ),
         )
         for position, phase in enumerate(r.phases):

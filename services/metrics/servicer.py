@@ -158,6 +158,9 @@ class MetricsServicer(pb_grpc.MetricsServiceServicer):
                     p50_ms=row.p50_ms,
                     p95_ms=row.p95_ms,
                     max_ms=row.max_ms,
+                    redundancy_restored=row.redundancy_restored,
+                    redundancy_restored_p50_ms=row.redundancy_restored_p50_ms or 0.0,
+                    redundancy_restored_p95_ms=row.redundancy_restored_p95_ms or 0.0,
                 )
                 for row in rows
             ]

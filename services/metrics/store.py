@@ -36,7 +36,7 @@ CREATE TABLE IF NOT EXISTS recoveries (
     recovery_id VARCHAR NOT NULL, fault_id VARCHAR, scenario VARCHAR, strategy VARCHAR,
     model VARCHAR, execution_provider VARCHAR, succeeded BOOLEAN, started_at TIMESTAMP,
     duration_ms DOUBLE, trace_id VARCHAR, run_id VARCHAR, breakers_enabled BOOLEAN,
-    ingested_at TIMESTAMP NOT NULL);
+    redundancy_restored_ms DOUBLE, ingested_at TIMESTAMP NOT NULL);
 CREATE TABLE IF NOT EXISTS recovery_phases (
     recovery_id VARCHAR NOT NULL, run_id VARCHAR, started_at TIMESTAMP, position INTEGER,
     name VARCHAR, level VARCHAR, duration_ms DOUBLE, ok BOOLEAN,
@@ -64,10 +64,14 @@ CREATE TABLE IF NOT EXISTS webshard_metadata (key VARCHAR PRIMARY KEY, value VAR
 APPLICATION = "webshard-metrics"
 """What ``webshard_metadata`` says under ``application`` in a file webshard created."""
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """The schema this build writes. Version 1 (before ``webshard_metadata`` and
-``delivery_losses``) is recognised by its tables and upgraded; a higher version
-is a file from a newer webshard and is refused."""
+``delivery_losses``) is recognised by its tables and upgraded, as is version 2
+(before ``recoveries.redundancy_restored_ms``); a higher version is a file from a
+newer webshard and is refused."""
+
+ADDED_COLUMNS = {"recoveries": {"redundancy_restored_ms": "DOUBLE"}}
+"""Columns added since version 2, per table: an older file gains them on opening."""
 
 _V1_TABLES = (
     "faults",
@@ -147,6 +151,11 @@ class SummaryRow:
     p50_ms: float
     p95_ms: float
     max_ms: float
+    redundancy_restored: int = 0
+    """Recoveries whose model was back to its replicas and spares; the two below are
+    over these (None when there are none)."""
+    redundancy_restored_p50_ms: float | None = None
+    redundancy_restored_p95_ms: float | None = None
 
 
 @dataclass(frozen=True)
@@ -189,6 +198,11 @@ class MetricsStore:
         connection.execute("BEGIN TRANSACTION")
         try:
             connection.execute(SCHEMA)
+            for table, added in ADDED_COLUMNS.items():
+                for column, kind in added.items():
+                    connection.execute(
+                        f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {kind}"
+                    )
             connection.execute(
                 "INSERT OR REPLACE INTO webshard_metadata VALUES "
                 "('application', ?), ('schema_version', ?)",
@@ -279,7 +293,9 @@ class MetricsStore:
         group = f"GROUP BY {keys} ORDER BY {keys}" if fields else ""
         rows = self._db.execute(
             f"SELECT {select} count(*), avg(succeeded::INTEGER), "
-            "quantile_cont(duration_ms, 0.5), quantile_cont(duration_ms, 0.95), max(duration_ms) "
+            "quantile_cont(duration_ms, 0.5), quantile_cont(duration_ms, 0.95), max(duration_ms), "
+            "count(redundancy_restored_ms), quantile_cont(redundancy_restored_ms, 0.5), "
+            "quantile_cont(redundancy_restored_ms, 0.95) "
             f"FROM recoveries {where} {group}",
             params,
         ).fetchall()
@@ -297,6 +313,9 @@ class MetricsStore:
                     p50_ms=float(values[1]),
                     p95_ms=float(values[2]),
                     max_ms=float(values[3]),
+                    redundancy_restored=int(values[4]),
+                    redundancy_restored_p50_ms=_optional(values[5]),
+                    redundancy_restored_p95_ms=_optional(values[6]),
                 )
             )
         return result
@@ -493,7 +512,10 @@ def _check_owned(where: str) -> None:
                 )
             return
         # Schema version 1 had no metadata table: recognise it by its exact tables.
-        expected = {t: {*TABLE_COLUMNS[t], "ingested_at"} for t in _V1_TABLES}
+        expected = {
+            t: {*TABLE_COLUMNS[t], "ingested_at"} - set(ADDED_COLUMNS.get(t, ()))
+            for t in _V1_TABLES
+        }
         foreign = sorted(t for t in columns if expected.get(t) != columns[t])
         if foreign:
             shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
@@ -506,6 +528,10 @@ def _check_owned(where: str) -> None:
         raise _refused(where, f"its tables cannot be read ({exc})") from exc
     finally:
         connection.close()
+
+
+def _optional(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 def check_range(start: dt.datetime | None, end: dt.datetime | None) -> None:

@@ -8,9 +8,10 @@ times while requests flow, every answer checked against the reference. Each row
 is one cell: its recoveries' p50/p95/max (detection to verified answer), the same
 from the fault's first effect (as the agent's hook stamped it: detection included),
 detection (first effect to first failure report), the replace and verify phases'
-p50, what clients felt (the p99 of requests started within 5 s of a fault over
-the run's p99 away from faults), the success rate, and the answers checked, wrong
-and failed meanwhile.
+p50, the time until every shard had its replicas and spares back (p50/p95), what
+clients felt (the p99 of requests started within 5 s of a fault over the run's p99
+away from faults), the success rate, and the answers checked, wrong and failed
+meanwhile.
 
     make bench-recovery                                  # 30 faults per cell
     make bench-recovery BENCH_ARGS="--iterations 3 --scenario browser_crash"
@@ -50,6 +51,8 @@ COLUMNS = (
     "detect_p50_ms",
     "replace_p50_ms",
     "verify_p50_ms",
+    "restored_p50_ms",
+    "restored_p95_ms",
     "p99_after_fault_ratio",
     "success_rate",
     "answers",
@@ -95,6 +98,8 @@ def run(plan: Plan, breakers: bool, data_dir: Path) -> list[dict[str, Any]]:
                     "detect_p50_ms": percentile(c.detect_ms, 50),
                     "replace_p50_ms": c.phase_p50("replace"),
                     "verify_p50_ms": c.phase_p50("verify"),
+                    "restored_p50_ms": percentile(c.restored_ms, 50),
+                    "restored_p95_ms": percentile(c.restored_ms, 95),
                     "p99_after_fault_ratio": c.p99_ratio,
                     "success_rate": round(c.success_rate, 4),
                     "answers": c.answers,

@@ -90,3 +90,20 @@ def test_a_fault_that_never_took_effect_counts_from_detection() -> None:
     [cell] = cells_of(plan, [iteration], [], "wasm")
     assert [round(d) for d in cell.effect_ms] == [200]
     assert cell.detect_ms == [] and cell.p99_ratio is None
+
+
+def test_redundancy_restored_counts_where_the_recovery_recorded_it() -> None:
+    plan = Plan(scenarios=("browser_crash",), strategies=("simple",))
+    restored = recovery(T0 + 1.0, T0 + 1.1)
+    restored.redundancy_restored.CopyFrom(span(2.5))
+    iteration = Iteration(
+        "browser_crash",
+        "simple",
+        T0,
+        fault=fi.Fault(injected_at=stamp(T0 + 0.99)),
+        recoveries=[restored, recovery(T0 + 1.0, T0 + 1.2)],
+        ended_at=T0 + 5,
+    )
+    [cell] = cells_of(plan, [iteration], [], "wasm")
+    assert cell.restored_ms == [2500.0]
+    assert "restored p50" in table([cell]) and "2500" in table([cell])

@@ -7,6 +7,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
+from services.metrics.events import EventBuffer
 from services.metrics.store import SCHEMA_VERSION, MetricsStore, StoreError
 from tests.unit.test_metrics_store import recovery, store_with
 
@@ -65,9 +66,33 @@ def test_a_file_of_the_first_schema_is_upgraded_in_place(tmp_path: Path) -> None
     with duckdb.connect(str(path)) as db:
         db.execute("DROP TABLE webshard_metadata")
         db.execute("DROP TABLE delivery_losses")
+        db.execute("ALTER TABLE recoveries DROP COLUMN redundancy_restored_ms")
     store = MetricsStore.open(path)
     try:
         assert store.count("delivery_losses") == 0
+    finally:
+        store.close()
+    with duckdb.connect(str(path), read_only=True) as db:
+        meta = dict(db.execute("SELECT key, value FROM webshard_metadata").fetchall())
+    assert meta["schema_version"] == str(SCHEMA_VERSION)
+
+
+def test_a_file_of_the_second_schema_gains_the_redundancy_column(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.duckdb"
+    store_with([recovery(1)], path).close()
+    with duckdb.connect(str(path)) as db:
+        db.execute("ALTER TABLE recoveries DROP COLUMN redundancy_restored_ms")
+        db.execute("UPDATE webshard_metadata SET value = '2' WHERE key = 'schema_version'")
+    restored = recovery(2)
+    restored.recovery.redundancy_restored.FromMilliseconds(2500)
+    store = MetricsStore.open(path)
+    try:
+        buffer = EventBuffer()
+        buffer.add([restored])
+        store.write(buffer.take()[1])
+        [row] = store.recovery_summary()
+        assert (row.count, row.redundancy_restored) == (2, 1)  # the old row kept, without it
+        assert row.redundancy_restored_p50_ms == 2500.0
     finally:
         store.close()
     with duckdb.connect(str(path), read_only=True) as db:

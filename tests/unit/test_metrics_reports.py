@@ -19,6 +19,8 @@ from tests.unit.test_metrics_store import T0, recovery, request, store_with
 
 def figures() -> tuple[list[reports.SummaryRow], dict[str, list[dict[str, object]]]]:
     events = [recovery(i, ms=float(10 * (i + 1))) for i in range(4)]
+    for i, event in enumerate(events):  # the spares were back 1 to 4 s later
+        event.recovery.redundancy_restored.FromMilliseconds(1000 * (i + 1))
     events += [recovery(10 + i, scenario="latency", ok=i != 0) for i in range(3)]
     events += [request(20, 5)]
     store = store_with(events)
@@ -35,6 +37,8 @@ def test_json_holds_the_summary_every_row_and_a_schema_version() -> None:
     cells = {(c["scenario"], c["strategy"]): c for c in doc["summary"]}
     assert cells[("browser_crash", "progressive")]["count"] == 4
     assert cells[("latency", "progressive")]["success_rate"] == 2 / 3
+    assert cells[("browser_crash", "progressive")]["redundancy_restored_p50_ms"] == 2500.0
+    assert cells[("latency", "progressive")]["redundancy_restored_p50_ms"] is None
     assert len(doc["tables"]["recoveries"]) == 7
     assert {r["recovery_id"] for r in doc["tables"]["recoveries"]} >= {"rec-0", "rec-12"}
 
@@ -43,7 +47,9 @@ def test_markdown_has_one_row_per_scenario_and_strategy() -> None:
     summary, _ = figures()
     text = reports.render_markdown("r1", summary).decode()
     assert "| browser_crash | progressive | 4 | 100.0% | 25.0 |" in text
+    assert "| 2500.0 | 3850.0 |" in text  # the spares back, p50 and p95
     assert "| latency | progressive | 3 | 66.7% |" in text
+    assert text.count("| — | — |") == 1  # latency's spares never counted
 
 
 def test_junit_fails_the_cells_where_a_recovery_failed() -> None:

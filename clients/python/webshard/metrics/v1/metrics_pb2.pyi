@@ -169,6 +169,7 @@ class RecoveryRecord(_message.Message):
     TRACE_ID_FIELD_NUMBER: _builtins.int
     RUN_ID_FIELD_NUMBER: _builtins.int
     BREAKERS_ENABLED_FIELD_NUMBER: _builtins.int
+    REDUNDANCY_RESTORED_FIELD_NUMBER: _builtins.int
     recovery_id: _builtins.str
     """recovery_id is the recovery's id."""
     fault_id: _builtins.str
@@ -201,6 +202,12 @@ class RecoveryRecord(_message.Message):
     def phases(self) -> _containers.RepeatedCompositeFieldContainer[Global___PhaseRecord]:
         """phases are its phases in order."""
 
+    @_builtins.property
+    def redundancy_restored(self) -> _duration_pb2.Duration:
+        """redundancy_restored is from started_at until every shard of the model was back
+        to its healthy replicas and spares; unset when that did not happen.
+        """
+
     def __init__(
         self,
         *,
@@ -217,10 +224,11 @@ class RecoveryRecord(_message.Message):
         trace_id: _builtins.str = ...,
         run_id: _builtins.str = ...,
         breakers_enabled: _builtins.bool = ...,
+        redundancy_restored: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "started_at", b"started_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "redundancy_restored", b"redundancy_restored", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["breakers_enabled", b"breakers_enabled", "duration", b"duration", "execution_provider", b"execution_provider", "fault_id", b"fault_id", "model", b"model", "phases", b"phases", "recovery_id", b"recovery_id", "run_id", b"run_id", "scenario", b"scenario", "started_at", b"started_at", "strategy", b"strategy", "succeeded", b"succeeded", "trace_id", b"trace_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["breakers_enabled", b"breakers_enabled", "duration", b"duration", "execution_provider", b"execution_provider", "fault_id", b"fault_id", "model", b"model", "phases", b"phases", "recovery_id", b"recovery_id", "redundancy_restored", b"redundancy_restored", "run_id", b"run_id", "scenario", b"scenario", "started_at", b"started_at", "strategy", b"strategy", "succeeded", b"succeeded", "trace_id", b"trace_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -664,6 +672,9 @@ class RecoverySummaryRow(_message.Message):
     P50_MS_FIELD_NUMBER: _builtins.int
     P95_MS_FIELD_NUMBER: _builtins.int
     MAX_MS_FIELD_NUMBER: _builtins.int
+    REDUNDANCY_RESTORED_FIELD_NUMBER: _builtins.int
+    REDUNDANCY_RESTORED_P50_MS_FIELD_NUMBER: _builtins.int
+    REDUNDANCY_RESTORED_P95_MS_FIELD_NUMBER: _builtins.int
     count: _builtins.int
     """count is the number of recoveries."""
     success_rate: _builtins.float
@@ -674,6 +685,14 @@ class RecoverySummaryRow(_message.Message):
     """p95_ms is the 95th percentile in milliseconds."""
     max_ms: _builtins.float
     """max_ms is the longest in milliseconds."""
+    redundancy_restored: _builtins.int
+    """redundancy_restored counts the recoveries whose model was back to its
+    replicas and spares (the two figures below are over these; 0 when none).
+    """
+    redundancy_restored_p50_ms: _builtins.float
+    """redundancy_restored_p50_ms is the median time from detection to that."""
+    redundancy_restored_p95_ms: _builtins.float
+    """redundancy_restored_p95_ms is the 95th percentile."""
     @_builtins.property
     def group(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """group holds the grouping fields' values by field name."""
@@ -687,10 +706,13 @@ class RecoverySummaryRow(_message.Message):
         p50_ms: _builtins.float = ...,
         p95_ms: _builtins.float = ...,
         max_ms: _builtins.float = ...,
+        redundancy_restored: _builtins.int = ...,
+        redundancy_restored_p50_ms: _builtins.float = ...,
+        redundancy_restored_p95_ms: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "group", b"group", "max_ms", b"max_ms", "p50_ms", b"p50_ms", "p95_ms", b"p95_ms", "success_rate", b"success_rate"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "group", b"group", "max_ms", b"max_ms", "p50_ms", b"p50_ms", "p95_ms", b"p95_ms", "redundancy_restored", b"redundancy_restored", "redundancy_restored_p50_ms", b"redundancy_restored_p50_ms", "redundancy_restored_p95_ms", b"redundancy_restored_p95_ms", "success_rate", b"success_rate"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

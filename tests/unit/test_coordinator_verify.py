@@ -1,7 +1,7 @@
-"""Boundary activations the coordinator keeps, and one shard run again on one replica
-from them, its answer compared with the kept one.
+"""Boundary activations the coordinator keeps, and VerifyShard: one shard run again on
+one replica from them, its answer compared with the kept one.
 
-The deployments and pipelines are real; the hop runner is a fake that
+The deployments, pipelines and servicer are real; the hop runner is a fake that
 computes two small shards in numpy, so no agent runs.
 """
 
@@ -20,6 +20,9 @@ from webshard.common.v1 import common_pb2
 from webshard.coordinator.v1 import coordinator_pb2 as pb
 from webshard.tensors import decode_tensor, encode_tensor
 
+from services.common.server import Lifecycle
+from services.coordinator.cluster_state import ClusterState
+from services.coordinator.consensus import NotLeaderError
 from services.coordinator.deployments import Deployments
 from services.coordinator.links import HopError
 from services.coordinator.pipeline import (
@@ -31,6 +34,8 @@ from services.coordinator.pipeline import (
     compare_outputs,
 )
 from services.coordinator.registry import AgentRegistry
+from services.coordinator.servicer import CoordinatorServicer
+from services.coordinator.settings import CoordinatorSettings
 from services.models.inputs import example_inputs
 
 MODEL = "minilm-l6"
@@ -271,3 +276,78 @@ def test_the_tolerance_follows_the_outputs_scale_and_a_missing_output_never_pass
     assert compare_outputs(kept, tensors(a=[2000.0, math.nan], b=[0.5]))[0] == math.inf
     # Small outputs: the bound is absolute, 1e-3.
     assert compare_outputs(list(tensors(c=[0.01]).values()), tensors(c=[0.0]))[1] == 1e-3
+
+
+# ----------------------------------------------------------------------------- servicer
+
+
+class Replicator:
+    def __init__(self, leader: bool) -> None:
+        self.is_leader = leader
+
+    def not_leader(self) -> NotLeaderError:
+        return NotLeaderError("coordinator-1", "127.0.0.1:50061")
+
+
+class Aborted(Exception):
+    pass
+
+
+class Context:
+    def __init__(self) -> None:
+        self.trailing: Any = ()
+
+    def set_trailing_metadata(self, metadata: Any) -> None:
+        self.trailing = metadata
+
+    def time_remaining(self) -> float:
+        return 10.0
+
+    async def abort(self, code: grpc.StatusCode, message: str) -> None:
+        raise Aborted(code, message)
+
+
+def servicer(deployments: Deployments, *, leader: bool) -> CoordinatorServicer:
+    return CoordinatorServicer(
+        settings=CoordinatorSettings(),
+        registry=AgentRegistry(heartbeat_timeout_s=60),
+        deployments=deployments,
+        state=ClusterState(),
+        replicator=Replicator(leader),  # type: ignore[arg-type]
+        lifecycle=Lifecycle(),
+    )
+
+
+async def test_verify_shard_answers_on_the_leader_only_and_checks_its_request() -> None:
+    deployments, shards, _ = rig()
+    await infer(deployments, inputs())
+    request = pb.VerifyShardRequest(model=MODEL, shard_index=1, agent_id="agent-1")
+    answer = await servicer(deployments, leader=True).VerifyShard(request, Context())  # type: ignore[arg-type]
+    assert answer.passed and answer.max_abs_difference == 0.0
+    assert answer.tolerance == VERIFY_TOLERANCE
+    assert (answer.timing.agent_id, answer.timing.browser_id) == ("agent-1", NATIVE)
+    assert (answer.kept_from.agent_id, answer.kept_from.browser_id) == ("agent-1", NATIVE)
+    shards.skew["agent-1"] = 0.5
+    wrong = await servicer(deployments, leader=True).VerifyShard(request, Context())  # type: ignore[arg-type]
+    assert not wrong.passed and wrong.max_abs_difference == pytest.approx(0.5, rel=1e-3)
+
+    context = Context()
+    with pytest.raises(Aborted) as follower:
+        await servicer(deployments, leader=False).VerifyShard(request, context)  # type: ignore[arg-type]
+    assert follower.value.args[0] == grpc.StatusCode.FAILED_PRECONDITION
+    assert context.trailing == (("webshard-leader", "127.0.0.1:50061"),)
+
+    for bad in (
+        pb.VerifyShardRequest(shard_index=1, agent_id="agent-1"),
+        pb.VerifyShardRequest(model=MODEL, shard_index=-1, agent_id="agent-1"),
+        pb.VerifyShardRequest(model=MODEL, shard_index=1),
+    ):
+        with pytest.raises(Aborted) as refused:
+            await servicer(deployments, leader=True).VerifyShard(bad, Context())  # type: ignore[arg-type]
+        assert refused.value.args[0] == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(Exception, match="'vit-tiny' is not deployed") as unknown:
+        await servicer(deployments, leader=True).VerifyShard(
+            pb.VerifyShardRequest(model="vit-tiny", agent_id="agent-1"),
+            Context(),  # type: ignore[arg-type]
+        )
+    assert getattr(unknown.value, "code", None) == grpc.StatusCode.NOT_FOUND

@@ -40,6 +40,7 @@ from webshard.errors import (
     NotFoundError,
     RPCError,
     UnavailableError,
+    UnimplementedError,
 )
 
 from services.common.tracing import client_interceptors
@@ -346,8 +347,9 @@ class CoordinatorActuator:
         self, model: str, moves: Sequence[tuple[int, Runtime]]
     ) -> ActionResult | None:
         """Each moved shard run once on its new replica from the kept activation (one
-        VerifyShard each); None when the coordinator cannot (nothing kept, or the replica
-        is no longer there): the caller verifies with a whole inference then.
+        VerifyShard each); None when the coordinator cannot (nothing kept, the replica
+        is no longer there, a coordinator older than VerifyShard): the caller verifies
+        with a whole inference then.
 
         Raises ActionFailed naming the replica when its hop fails or it answers
         differently from the kept outputs.
@@ -359,7 +361,7 @@ class CoordinatorActuator:
                 check = await self._client.verify_shard(
                     model, shard_index, agent_id, browser_id, timeout=self._timeout_s
                 )
-            except (FailedPreconditionError, NotFoundError) as exc:
+            except (FailedPreconditionError, NotFoundError, UnimplementedError) as exc:
                 log.info(
                     "no one-hop verify; verifying with a whole inference",
                     extra={"model": model, "shard": shard_index, "on": where, "reason": str(exc)},

@@ -21,7 +21,12 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from webshard.aio import InferResult, ShardHop
 from webshard.common.v1 import common_pb2
 from webshard.coordinator.v1 import coordinator_pb2
-from webshard.errors import FailedPreconditionError, NotFoundError, UnavailableError
+from webshard.errors import (
+    FailedPreconditionError,
+    NotFoundError,
+    UnavailableError,
+    UnimplementedError,
+)
 from webshard.recovery.v1 import recovery_pb2 as pb
 from webshard.recovery.v1 import recovery_pb2_grpc as pb_grpc
 
@@ -908,8 +913,11 @@ async def test_a_browser_wide_verify_checks_every_shard_moved_off_it() -> None:
 
 async def test_verify_falls_back_to_a_whole_inference_when_no_hop_can_tell() -> None:
     client = FakeClient(
-        answers=[answer(0.5)] * 3,
-        checks=[FailedPreconditionError("no activation of shard 1 of minilm-l6 is kept")],
+        answers=[answer(0.5)] * 4,
+        checks=[
+            FailedPreconditionError("no activation of shard 1 of minilm-l6 is kept"),
+            UnimplementedError("Method not found!"),  # a coordinator older than VerifyShard
+        ],
     )
     actuator = CoordinatorActuator([], client=client)  # type: ignore[arg-type]
     target = Target("agent-1", "b0", "minilm-l6", 1)
@@ -924,6 +932,9 @@ async def test_verify_falls_back_to_a_whole_inference_when_no_hop_can_tell() -> 
     assert "answered in 4.0 ms" in (await actuator.verify(target)).detail
     assert client.verified == [("minilm-l6", 1, "agent-3", "b2")]
     assert client.inferred == ["minilm-l6", "minilm-l6"]
+    await actuator.replace_on_standby(target)
+    assert "answered in 4.0 ms" in (await actuator.verify(target)).detail
+    assert len(client.verified) == 2 and len(client.inferred) == 3
 
 
 async def test_a_failed_hop_or_another_answer_fails_the_verify_on_the_new_replica() -> None:

@@ -104,14 +104,21 @@ class Stage:
         replica: Replica,
     ) -> bool:
         """Keep a successful hop's feeds and outputs, unless together they are larger
-        than MAX_KEPT_ACTIVATION_BYTES (the previous one stays then); True when kept."""
+        than MAX_KEPT_ACTIVATION_BYTES (the previous one stays then); True when kept.
+
+        Copies: a tensor that is part of a bigger message (a request's input beside a
+        large one it does not feed) would keep that whole message alive.
+        """
         size = 0
         for tensor in (*feeds, *outputs):
             size += tensor.ByteSize()
             if size > MAX_KEPT_ACTIVATION_BYTES:
                 return False
         self.kept = KeptActivation(
-            tuple(feeds), tuple(outputs), replica.agent_id, replica.browser_id
+            tuple(_copy(t) for t in feeds),
+            tuple(_copy(t) for t in outputs),
+            replica.agent_id,
+            replica.browser_id,
         )
         return True
 
@@ -125,6 +132,12 @@ class Stage:
             start = self.turns % len(healthy)
             healthy = healthy[start:] + healthy[:start]
         return healthy + [r for r in self.replicas if not r.healthy]
+
+
+def _copy(tensor: common_pb2.Tensor) -> common_pb2.Tensor:
+    copy = common_pb2.Tensor()
+    copy.CopyFrom(tensor)
+    return copy
 
 
 # Runs one hop: (replica, request id, input tensors, timeout) -> agent's reply outputs,

@@ -138,6 +138,8 @@ async def test_each_stage_keeps_its_last_successful_hop_on_a_serving_replica() -
     first, second = (s.kept for s in stages(deployments))
     assert first is not None and second is not None
     assert list(first.feeds) == feeds
+    # Copies: a kept tensor must not hold the request it came in (which may be big) alive.
+    assert all(kept is not sent for kept, sent in zip(first.feeds, feeds, strict=True))
     assert [t.name for t in first.outputs] == ["hidden"]
     assert second.feeds == first.outputs
     assert list(second.outputs) == list(answer.outputs)

@@ -37,6 +37,7 @@ from services.coordinator.pipeline import (
     FailureSink,
     HopRunner,
     InferError,
+    KeptActivation,
     Pin,
     Pipeline,
     Replica,
@@ -173,6 +174,7 @@ def deployment_of(
             output_names=list(shard.shard.output_names),
             replicas=[replica(r) for r in shard.replicas],
             spares=[replica(r) for r in shard.spares],
+            sha256=shard.shard.sha256,
         )
         for shard in placement.shards
     ]
@@ -218,6 +220,9 @@ class Deployments:
         """Deployed models, as the replicated log has applied them."""
         self.changed = Pulse()
         """Fires whenever a model's placement is applied or removed."""
+        self._warmed: dict[str, list[Stage]] = {}
+        """model -> the stages of its last spare warm-up, whose kept activations the
+        placement that follows takes over (a warm-up's pipeline is its own)."""
 
     def link(self, agent_id: str) -> AgentLink:
         """The link to an agent, reopened when its address changed."""
@@ -309,13 +314,19 @@ class Deployments:
     def apply_placement(self, model: str, placement: pb.Placement | None) -> None:
         """Serve ``placement`` for ``model`` (None removes it): called as the log applies.
 
-        Replicas the previous placement also had keep the health it had seen.
+        Replicas the previous placement also had keep the health it had seen; each
+        stage keeps the activation the previous placement's stage of the same shard
+        file kept (or, failing that, the last spare warm-up's).
         """
         previous = self.models.pop(model, None)
+        warmed = self._warmed.pop(model, [])
         if placement is None:
             self.changed.fire()
             return
         deployment = deployment_of(placement, self.run_hop, self.on_failure)
+        kept: dict[tuple[int, str], KeptActivation] = {
+            (stage.index, stage.sha256): stage.kept for stage in warmed if stage.kept is not None
+        }
         if previous is not None:
             health = {
                 (r.agent_id, r.browser_id, r.handle): r.healthy
@@ -325,6 +336,13 @@ class Deployments:
             for stage in deployment.pipeline.stages:
                 for r in [*stage.replicas, *stage.spares]:
                     r.healthy = health.get((r.agent_id, r.browser_id, r.handle), True)
+            kept.update(
+                ((stage.index, stage.sha256), stage.kept)
+                for stage in previous.pipeline.stages
+                if stage.kept is not None
+            )
+        for stage in deployment.pipeline.stages:
+            stage.kept = kept.get((stage.index, stage.sha256))
         self.models[model] = deployment
         self.changed.fire()
 
@@ -694,6 +712,9 @@ class Deployments:
             )
         except (InferError, HopError) as exc:
             return str(exc)
+        # Its unpinned stages ran on serving replicas: what they kept is worth carrying
+        # into the placement that follows (apply_placement).
+        self._warmed[model] = deployment.pipeline.stages
         return None
 
     def unhealthy(self, avoid: Iterable[tuple[str, str]] = ()) -> set[tuple[str, str]]:

@@ -7,22 +7,31 @@ another replica from its own input, not the whole model from the start.
 
 Every hop (every attempt of a shard on one replica) is a span "hop", a child of
 the request's span; the agent's span for the activation is a child of it.
+
+Each stage also keeps, past the request, the feeds and outputs of its last
+successful hop on a serving replica when they are small (``KeptActivation``): a
+recovery then checks a replica that took a failed one's place by running that one
+shard from them (``Pipeline.verify_shard``), not the whole model.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import grpc
+import numpy as np
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 from webshard.common.v1 import common_pb2
 from webshard.coordinator.v1 import coordinator_pb2 as pb
+from webshard.tensors import decode_tensor
 
 from services.common.durations import duration
 from services.common.errors import DomainError
@@ -31,6 +40,17 @@ from services.coordinator.links import HopError
 log = logging.getLogger(__name__)
 
 _tracer = trace.get_tracer(__name__)
+
+MAX_KEPT_ACTIVATION_BYTES = 1 << 20
+"""The most a stage keeps of a hop for VerifyShard: its feeds and outputs together, as
+encoded. A bigger request is not held in memory after it ends; the stage keeps the
+last small one instead."""
+
+VERIFY_TOLERANCE = 1e-3
+"""A verify passes when max |answer - kept| <= VERIFY_TOLERANCE x max(1, max |kept|).
+Execution providers (native CPU, wasm, webgpu) round floats differently, so one shard's
+outputs agree closely across them (within 4e-6 measured on MiniLM) but not bit for bit;
+relative to the outputs' scale, so large activations are not held to an absolute bound."""
 
 
 class InferError(DomainError):
@@ -48,6 +68,17 @@ class Replica:
     healthy: bool = True
 
 
+@dataclass(frozen=True)
+class KeptActivation:
+    """A shard's feeds and outputs from one successful hop on a serving replica."""
+
+    feeds: tuple[common_pb2.Tensor, ...]
+    outputs: tuple[common_pb2.Tensor, ...]
+    agent_id: str
+    browser_id: str
+    """The replica whose hop produced ``outputs``."""
+
+
 @dataclass
 class Stage:
     """One shard of the chain, its replicas and its hot spares."""
@@ -61,6 +92,35 @@ class Stage:
     spares: list[Replica] = field(default_factory=list)
     """Hot spares: never routed to (``order`` leaves them out), only run when pinned
     (their warm-up, a probe)."""
+    sha256: str = ""
+    """The shard file's digest: a kept activation carries over to a stage of the same file."""
+    kept: KeptActivation | None = None
+    """The last small boundary activation a serving replica answered (see ``keep``)."""
+
+    def keep(
+        self,
+        feeds: Sequence[common_pb2.Tensor],
+        outputs: Sequence[common_pb2.Tensor],
+        replica: Replica,
+    ) -> bool:
+        """Keep a successful hop's feeds and outputs, unless together they are larger
+        than MAX_KEPT_ACTIVATION_BYTES (the previous one stays then); True when kept.
+
+        Copies: a tensor that is part of a bigger message (a request's input beside a
+        large one it does not feed) would keep that whole message alive.
+        """
+        size = 0
+        for tensor in (*feeds, *outputs):
+            size += tensor.ByteSize()
+            if size > MAX_KEPT_ACTIVATION_BYTES:
+                return False
+        self.kept = KeptActivation(
+            tuple(_copy(t) for t in feeds),
+            tuple(_copy(t) for t in outputs),
+            replica.agent_id,
+            replica.browser_id,
+        )
+        return True
 
     def order(self) -> list[Replica]:
         """The replicas to try for the next request: the healthy ones in turn (so each
@@ -72,6 +132,12 @@ class Stage:
             start = self.turns % len(healthy)
             healthy = healthy[start:] + healthy[:start]
         return healthy + [r for r in self.replicas if not r.healthy]
+
+
+def _copy(tensor: common_pb2.Tensor) -> common_pb2.Tensor:
+    copy = common_pb2.Tensor()
+    copy.CopyFrom(tensor)
+    return copy
 
 
 # Runs one hop: (replica, request id, input tensors, timeout) -> agent's reply outputs,
@@ -141,6 +207,7 @@ class Pipeline:
                     recovered = True
                     continue
                 replica.healthy = True
+                stage.keep(feeds, outputs, replica)
                 for tensor in outputs:
                     tensors[tensor.name] = tensor
                 trail.append(_timing(stage, replica, compute_ms, hop_started, attempt))
@@ -161,6 +228,46 @@ class Pipeline:
             total=duration(time.monotonic() - started),
             recovered=recovered,
         )
+
+    async def verify_shard(self, shard_index: int, pin: Pin, deadline: float) -> ShardCheck:
+        """Run one shard once on the copy ``pin`` names, from the stage's kept activation,
+        and compare its outputs with the kept ones.
+
+        The hop is pinned: a failure is not reported as a data-path failure (as a probe,
+        it marks the copy unhealthy). A different answer is a ShardCheck that did not
+        pass. Raises InferError: NOT_FOUND for an unknown shard or copy,
+        FAILED_PRECONDITION when nothing is kept, UNAVAILABLE when the hop failed.
+        """
+        stage = next((s for s in self.stages if s.index == shard_index), None)
+        if stage is None:
+            raise InferError(
+                grpc.StatusCode.NOT_FOUND,
+                f"{self.model} has no shard {shard_index} (it has {len(self.stages)})",
+            )
+        if not any(pin.matches(r) for r in [*stage.replicas, *stage.spares]):
+            raise InferError(
+                grpc.StatusCode.NOT_FOUND,
+                f"shard {shard_index} of {self.model} has no replica on {pin}",
+            )
+        kept = stage.kept
+        if kept is None:
+            raise InferError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"no activation of shard {shard_index} of {self.model} is kept (no small "
+                "request has run through it on this leader): verify with a whole inference",
+            )
+        try:
+            outputs, timing = await self._probe(
+                stage, pin, f"verify-{uuid.uuid4().hex}", kept.feeds, deadline
+            )
+        except InferError as exc:
+            raise InferError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"verifying shard {shard_index} of {self.model} on {pin}: the hop failed "
+                f"({exc.code.name}): {exc.message}",
+            ) from exc
+        difference, tolerance = compare_outputs(kept.outputs, outputs)
+        return ShardCheck(timing, difference, tolerance, kept)
 
     async def _hop(
         self,
@@ -229,6 +336,46 @@ class Pipeline:
         replica.healthy = True
         timing = _timing(stage, replica, compute_ms, hop_started, 1)
         return {tensor.name: tensor for tensor in outputs}, timing
+
+
+@dataclass(frozen=True)
+class ShardCheck:
+    """One shard run again from its kept activation, against the kept outputs."""
+
+    timing: common_pb2.ShardTiming
+    max_abs_difference: float
+    tolerance: float
+    kept: KeptActivation
+
+    @property
+    def passed(self) -> bool:
+        """Whether the answer is the kept one, within the tolerance."""
+        return self.max_abs_difference <= self.tolerance
+
+
+def compare_outputs(
+    kept: Sequence[common_pb2.Tensor], answer: Mapping[str, common_pb2.Tensor]
+) -> tuple[float, float]:
+    """The largest |answer - kept| over every kept output's elements, and the tolerance
+    (VERIFY_TOLERANCE x max(1, largest |kept|)). An output missing from ``answer``, of
+    another shape, or with a NaN on either side differs by +inf."""
+    difference = 0.0
+    scale = 1.0
+    for tensor in kept:
+        expected = decode_tensor(tensor).astype(np.float64)
+        if expected.size:
+            largest = float(np.max(np.abs(expected)))
+            if math.isfinite(largest):
+                scale = max(scale, largest)
+        got = answer.get(tensor.name)
+        actual = None if got is None else decode_tensor(got).astype(np.float64)
+        if actual is None or actual.shape != expected.shape:
+            difference = math.inf
+            continue
+        if expected.size:
+            apart = float(np.max(np.abs(actual - expected)))
+            difference = max(difference, math.inf if math.isnan(apart) else apart)
+    return difference, VERIFY_TOLERANCE * scale
 
 
 @dataclass(frozen=True)

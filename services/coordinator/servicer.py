@@ -66,6 +66,8 @@ GUARDED_METHODS = methods(
     "DeployModel",
     "UndeployModel",
     "ReplaceShard",
+    # It runs a shard on an agent (and marks the copy unhealthy when the hop fails).
+    "VerifyShard",
     "RestartBrowser",
     "ReconnectAgent",
     "PauseModel",
@@ -527,6 +529,44 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             placement=self._deployments.placement(request.model),
             from_spare=promoted is not None,
             spare_loading=loading,
+        )
+
+    async def VerifyShard(
+        self, request: pb.VerifyShardRequest, context: Context
+    ) -> pb.VerifyShardResponse:
+        """Run one shard once on one of its copies from its kept boundary activation and
+        compare the answer with the kept outputs; a different answer is passed=false."""
+        if not self._replicator.is_leader:
+            await self._not_leader(context)
+        if not request.model or request.shard_index < 0 or not request.agent_id:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "VerifyShard needs a model, a shard_index >= 0 and the agent_id of the copy",
+            )
+        self._deployments.placement(request.model)  # NOT_FOUND unless deployed
+        deployment = self._deployments.models[request.model]
+        deadline = time.monotonic() + (
+            context.time_remaining() or self._settings.default_deadline_s
+        )
+        check = await deployment.pipeline.verify_shard(
+            request.shard_index, Pin(request.agent_id, request.browser_id), deadline
+        )
+        log.info(
+            "shard verified" if check.passed else "shard verify found another answer",
+            extra={
+                "model": request.model,
+                "shard": request.shard_index,
+                "on": f"{check.timing.agent_id}/{check.timing.browser_id}",
+                "max_abs_difference": check.max_abs_difference,
+                "tolerance": check.tolerance,
+            },
+        )
+        return pb.VerifyShardResponse(
+            timing=check.timing,
+            max_abs_difference=check.max_abs_difference,
+            tolerance=check.tolerance,
+            passed=check.passed,
+            kept_from=pb.RuntimeRef(agent_id=check.kept.agent_id, browser_id=check.kept.browser_id),
         )
 
     async def _commit_in_background(self, build: Callable[[], pb.Placement | None]) -> bool:

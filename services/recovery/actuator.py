@@ -12,8 +12,11 @@ Every action is a real call that changes or probes the cluster:
   browser's place and reload its shards (CoordinatorService.RestartBrowser);
 - ``barrier`` / ``resume`` hold and release new requests for the model on the
   leader (PauseModel / ResumeModel);
-- ``verify`` runs one inference through the model and checks that no replica on
-  the failed browser (or agent) is still marked unhealthy in the placement.
+- ``verify`` checks each replica this actuator moved the target's shards to with one
+  hop from the boundary activation the coordinator kept (VerifyShard); after any
+  other action, or when the coordinator kept nothing, it runs one inference through
+  the whole model. Either way it then checks that no replica on the failed browser
+  (or agent) is still marked unhealthy in the placement.
 
 Restarting an agent needs its workload controller (a Kubernetes pod delete, a
 local supervisor); this actuator has none, so that action reports itself
@@ -23,6 +26,7 @@ unavailable and the strategy treats the level as failed.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -30,7 +34,14 @@ import numpy as np
 import numpy.typing as npt
 from webshard.aio import Client, InferResult
 from webshard.coordinator.v1 import coordinator_pb2
-from webshard.errors import InvalidArgumentError, NotFoundError, RPCError
+from webshard.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    RPCError,
+    UnavailableError,
+    UnimplementedError,
+)
 
 from services.common.tracing import client_interceptors
 from services.recovery.execution import ActionFailed, ActionResult, ActionUnavailable
@@ -38,6 +49,13 @@ from services.recovery.probes import ClusterView, HeldShard, InputUnavailable
 from services.recovery.strategies import ModelPlacement, Replica, Strategy, Target
 
 log = logging.getLogger(__name__)
+
+MAX_REMEMBERED_MOVES = 1024
+"""Moves kept for the verify that follows them, at most: a move whose verify never
+runs (its rung failed on another shard) is dropped, oldest first."""
+
+Runtime = tuple[str, str]
+"""An (agent_id, browser_id) pair."""
 
 
 def placement_from_proto(placement: coordinator_pb2.Placement) -> ModelPlacement:
@@ -109,6 +127,9 @@ class CoordinatorActuator:
         """model -> the barrier id this actuator holds on it."""
         # Models that refused text once are verified with example tensors from then on.
         self._tensor_models: set[str] = set()
+        self._moves: OrderedDict[tuple[str, int, Runtime], Runtime] = OrderedDict()
+        """(model, shard, failed runtime) -> the replica ReplaceShard put in its place,
+        until a verify of that target checks it."""
 
     async def close(self) -> None:
         """Close the coordinator client."""
@@ -199,6 +220,7 @@ class CoordinatorActuator:
                 f"shard {target.shard_index} of {target.model} had already moved off "
                 f"{target.agent_id}/{target.browser_id or '*'}"
             )
+        self._remember_move(target, (moved.replica.agent_id, moved.replica.browser_id))
         to = f"{moved.replica.agent_id}/{moved.replica.browser_id}"
         return ActionResult(
             f"shard {target.shard_index} of {target.model} moved to {to}"
@@ -255,10 +277,47 @@ class CoordinatorActuator:
             f"{resumed.held_requests} request(s) had waited"
         )
 
+    def _remember_move(self, target: Target, to: Runtime) -> None:
+        key = (target.model, target.shard_index, (target.agent_id, target.browser_id))
+        self._moves[key] = to
+        self._moves.move_to_end(key)
+        while len(self._moves) > MAX_REMEMBERED_MOVES:
+            self._moves.popitem(last=False)
+
+    def _take_moves(self, target: Target) -> list[tuple[int, Runtime]]:
+        """The moves of the target's shards (every shard of its model on its browser when
+        it names none), in chain order; forgotten here, as their verify is running."""
+        failed = (target.agent_id, target.browser_id)
+        keys = [
+            key
+            for key in self._moves
+            if key[0] == target.model and key[2] == failed and target.shard_index in (-1, key[1])
+        ]
+        return sorted((key[1], self._moves.pop(key)) for key in keys)
+
     async def verify(self, target: Target) -> ActionResult:
-        """Run one inference through the model; pass when it returns finite outputs."""
+        """Check that the target's model answers correctly again.
+
+        When this actuator moved the target's shards (``replace_on_standby``), run each
+        once on its new replica from the activation the coordinator kept, and pass when
+        every answer matches it. Otherwise (the shard was retried, reconnected or
+        restarted in place), or when the coordinator kept no activation, run one
+        inference through the whole model and pass when it returns finite outputs.
+        """
         if not target.model:
             return ActionResult("the report names no model; nothing to verify")
+        moves = self._take_moves(target)
+        checked = await self._verify_moves(target.model, moves) if moves else None
+        if checked is not None:
+            still_unhealthy = await self._unhealthy_on(target)
+            if still_unhealthy:
+                raise ActionFailed(
+                    f"the moved shard(s) answered, but replica(s) of shard(s) "
+                    f"{', '.join(map(str, still_unhealthy))} of {target.model} on "
+                    f"{target.agent_id}/{target.browser_id or '*'} are still unhealthy",
+                    failed_on=[(target.agent_id, target.browser_id)],
+                )
+            return checked
         try:
             result = await self._infer(target.model)
         except RPCError as exc:
@@ -288,6 +347,56 @@ class CoordinatorActuator:
         return ActionResult(
             f"{target.model} answered in {result.total_ms:.1f} ms; shards {trail}",
             served_by=tuple(sorted(hops)),
+        )
+
+    async def _verify_moves(
+        self, model: str, moves: Sequence[tuple[int, Runtime]]
+    ) -> ActionResult | None:
+        """Each moved shard run once on its new replica from the kept activation (one
+        VerifyShard each); None when the coordinator cannot (nothing kept, the replica
+        is no longer there, a coordinator older than VerifyShard): the caller verifies
+        with a whole inference then.
+
+        Raises ActionFailed naming the replica when its hop fails or it answers
+        differently from the kept outputs.
+        """
+        passed: list[str] = []
+        for shard_index, (agent_id, browser_id) in moves:
+            where = f"{agent_id}/{browser_id}"
+            try:
+                check = await self._client.verify_shard(
+                    model, shard_index, agent_id, browser_id, timeout=self._timeout_s
+                )
+            except (FailedPreconditionError, NotFoundError, UnimplementedError) as exc:
+                log.info(
+                    "no one-hop verify; verifying with a whole inference",
+                    extra={"model": model, "shard": shard_index, "on": where, "reason": str(exc)},
+                )
+                return None
+            except UnavailableError as exc:  # the hop failed
+                raise ActionFailed(
+                    f"shard {shard_index} of {model} failed on {where}: {exc}",
+                    failed_on=[(agent_id, browser_id)],
+                ) from exc
+            except RPCError as exc:
+                raise ActionFailed(
+                    f"shard {shard_index} of {model} on {where} was not verified: {exc}"
+                ) from exc
+            if not check.passed:
+                raise ActionFailed(
+                    f"shard {shard_index} of {model} on {where} answered differently from "
+                    f"the kept activation: max |difference| {check.max_abs_difference:.3g} > "
+                    f"{check.tolerance:.3g}",
+                    failed_on=[(agent_id, browser_id)],
+                )
+            passed.append(
+                f"shard {shard_index} on {where} in "
+                f"{check.timing.hop.ToNanoseconds() / 1e6:.1f} ms "
+                f"(max |difference| {check.max_abs_difference:.2g})"
+            )
+        return ActionResult(
+            f"{model}: {', '.join(passed)} matched the kept activation(s)",
+            served_by=tuple(sorted({runtime for _, runtime in moves})),
         )
 
     async def _unhealthy_on(self, target: Target) -> list[int]:

@@ -4,7 +4,8 @@ A coordinator (one replica), two native browser agents and the recovery service
 run as real gRPC servers in the test's own process and event loop, each built by
 its ``services/<svc>/server.py`` ``make_app`` and served the way
 ``services.common.server.serve`` serves it (the same server options and
-OpenTelemetry server interceptor, health included). Being in one process, they
+interceptors: OpenTelemetry's, the token check, the DomainError one; health
+included). Being in one process, they
 share one TracerProvider, whose in-memory exporter sees every service's spans;
 trace context still crosses between them only over gRPC (metadata on unary calls,
 the ``traceparent`` field of each RunShard activation), exactly as between
@@ -35,7 +36,6 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from opentelemetry import trace
-from opentelemetry.instrumentation.grpc import aio_server_interceptor
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -46,7 +46,7 @@ from webshard.recovery.v1 import recovery_pb2
 
 from services.browser_agent import server as agent_server
 from services.browser_agent.settings import AgentSettings
-from services.common.server import SERVER_OPTIONS, Lifecycle, ServiceApp
+from services.common.server import SERVER_OPTIONS, Lifecycle, ServiceApp, server_interceptors
 from services.common.settings import ServerSettings
 from services.common.tracing import configure_tracing
 from services.coordinator import server as coordinator_server
@@ -146,7 +146,8 @@ async def start_service(
     app = make_app(settings, lifecycle)
     server = grpc.aio.server(
         options=SERVER_OPTIONS,
-        interceptors=[aio_server_interceptor()],  # type: ignore[no-untyped-call]
+        # The interceptors serve uses: tracing, then DomainErrors to their status.
+        interceptors=server_interceptors(),
     )
     app.add_to_server(server)
     health_servicer = health.aio.HealthServicer()

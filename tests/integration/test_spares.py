@@ -1,6 +1,7 @@
 """Hot spares on a local cluster of native agents: placed beside the replicas, never
 routed to, taking over from a failed replica with a placement change, followed by a
-new spare; spares=0 keeps recovery by loading; impossible counts are refused."""
+new spare; spares=0 keeps recovery by loading; impossible counts are refused; the
+replica that took over is verified with one hop from a kept boundary activation."""
 
 from __future__ import annotations
 
@@ -13,7 +14,12 @@ from webshard.browser_agent.v1 import browser_agent_pb2 as agent_pb
 from webshard.browser_agent.v1 import browser_agent_pb2_grpc as agent_grpc
 from webshard.cli.local import LocalCluster
 from webshard.coordinator.v1 import coordinator_pb2
-from webshard.errors import InvalidArgumentError, ResourceExhaustedError
+from webshard.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    ResourceExhaustedError,
+)
 
 from tests.conftest import native_cluster, wait_for
 from tests.integration.test_inference import cosine, reference_embeddings
@@ -157,3 +163,34 @@ def test_no_replacement_lands_where_a_fault_is_in_force(
         for agent in others:
             hook(agents[agent], f"lag-{agent}", revert=True)
     client.undeploy("vit-tiny")
+
+
+def test_the_replica_that_took_over_is_verified_with_one_hop(client: webshard.Client) -> None:
+    client.deploy(MODEL, shards=2, replicas=1, runtime="native", spares=1)
+    assert correct(client)  # its boundary activations are kept on the leader
+    [old] = client.placement(MODEL).shards[1].replicas
+    moved = client.replace_shard(MODEL, 1, old.agent_id, old.browser_id)
+    new = moved.replica
+    check = client.verify_shard(MODEL, 1, new.agent_id, new.browser_id)
+    assert check.passed, check
+    assert check.max_abs_difference <= check.tolerance
+    assert (check.timing.shard_index, check.timing.agent_id, check.timing.browser_id) == (
+        1,
+        new.agent_id,
+        new.browser_id,
+    )
+    # What it was compared with came from the replica it replaced, before the move.
+    assert (check.kept_from.agent_id, check.kept_from.browser_id) == (old.agent_id, old.browser_id)
+    with pytest.raises(NotFoundError, match="no replica on"):
+        client.verify_shard(MODEL, 1, "agent-99")
+    with pytest.raises(InvalidArgumentError, match="shard_index >= 0"):
+        client.verify_shard(MODEL, -1, new.agent_id)
+
+    # A model no request has run through (no spares, so no warm-up either) has nothing kept.
+    never_run = client.deploy("vit-tiny", shards=1, replicas=1, runtime="native", spares=0)
+    [replica] = never_run.shards[0].replicas
+    try:
+        with pytest.raises(FailedPreconditionError, match="whole inference"):
+            client.verify_shard("vit-tiny", 0, replica.agent_id, replica.browser_id)
+    finally:
+        client.undeploy("vit-tiny")

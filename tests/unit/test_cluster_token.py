@@ -273,7 +273,7 @@ def test_each_service_guards_its_state_changing_methods_and_leaves_reads_open() 
     assert metrics >= METRICS_GUARDED
     assert raft <= COORDINATOR_GUARDED
     short = {m.rsplit("/", 1)[1] for m in COORDINATOR_GUARDED}
-    assert {"ReplaceShard", "DeployModel", "UndeployModel", "AgentSession"} <= short
+    assert {"ReplaceShard", "VerifyShard", "DeployModel", "UndeployModel", "AgentSession"} <= short
     assert not {"Infer", "InferStream", "GetPlacement", "ListAgents", "ClusterStatus"} & short
     assert {m.rsplit("/", 1)[1] for m in AGENT_GUARDED} == {
         "LoadShard",

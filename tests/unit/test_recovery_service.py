@@ -12,6 +12,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
@@ -20,13 +21,22 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from webshard.aio import InferResult, ShardHop
 from webshard.common.v1 import common_pb2
 from webshard.coordinator.v1 import coordinator_pb2
-from webshard.errors import NotFoundError, UnavailableError
+from webshard.errors import (
+    FailedPreconditionError,
+    NotFoundError,
+    UnavailableError,
+    UnimplementedError,
+)
 from webshard.recovery.v1 import recovery_pb2 as pb
 from webshard.recovery.v1 import recovery_pb2_grpc as pb_grpc
 
 from services.common.server import Lifecycle
 from services.common.settings import SettingsError, load_settings
-from services.recovery.actuator import CoordinatorActuator, placement_from_proto
+from services.recovery.actuator import (
+    MAX_REMEMBERED_MOVES,
+    CoordinatorActuator,
+    placement_from_proto,
+)
 from services.recovery.breakers import BreakerConfig, BreakerKey, Breakers, BreakerState
 from services.recovery.execution import ActionFailed, ActionUnavailable
 from services.recovery.recoveries import (
@@ -690,6 +700,8 @@ class FakeClient:
         default_factory=coordinator_pb2.ReplaceShardResponse
     )
     calls: list[tuple[Any, ...]] = field(default_factory=list)
+    checks: list[coordinator_pb2.VerifyShardResponse | Exception] = field(default_factory=list)
+    verified: list[tuple[Any, ...]] = field(default_factory=list)
 
     async def placement(self, model: str, *, timeout: float | None = None) -> Any:
         if self.placement_proto is None:
@@ -709,6 +721,13 @@ class FakeClient:
     async def replace_shard(self, *args: Any, avoid: Any = (), timeout: float | None = None) -> Any:
         self.calls.append(("replace", *args, list(avoid)))
         return self.moved
+
+    async def verify_shard(self, *args: Any, timeout: float | None = None) -> Any:
+        self.verified.append(args)
+        check = self.checks.pop(0)
+        if isinstance(check, Exception):
+            raise check
+        return check
 
     async def restart_browser(self, *args: Any, timeout: float | None = None) -> Any:
         self.calls.append(("restart", *args))
@@ -834,6 +853,141 @@ async def test_verify_fails_while_the_failed_browser_holds_an_unhealthy_replica(
     with pytest.raises(ActionFailed, match=r"shard\(s\) 0, 1 on agent-1/b0 are still unhealthy"):
         await actuator.verify(Target("agent-1", "b0", "minilm-l6"))
     assert (await actuator.verify(Target("agent-2", "b0", "minilm-l6", 0))).served_by
+
+
+def check(
+    where: str, shard: int, *, difference: float = 0.0
+) -> coordinator_pb2.VerifyShardResponse:
+    agent_id, browser_id = where.split("/")
+    return coordinator_pb2.VerifyShardResponse(
+        timing=common_pb2.ShardTiming(
+            shard_index=shard,
+            agent_id=agent_id,
+            browser_id=browser_id,
+            hop=Duration(nanos=2_500_000),
+        ),
+        max_abs_difference=difference,
+        tolerance=1e-3,
+        passed=difference <= 1e-3,
+    )
+
+
+def moved_to(where: str) -> coordinator_pb2.ReplaceShardResponse:
+    agent_id, browser_id = where.split("/")
+    return coordinator_pb2.ReplaceShardResponse(
+        replica=coordinator_pb2.ShardReplica(agent_id=agent_id, browser_id=browser_id),
+        from_spare=True,
+    )
+
+
+async def test_verify_after_a_move_runs_one_hop_on_the_new_replica_only() -> None:
+    client = FakeClient(answers=[answer(0.5)], checks=[check("agent-3/b2", 1, difference=2e-6)])
+    actuator = CoordinatorActuator([], client=client)  # type: ignore[arg-type]
+    target = Target("agent-1", "b0", "minilm-l6", 1)
+    client.moved = moved_to("agent-3/b2")
+    await actuator.replace_on_standby(target)
+    passed = await actuator.verify(target)
+    assert client.verified == [("minilm-l6", 1, "agent-3", "b2")]
+    assert client.inferred == []  # no whole inference
+    assert passed.detail == (
+        "minilm-l6: shard 1 on agent-3/b2 in 2.5 ms (max |difference| 2e-06) "
+        "matched the kept activation(s)"
+    )
+    assert passed.served_by == (("agent-3", "b2"),)
+    # The move was verified and forgotten: the next verify of the target is an inference.
+    await actuator.verify(target)
+    assert client.inferred == ["minilm-l6"] and len(client.verified) == 1
+
+
+async def test_a_browser_wide_verify_checks_every_shard_moved_off_it() -> None:
+    client = FakeClient(checks=[check("agent-2/b0", 0), check("agent-3/b2", 1)])
+    actuator = CoordinatorActuator([], client=client)  # type: ignore[arg-type]
+    browser = Target("agent-1", "b0", "minilm-l6")
+    for shard, where in ((1, "agent-3/b2"), (0, "agent-2/b0")):
+        client.moved = moved_to(where)
+        await actuator.replace_on_standby(browser.with_shard(shard))
+    client.moved = moved_to("agent-4/b0")  # another browser's recovery: not this target's
+    await actuator.replace_on_standby(Target("agent-1", "b1", "minilm-l6", 0))
+    passed = await actuator.verify(browser)
+    assert client.verified == [
+        ("minilm-l6", 0, "agent-2", "b0"),
+        ("minilm-l6", 1, "agent-3", "b2"),
+    ]
+    assert passed.served_by == (("agent-2", "b0"), ("agent-3", "b2"))
+    assert client.inferred == []
+
+
+async def test_verify_falls_back_to_a_whole_inference_when_no_hop_can_tell() -> None:
+    client = FakeClient(
+        answers=[answer(0.5)] * 4,
+        checks=[
+            FailedPreconditionError("no activation of shard 1 of minilm-l6 is kept"),
+            UnimplementedError("Method not found!"),  # a coordinator older than VerifyShard
+        ],
+    )
+    actuator = CoordinatorActuator([], client=client)  # type: ignore[arg-type]
+    target = Target("agent-1", "b0", "minilm-l6", 1)
+    # Retried in place, reconnected or restarted: nothing moved, a whole inference.
+    await actuator.retry_in_place(target)
+    client.inferred.clear()
+    assert "answered in 4.0 ms" in (await actuator.verify(target)).detail
+    assert client.inferred == ["minilm-l6"] and client.verified == []
+    # Moved, but the coordinator kept nothing to run the shard from.
+    client.moved = moved_to("agent-3/b2")
+    await actuator.replace_on_standby(target)
+    assert "answered in 4.0 ms" in (await actuator.verify(target)).detail
+    assert client.verified == [("minilm-l6", 1, "agent-3", "b2")]
+    assert client.inferred == ["minilm-l6", "minilm-l6"]
+    await actuator.replace_on_standby(target)
+    assert "answered in 4.0 ms" in (await actuator.verify(target)).detail
+    assert len(client.verified) == 2 and len(client.inferred) == 3
+
+
+async def test_a_failed_hop_or_another_answer_fails_the_verify_on_the_new_replica() -> None:
+    client = FakeClient(
+        checks=[
+            UnavailableError("the hop failed (UNAVAILABLE): socket closed"),
+            check("agent-3/b2", 1, difference=0.25),
+        ]
+    )
+    actuator = CoordinatorActuator([], client=client)  # type: ignore[arg-type]
+    target = Target("agent-1", "b0", "minilm-l6", 1)
+    client.moved = moved_to("agent-3/b2")
+    await actuator.replace_on_standby(target)
+    with pytest.raises(ActionFailed, match="shard 1 of minilm-l6 failed on agent-3/b2") as hop:
+        await actuator.verify(target)
+    assert hop.value.failed_on == (("agent-3", "b2"),)
+    await actuator.replace_on_standby(target)
+    with pytest.raises(ActionFailed, match=r"answered differently .* 0\.25 > 0\.001") as wrong:
+        await actuator.verify(target)
+    assert wrong.value.failed_on == (("agent-3", "b2"),)
+    assert client.inferred == []
+
+
+async def test_the_one_hop_verify_still_checks_the_failed_browser_is_healthy_again() -> None:
+    client = FakeClient(placement_proto=coordinator_placement(), checks=[check("agent-3/b2", 1)])
+    actuator = CoordinatorActuator([], client=client)  # type: ignore[arg-type]
+    target = Target("agent-1", "b0", "minilm-l6", 1)
+    client.moved = moved_to("agent-3/b2")
+    await actuator.replace_on_standby(target)
+    # The placement still has an unhealthy replica of shard 1 on agent-1/b0.
+    with pytest.raises(ActionFailed, match=r"shard\(s\) 1 of minilm-l6 on agent-1/b0"):
+        await actuator.verify(target)
+    assert client.verified and client.inferred == []
+
+
+async def test_moves_whose_verify_never_runs_are_not_kept_without_bound() -> None:
+    client = FakeClient(answers=[answer(0.5)], checks=[check("agent-3/b2", 1)])
+    actuator = CoordinatorActuator([], client=client)  # type: ignore[arg-type]
+    client.moved = moved_to("agent-3/b2")
+    for shard in range(MAX_REMEMBERED_MOVES + 1):
+        await actuator.replace_on_standby(Target("agent-1", "b0", "minilm-l6", shard))
+    assert len(actuator._moves) == MAX_REMEMBERED_MOVES
+    # The oldest went: its verify is an inference; the newest is still one hop.
+    await actuator.verify(Target("agent-1", "b0", "minilm-l6", 0))
+    assert client.inferred == ["minilm-l6"]
+    await actuator.verify(Target("agent-1", "b0", "minilm-l6", MAX_REMEMBERED_MOVES))
+    assert client.verified == [("minilm-l6", MAX_REMEMBERED_MOVES, "agent-3", "b2")]
 
 
 def test_placement_from_proto_keeps_the_strategy_and_the_replicas() -> None:

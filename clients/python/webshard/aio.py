@@ -630,6 +630,8 @@ class Client(_ServiceClient):
             "DeployModel",
             # A replica already moved is answered with the current placement.
             "ReplaceShard",
+            # Not VerifyShard: its UNAVAILABLE is a failed hop, the answer a recovery's
+            # verify wants at once, not retried until the deadline.
             "ReconnectAgent",
             "PauseModel",
             "ResumeModel",
@@ -847,6 +849,33 @@ class Client(_ServiceClient):
                 avoid=[coordinator_pb2.RuntimeRef(agent_id=a, browser_id=b) for a, b in avoid],
             ),
             coordinator_pb2.ReplaceShardResponse,
+            timeout=timeout,
+        )
+
+    async def verify_shard(
+        self,
+        model: str,
+        shard_index: int,
+        agent_id: str,
+        browser_id: str = "",
+        *,
+        timeout: float | None = None,
+    ) -> coordinator_pb2.VerifyShardResponse:
+        """Runs the shard once on its copy on ``agent_id``/``browser_id`` (whichever
+        runtime of the agent holds one when empty) from the boundary activation the
+        coordinator kept of its last run, and compares the outputs with the kept ones.
+
+        A different answer comes back with ``passed`` false and the difference.
+        Raises FailedPreconditionError when no activation of the shard is kept (run a
+        whole inference instead), NotFoundError for an unknown model, shard or copy,
+        UnavailableError when the hop failed.
+        """
+        return await self._unary(
+            "VerifyShard",
+            coordinator_pb2.VerifyShardRequest(
+                model=model, shard_index=shard_index, agent_id=agent_id, browser_id=browser_id
+            ),
+            coordinator_pb2.VerifyShardResponse,
             timeout=timeout,
         )
 

@@ -266,6 +266,21 @@ class Client(_SyncClient):
             )
         )
 
+    def verify_shard(
+        self,
+        model: str,
+        shard_index: int,
+        agent_id: str,
+        browser_id: str = "",
+        *,
+        timeout: float | None = None,
+    ) -> coordinator_pb2.VerifyShardResponse:
+        """Checks one shard copy from a kept activation; see
+        :meth:`webshard.aio.Client.verify_shard`."""
+        return self._runner.run(
+            self._aio.verify_shard(model, shard_index, agent_id, browser_id, timeout=timeout)
+        )
+
     def restart_browser(
         self, agent_id: str, browser_id: str, *, timeout: float | None = None
     ) -> coordinator_pb2.RestartBrowserResponse:

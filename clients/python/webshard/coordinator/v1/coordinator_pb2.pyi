@@ -1474,6 +1474,97 @@ class ReplaceShardResponse(_message.Message):
 Global___ReplaceShardResponse: _TypeAlias = ReplaceShardResponse  # noqa: Y015
 
 @_typing.final
+class VerifyShardRequest(_message.Message):
+    """VerifyShardRequest names the shard copy to check."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    SHARD_INDEX_FIELD_NUMBER: _builtins.int
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    BROWSER_ID_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """model is the deployed model."""
+    shard_index: _builtins.int
+    """shard_index is the shard to run."""
+    agent_id: _builtins.str
+    """agent_id is the agent the copy is on."""
+    browser_id: _builtins.str
+    """browser_id is the copy's browser (or native runtime); empty means whichever of
+    the agent's runtimes holds a copy of the shard.
+    """
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        shard_index: _builtins.int = ...,
+        agent_id: _builtins.str = ...,
+        browser_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "browser_id", b"browser_id", "model", b"model", "shard_index", b"shard_index"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerifyShardRequest: _TypeAlias = VerifyShardRequest  # noqa: Y015
+
+@_typing.final
+class VerifyShardResponse(_message.Message):
+    """VerifyShardResponse is the copy's answer, compared with the kept one. A copy that
+    answers differently is an answer with passed false, not an error. Errors:
+    NOT_FOUND for an unknown model, shard or copy; FAILED_PRECONDITION when no
+    activation of the shard is kept (the leader keeps only small ones, from its own
+    runs since it became leader): verify with a whole inference then; UNAVAILABLE
+    when the hop failed.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TIMING_FIELD_NUMBER: _builtins.int
+    MAX_ABS_DIFFERENCE_FIELD_NUMBER: _builtins.int
+    TOLERANCE_FIELD_NUMBER: _builtins.int
+    PASSED_FIELD_NUMBER: _builtins.int
+    KEPT_FROM_FIELD_NUMBER: _builtins.int
+    max_abs_difference: _builtins.float
+    """max_abs_difference is the largest |answer - kept| over every output element;
+    +inf when an output is missing or has another shape.
+    """
+    tolerance: _builtins.float
+    """tolerance is the largest difference that passes: 1e-3 x max(1, largest |kept
+    value|). Execution providers round floats differently, so outputs of the same
+    shard agree closely but not bit for bit.
+    """
+    passed: _builtins.bool
+    """passed is true when max_abs_difference <= tolerance."""
+    @_builtins.property
+    def timing(self) -> _common_pb2.ShardTiming:
+        """timing is the hop: the copy that ran, its execution provider, the compute
+        time the agent measured and the whole hop as the coordinator saw it.
+        """
+
+    @_builtins.property
+    def kept_from(self) -> Global___RuntimeRef:
+        """kept_from is the replica whose run produced the kept activation."""
+
+    def __init__(
+        self,
+        *,
+        timing: _common_pb2.ShardTiming | None = ...,
+        max_abs_difference: _builtins.float = ...,
+        tolerance: _builtins.float = ...,
+        passed: _builtins.bool = ...,
+        kept_from: Global___RuntimeRef | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["kept_from", b"kept_from", "timing", b"timing"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kept_from", b"kept_from", "max_abs_difference", b"max_abs_difference", "passed", b"passed", "timing", b"timing", "tolerance", b"tolerance"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerifyShardResponse: _TypeAlias = VerifyShardResponse  # noqa: Y015
+
+@_typing.final
 class RestartBrowserRequest(_message.Message):
     """RestartBrowserRequest names the browser to restart."""
 

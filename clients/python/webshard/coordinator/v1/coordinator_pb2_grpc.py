@@ -82,6 +82,11 @@ class CoordinatorServiceStub:
                 request_serializer=webshard_dot_coordinator_dot_v1_dot_coordinator__pb2.ReplaceShardRequest.SerializeToString,
                 response_deserializer=webshard_dot_coordinator_dot_v1_dot_coordinator__pb2.ReplaceShardResponse.FromString,
                 _registered_method=True)
+        self.VerifyShard = channel.unary_unary(
+                '/webshard.coordinator.v1.CoordinatorService/VerifyShard',
+                request_serializer=webshard_dot_coordinator_dot_v1_dot_coordinator__pb2.VerifyShardRequest.SerializeToString,
+                response_deserializer=webshard_dot_coordinator_dot_v1_dot_coordinator__pb2.VerifyShardResponse.FromString,
+                _registered_method=True)
         self.RestartBrowser = channel.unary_unary(
                 '/webshard.coordinator.v1.CoordinatorService/RestartBrowser',
                 request_serializer=webshard_dot_coordinator_dot_v1_dot_coordinator__pb2.RestartBrowserRequest.SerializeToString,
@@ -175,6 +180,16 @@ class CoordinatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def VerifyShard(self, request, context):
+        """VerifyShard runs one shard once on one of its copies (a pinned hop) from the
+        boundary activation the coordinator kept of the shard's last successful run,
+        and compares the copy's outputs with the kept ones: a recovery's check of the
+        replica now serving in a failed one's place, without a whole inference.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def RestartBrowser(self, request, context):
         """RestartBrowser replaces a browser with a fresh one on the same agent and
         reloads its shards there; the placements follow.
@@ -253,6 +268,11 @@ def add_CoordinatorServiceServicer_to_server(servicer, server):
                     servicer.ReplaceShard,
                     request_deserializer=webshard_dot_coordinator_dot_v1_dot_coordinator__pb2.ReplaceShardRequest.FromString,
                     response_serializer=webshard_dot_coordinator_dot_v1_dot_coordinator__pb2.ReplaceShardResponse.SerializeToString,
+            ),
+            'VerifyShard': grpc.unary_unary_rpc_method_handler(
+                    servicer.VerifyShard,
+                    request_deserializer=webshard_dot_coordinator_dot_v1_dot_coordinator__pb2.VerifyShardRequest.FromString,
+                    response_serializer=webshard_dot_coordinator_dot_v1_dot_coordinator__pb2.VerifyShardResponse.SerializeToString,
             ),
             'RestartBrowser': grpc.unary_unary_rpc_method_handler(
                     servicer.RestartBrowser,
@@ -521,6 +541,33 @@ class CoordinatorService:
             '/webshard.coordinator.v1.CoordinatorService/ReplaceShard',
             webshard_dot_coordinator_dot_v1_dot_coordinator__pb2.ReplaceShardRequest.SerializeToString,
             webshard_dot_coordinator_dot_v1_dot_coordinator__pb2.ReplaceShardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VerifyShard(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/webshard.coordinator.v1.CoordinatorService/VerifyShard',
+            webshard_dot_coordinator_dot_v1_dot_coordinator__pb2.VerifyShardRequest.SerializeToString,
+            webshard_dot_coordinator_dot_v1_dot_coordinator__pb2.VerifyShardResponse.FromString,
             options,
             channel_credentials,
             insecure,

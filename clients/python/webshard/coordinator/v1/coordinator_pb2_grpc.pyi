@@ -58,6 +58,12 @@ class CoordinatorServiceStub:
     """ReplaceShard moves one replica of a shard off a failed browser (or agent) onto
     a warm standby or another ready browser, and commits the new placement.
     """
+    VerifyShard: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.VerifyShardRequest, _coordinator_pb2.VerifyShardResponse]
+    """VerifyShard runs one shard once on one of its copies (a pinned hop) from the
+    boundary activation the coordinator kept of the shard's last successful run,
+    and compares the copy's outputs with the kept ones: a recovery's check of the
+    replica now serving in a failed one's place, without a whole inference.
+    """
     RestartBrowser: _grpc.UnaryUnaryMultiCallable[_coordinator_pb2.RestartBrowserRequest, _coordinator_pb2.RestartBrowserResponse]
     """RestartBrowser replaces a browser with a fresh one on the same agent and
     reloads its shards there; the placements follow.
@@ -102,6 +108,12 @@ class CoordinatorServiceAsyncStub(CoordinatorServiceStub):
     ReplaceShard: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.ReplaceShardRequest, _coordinator_pb2.ReplaceShardResponse]  # type: ignore[assignment]
     """ReplaceShard moves one replica of a shard off a failed browser (or agent) onto
     a warm standby or another ready browser, and commits the new placement.
+    """
+    VerifyShard: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.VerifyShardRequest, _coordinator_pb2.VerifyShardResponse]  # type: ignore[assignment]
+    """VerifyShard runs one shard once on one of its copies (a pinned hop) from the
+    boundary activation the coordinator kept of the shard's last successful run,
+    and compares the copy's outputs with the kept ones: a recovery's check of the
+    replica now serving in a failed one's place, without a whole inference.
     """
     RestartBrowser: _aio.UnaryUnaryMultiCallable[_coordinator_pb2.RestartBrowserRequest, _coordinator_pb2.RestartBrowserResponse]  # type: ignore[assignment]
     """RestartBrowser replaces a browser with a fresh one on the same agent and
@@ -198,6 +210,18 @@ class CoordinatorServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_coordinator_pb2.ReplaceShardResponse, _abc.Awaitable[_coordinator_pb2.ReplaceShardResponse]]:
         """ReplaceShard moves one replica of a shard off a failed browser (or agent) onto
         a warm standby or another ready browser, and commits the new placement.
+        """
+
+    @_abc_1.abstractmethod
+    def VerifyShard(
+        self,
+        request: _coordinator_pb2.VerifyShardRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_coordinator_pb2.VerifyShardResponse, _abc.Awaitable[_coordinator_pb2.VerifyShardResponse]]:
+        """VerifyShard runs one shard once on one of its copies (a pinned hop) from the
+        boundary activation the coordinator kept of the shard's last successful run,
+        and compares the copy's outputs with the kept ones: a recovery's check of the
+        replica now serving in a failed one's place, without a whole inference.
         """
 
     @_abc_1.abstractmethod

@@ -25,7 +25,16 @@ from opentelemetry.context import Context
 from opentelemetry.trace import Status, StatusCode
 
 from services.recovery.breakers import BreakerKey, Clock
-from services.recovery.strategies import Action, Level, ModelPlacement, Plan, Rung, Step, Target
+from services.recovery.strategies import (
+    IN_PLACE_BUDGET_S,
+    Action,
+    Level,
+    ModelPlacement,
+    Plan,
+    Rung,
+    Step,
+    Target,
+)
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +166,7 @@ class Executor:
             working or failing.
         tracer: makes the phase spans.
         action_timeout_s: the deadline of each action.
+        in_place_budget_s: what a whole in-place rung (``Rung.in_place``) may take.
     """
 
     actuator: Actuator
@@ -166,6 +176,7 @@ class Executor:
     on_evidence: Callable[[str, str, bool], None]
     tracer: trace.Tracer
     action_timeout_s: float = 30.0
+    in_place_budget_s: float = IN_PLACE_BUDGET_S
 
     async def execute(self, plan: Plan, parent: Context) -> ExecutionResult:
         """Climb ``plan``'s ladder under the span in ``parent``."""
@@ -194,7 +205,7 @@ class Executor:
 
     async def _rung(self, rung: Rung, parent: Context) -> tuple[bool, str, float]:
         """Run one rung; return whether its verify passed, what happened, and when it ended."""
-        deadline = None if rung.budget_s is None else self.clock() + rung.budget_s
+        deadline = self.clock() + self.in_place_budget_s if rung.in_place else None
 
         async def phase(step: Step) -> tuple[bool, str, float]:
             return await self._phase(step, rung.level, parent, deadline)

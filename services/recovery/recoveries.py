@@ -49,6 +49,7 @@ from services.recovery.execution import (
     PlacementSource,
 )
 from services.recovery.strategies import (
+    IN_PLACE_BUDGET_S,
     AdaptiveChooser,
     Failure,
     Level,
@@ -134,6 +135,8 @@ class RecoveriesConfig:
     leave a shard short of a replica; 0 turns this off."""
     retry_after_s: float = 1.0
     """The wait before the first retry; each later one waits twice as long."""
+    in_place_budget_s: float = IN_PLACE_BUDGET_S
+    """What a whole in-place rung (retry, reconnect; verify included) may take."""
     redundancy_wait_s: float = 120.0
     """How long after a recovery its model's redundancy is watched for (off the
     recovery's path: the recovery has already answered)."""
@@ -152,6 +155,8 @@ class RecoveriesConfig:
             raise ValueError(f"action timeout {self.action_timeout_s} s must be positive")
         if self.retries < 0 or self.retry_after_s < 0:
             raise ValueError("retries and the wait before a retry must not be negative")
+        if self.in_place_budget_s <= 0:
+            raise ValueError(f"in-place budget {self.in_place_budget_s} s must be positive")
         if self.redundancy_wait_s < 0 or self.redundancy_check_s <= 0:
             raise ValueError("the redundancy wait must not be negative, its checks positive")
 
@@ -475,6 +480,7 @@ class Recoveries:
                 ),
                 tracer=self._tracer,
                 action_timeout_s=self.config.action_timeout_s,
+                in_place_budget_s=self.config.in_place_budget_s,
             )
             result = await executor.execute(plan, parent)
             detail = result.detail
@@ -552,7 +558,6 @@ class Recoveries:
             context=trace.set_span_in_context(entry.span),
             start_time=_ns(recovered),
         )
-        span.set_attribute("recovery.phase", "restore-redundancy")
         span.set_attribute("recovery.redundancy_restored_ms", (restored - recovered) * 1000)
         span.end(end_time=_ns(restored))
 

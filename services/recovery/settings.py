@@ -93,6 +93,11 @@ class RecoverySettings(ServerSettings):
         _RECOVERIES.action_timeout_s,
         "Deadline of each recovery action (a verify inference included) and of a placement lookup.",
     )
+    in_place_budget_s: float = setting(
+        _RECOVERIES.in_place_budget_s,
+        "Seconds a whole in-place level (retry in place, reconnect; its verify included) "
+        "may take before recovery escalates to the re-place.",
+    )
     recovery_retries: int = setting(
         _RECOVERIES.retries,
         "Times a failed recovery is started again (so no shard is left short of a replica); "
@@ -149,6 +154,7 @@ class RecoverySettings(ServerSettings):
             action_timeout_s=self.action_timeout_s,
             retries=self.recovery_retries,
             retry_after_s=self.recovery_retry_after_s,
+            in_place_budget_s=self.in_place_budget_s,
         )
         try:
             config.validate()

@@ -263,9 +263,10 @@ class Rung:
     False stops at the first failure (a group that must move together)."""
     skip_if_open: tuple[BreakerKey, ...] = ()
     """The rung is skipped when any of these breakers is OPEN."""
-    budget_s: float | None = None
-    """The time the whole rung may take (its steps and its verify); None gives each
-    step the executor's action timeout."""
+    in_place: bool = False
+    """The rung tries the failed target itself (retry, reconnect): the whole rung, its
+    verify included, gets the executor's in-place budget, not an action timeout per
+    step, so a target that does not answer costs little before the re-place."""
 
 
 @dataclass(frozen=True)
@@ -334,17 +335,18 @@ def plan_simple(failure: Failure, placement: ModelPlacement | None) -> Plan:
 
 
 IN_PLACE_BUDGET_S = 0.5
-"""What each of progressive's in-place rungs (retry, reconnect) may take, verify
-included: a shard's run takes milliseconds, and a page that reconnects does so at
-once, so more than this means the re-place (a hot spare's takeover) is the faster way."""
+"""What each in-place rung (retry, reconnect) may take by default, verify included: a
+shard's run takes milliseconds, and a page that reconnects does so at once, so more
+than this means the re-place (a hot spare's takeover) is the faster way."""
 
 
 def plan_progressive(failure: Failure, placement: ModelPlacement | None) -> Plan:
     """Escalate from retrying in place to restarting the agent, one level at a time.
 
-    The in-place levels (retry, reconnect) get IN_PLACE_BUDGET_S each, so a target
-    that does not answer costs little before the re-place; they are skipped while
-    the browser's or the agent's breaker is open: the target is not to be trusted. Restarting the
+    The in-place levels (retry, reconnect) are time-boxed (``Rung.in_place``), so a
+    target that does not answer costs little before the re-place; they are skipped
+    while the browser's or the agent's breaker is open: the target is not to be
+    trusted. Restarting the
     browser is skipped while the agent's breaker is open: the agent is the problem.
     Re-placing and restarting the agent move away from the target, so no breaker
     skips them.
@@ -362,14 +364,14 @@ def plan_progressive(failure: Failure, placement: ModelPlacement | None) -> Plan
             _per_shard(Action.RETRY_IN_PLACE, target, shards),
             verify,
             skip_if_open=target.breaker_keys,
-            budget_s=IN_PLACE_BUDGET_S,
+            in_place=True,
         ),
         Rung(
             Level.RECONNECT,
             (Step(Action.RECONNECT, browser),),
             verify,
             skip_if_open=target.breaker_keys,
-            budget_s=IN_PLACE_BUDGET_S,
+            in_place=True,
         ),
         Rung(
             Level.REPLACE_ON_STANDBY,

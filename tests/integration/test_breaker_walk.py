@@ -111,6 +111,10 @@ def walk(
         str(HALF_OPEN_PROBES),
         "--action-timeout-s",
         "20",
+        # The probes' retry in place must pass however busy the machine: their verify
+        # runs the whole model, through the victim's shard.
+        "--in-place-budget-s",
+        "20",
         "--breaker-probes",
         "on" if probes else "off",
         "--breaker-probe-interval-s",

@@ -206,7 +206,12 @@ async def cluster(tmp_path: Path, spans: InMemorySpanExporter) -> AsyncIterator[
             await start_service(
                 "recovery",
                 recovery_server.make_app,
-                RecoverySettings(port=recovery_port, coordinators=[coordinator_address]),
+                # The retry in place passes however busy the machine (no escalation).
+                RecoverySettings(
+                    port=recovery_port,
+                    coordinators=[coordinator_address],
+                    in_place_budget_s=30,
+                ),
             )
         )
         yield Cluster(coordinator_address, recovery_address, running)

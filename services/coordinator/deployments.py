@@ -69,8 +69,10 @@ MAX_REPLACE_TRIES = 3
 UNLOAD_RETRY_WAITS_S = (1.0, 2.0, 4.0, 8.0, 16.0)
 """The waits between tries of a background unload its agent could not do yet."""
 
-SPARE_RETRY_WAITS_S = (0.5, 1.0, 2.0, 4.0)
-"""The waits between tries of loading a new spare after a takeover (then it gives up)."""
+SPARE_RETRY_WAITS_S = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0)
+"""The waits between tries of loading a new spare after a takeover, about two minutes
+in all (then it gives up): a busy fleet may have no runtime free until a standby has
+launched."""
 
 WARM_UP_TIMEOUT_S = 60.0
 """How long a spare's warm-up inference may take."""
@@ -892,8 +894,10 @@ class Deployments:
         spare = loaded_replica(slot.agent_id, loaded, spare=True)
         trial = self._with_spare(model, shard_index, spare, deploy_id)
         if trial is None:
+            # Undeployed, refilled by another task, or a replica moved onto its runtime
+            # meanwhile: done in the first two cases, another runtime in the last.
             await self.unload(spare)
-            return True
+            return not self._still_short(model, shard_index, deploy_id)
         warmed = deployment_of(trial, self.run_hop, self.on_failure)
         stage = next(s for s in warmed.pipeline.stages if s.index == shard_index)
         error = await self._warm(warmed, shard_index, stage.spares[-1])
@@ -907,17 +911,26 @@ class Deployments:
             raise
         if not committed:
             await self.unload(spare)
-        else:
-            log.info(
-                "new spare loaded",
-                extra={
-                    "model": model,
-                    "shard": shard_index,
-                    "agent_id": spare.agent_id,
-                    "browser_id": spare.browser_id,
-                },
-            )
+            return not self._still_short(model, shard_index, deploy_id)
+        log.info(
+            "new spare loaded",
+            extra={
+                "model": model,
+                "shard": shard_index,
+                "agent_id": spare.agent_id,
+                "browser_id": spare.browser_id,
+            },
+        )
         return True
+
+    def _still_short(self, model: str, shard_index: int, deploy_id: str) -> bool:
+        """Whether the shard of this deploy of ``model`` still lacks a spare."""
+        deployment = self.models.get(model)
+        return (
+            deployment is not None
+            and deployment.placement.deploy_id == deploy_id
+            and self._spare_wanted(deployment.placement, shard_index)
+        )
 
     def _with_spare(
         self, model: str, shard_index: int, spare: pb.ShardReplica, deploy_id: str

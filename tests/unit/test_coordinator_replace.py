@@ -298,3 +298,30 @@ def test_a_lost_agent_that_held_only_a_spare_is_reported_for_that_shard() -> Non
     # Recovery's ReplaceShard for it drops the spare: nothing is promoted.
     dropped = deployments.takeover("minilm-l6", 0, "agent-2", "b0")
     assert dropped is not None and dropped.promoted is None
+
+
+async def test_a_new_spare_that_cannot_be_committed_is_unloaded_and_tried_again() -> None:
+    deployments, links = rig(dead=set())
+    deployments.models["minilm-l6"].placement.spares = 1  # the shard wants one, has none
+    unloaded: list[str] = []
+
+    async def unload(handle: str, timeout: float) -> None:
+        unloaded.append(handle)
+
+    for link in links.values():
+        link.unload = unload  # type: ignore[attr-defined]
+
+    async def warm(*args: Any) -> None:
+        return None  # the warm-up inference passed
+
+    deployments._warm = warm  # type: ignore[assignment,method-assign]
+
+    async def refused(build: Any) -> bool:
+        return False  # say a replica moved onto the spare's runtime before the commit
+
+    placement = deployments.models["minilm-l6"].placement
+    assert not await deployments._replenish_once("minilm-l6", 0, refused, placement.deploy_id)
+    assert len(unloaded) == 1  # the spare it could not commit
+    # Once the shard has its spare (another try committed one), there is nothing to do.
+    with_spare(deployments, "agent-2/b1")
+    assert await deployments._replenish_once("minilm-l6", 0, refused, placement.deploy_id)

@@ -510,7 +510,9 @@ class Campaign:
             agents = await self._client.list_agents()
         except RPCError:
             return False
-        if any(r.state == recovery_pb2.RECOVERY_STATE_RUNNING for r in recoveries):
+        # A failed recovery about to be started again is not over either.
+        running = recovery_pb2.RECOVERY_STATE_RUNNING
+        if any(r.state == running or r.retry_pending for r in recoveries):
             return False
         if since is not None and any(
             r.state == recovery_pb2.RECOVERY_STATE_SUCCEEDED

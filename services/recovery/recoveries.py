@@ -98,6 +98,10 @@ class RecoveryRecord:
     """Reports of the failure joined into this recovery, the first included."""
     retry_of: str = ""
     """The failed recovery this one starts again; empty for a first attempt."""
+    retry_pending: bool = False
+    """A failed recovery that will be started again shortly (``retried_by`` then)."""
+    retried_by: str = ""
+    """The recovery that started this failed one again; empty when none (yet)."""
     redundancy_restored_at: float | None = None
     """When, after it succeeded, every shard of its model was back to the healthy
     replicas and spares it had when the failure was planned for (a hot spare's
@@ -486,12 +490,20 @@ class Recoveries:
             detail = result.detail
             if result.ok and result.highest_level is not None:
                 detail = f"restored at {result.highest_level.name.lower()}: {detail}"
-            self._finish(entry, result.ok, result.finished_at, result.highest_level, detail)
+            retry = not result.ok and entry.attempt < self.config.retries
+            self._finish(
+                entry,
+                result.ok,
+                result.finished_at,
+                result.highest_level,
+                detail,
+                retry_pending=retry,
+            )
             if result.ok and placement is not None:
                 self._background(self._await_redundancy(entry, placement))
             duration = result.finished_at - entry.record.started_at
             self.chooser.record(failure.kind, plan.strategy, result.ok, duration)
-            if not result.ok and entry.attempt < self.config.retries:
+            if retry:
                 self._background(self._retry(entry))
         except asyncio.CancelledError:
             self._finish(
@@ -517,6 +529,7 @@ class Recoveries:
         await asyncio.sleep(self.config.retry_after_s * 2**entry.attempt)
         failure = dataclasses.replace(entry.record.failure, detected_at=self._clock())
         record, _ = self.report(failure, entry.requested, retry_of=entry.record.recovery_id)
+        self._change(entry, retry_pending=False, retried_by=record.recovery_id)
         log.info(
             "failed recovery started again",
             extra={
@@ -591,11 +604,18 @@ class Recoveries:
         finished_at: float,
         highest: Level | None,
         detail: str,
+        *,
+        retry_pending: bool = False,
     ) -> None:
         finished_at = max(finished_at, entry.record.started_at)
         state = RecoveryState.SUCCEEDED if ok else RecoveryState.FAILED
         self._change(
-            entry, state=state, finished_at=finished_at, highest_level=highest, detail=detail
+            entry,
+            state=state,
+            finished_at=finished_at,
+            highest_level=highest,
+            detail=detail,
+            retry_pending=retry_pending,
         )
         span = entry.span
         span.set_attribute("recovery.outcome", state.name.lower())

@@ -193,6 +193,8 @@ def recovery_to_proto(record: RecoveryRecord) -> pb.Recovery:
             else 0
         ),
         detail=record.detail,
+        retry_pending=record.retry_pending,
+        retried_by=record.retried_by,
     )
     if record.finished_at is not None:
         message.finished_at.CopyFrom(_timestamp(record.finished_at))

@@ -257,8 +257,12 @@ async def test_a_failed_recovery_is_started_again_until_one_succeeds(harness: Ha
     harness.actuator.script[Action.REPLACE_ON_STANDBY] = [FAIL, FAIL]
     try:
         first, _ = recoveries.report(failure(FailureKind.SHARD_ERROR), Strategy.SIMPLE)
-        assert (await recoveries.wait(first.recovery_id)).state == RecoveryState.FAILED
+        failed = await recoveries.wait(first.recovery_id)
+        # It says, as it fails, that it will be started again.
+        assert failed.state == RecoveryState.FAILED and failed.retry_pending
         await until(lambda: recoveries.get("x3") is not None, "the second retry")
+        once = recoveries.get("x1")
+        assert once is not None and (once.retry_pending, once.retried_by) == (False, "x2")
         second, third = recoveries.get("x2"), recoveries.get("x3")
         assert second is not None and third is not None
         assert (second.retry_of, third.retry_of) == ("x1", "x2")
@@ -287,7 +291,8 @@ async def test_retries_stop_after_their_number(harness: Harness) -> None:
     try:
         recoveries.report(failure(FailureKind.SHARD_ERROR), Strategy.SIMPLE)
         await until(lambda: recoveries.get("x2") is not None, "the retry")
-        assert (await recoveries.wait("x2")).state == RecoveryState.FAILED
+        last = await recoveries.wait("x2")
+        assert last.state == RecoveryState.FAILED and not last.retry_pending
         await asyncio.sleep(0.1)
         assert recoveries.get("x3") is None
     finally:

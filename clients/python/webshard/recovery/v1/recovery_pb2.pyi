@@ -375,6 +375,8 @@ class Recovery(_message.Message):
     DETAIL_FIELD_NUMBER: _builtins.int
     REDUNDANCY_RESTORED_AT_FIELD_NUMBER: _builtins.int
     REDUNDANCY_RESTORED_FIELD_NUMBER: _builtins.int
+    RETRY_PENDING_FIELD_NUMBER: _builtins.int
+    RETRIED_BY_FIELD_NUMBER: _builtins.int
     recovery_id: _builtins.str
     """recovery_id is the recovery's id."""
     strategy: _common_pb2.RecoveryStrategy.ValueType
@@ -387,6 +389,12 @@ class Recovery(_message.Message):
     """highest_level is the highest escalation level reached."""
     detail: _builtins.str
     """detail explains a failed recovery."""
+    retry_pending: _builtins.bool
+    """retry_pending is true for a failed recovery that will be started again shortly
+    (WEBSHARD_RECOVERY_RETRIES); retried_by names the recovery that did.
+    """
+    retried_by: _builtins.str
+    """retried_by is the recovery that started this failed one again; empty when none."""
     @_builtins.property
     def report(self) -> Global___FailureReport:
         """report is the failure that started it."""
@@ -438,10 +446,12 @@ class Recovery(_message.Message):
         detail: _builtins.str = ...,
         redundancy_restored_at: _timestamp_pb2.Timestamp | None = ...,
         redundancy_restored: _duration_pb2.Duration | None = ...,
+        retry_pending: _builtins.bool = ...,
+        retried_by: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "finished_at", b"finished_at", "redundancy_restored", b"redundancy_restored", "redundancy_restored_at", b"redundancy_restored_at", "report", b"report", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "duration", b"duration", "finished_at", b"finished_at", "highest_level", b"highest_level", "phases", b"phases", "recovery_id", b"recovery_id", "redundancy_restored", b"redundancy_restored", "redundancy_restored_at", b"redundancy_restored_at", "report", b"report", "started_at", b"started_at", "state", b"state", "strategy", b"strategy", "trace_id", b"trace_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "duration", b"duration", "finished_at", b"finished_at", "highest_level", b"highest_level", "phases", b"phases", "recovery_id", b"recovery_id", "redundancy_restored", b"redundancy_restored", "redundancy_restored_at", b"redundancy_restored_at", "report", b"report", "retried_by", b"retried_by", "retry_pending", b"retry_pending", "started_at", b"started_at", "state", b"state", "strategy", b"strategy", "trace_id", b"trace_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

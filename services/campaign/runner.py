@@ -194,6 +194,11 @@ class Cell:
     faults: int = 0
     recoveries: int = 0
     succeeded: int = 0
+    failures: int = 0
+    """Failures recovery took on: its first attempts (a failed attempt is started again,
+    and the retry is an attempt of the same failure)."""
+    recovered: int = 0
+    """Failures whose attempts ended in one that succeeded."""
     durations_ms: list[float] = field(default_factory=list)
     """Succeeded recoveries, detection to the verified answer."""
     effect_ms: list[float] = field(default_factory=list)
@@ -218,8 +223,8 @@ class Cell:
 
     @property
     def success_rate(self) -> float:
-        """Succeeded recoveries over recoveries; 0 with none."""
-        return self.succeeded / self.recoveries if self.recoveries else 0.0
+        """Failures recovered (their attempts ended in success) over failures; 0 with none."""
+        return self.recovered / self.failures if self.failures else 0.0
 
     def percentile(self, q: float) -> float | None:
         """The q-th percentile of recovery time in ms; None with no recovery."""
@@ -659,6 +664,8 @@ def cells_of(
         for scenario in plan.scenarios
         for strategy in plan.strategies
     }
+    attempts = {r.recovery_id: r for it in iterations for r in it.recoveries}
+    retries = {r.retried_by for r in attempts.values() if r.retried_by}
     near: set[int] = set()  # answers started within AFTER_FAULT_S of a fault
     for it in iterations:
         cell = cells[(it.scenario, it.strategy)]
@@ -672,6 +679,9 @@ def cells_of(
         )
         for recovery in it.recoveries:
             cell.recoveries += 1
+            if recovery.recovery_id not in retries:
+                cell.failures += 1
+                cell.recovered += _ends_in_success(recovery, attempts)
             if recovery.state != recovery_pb2.RECOVERY_STATE_SUCCEEDED:
                 continue
             cell.succeeded += 1
@@ -717,6 +727,19 @@ def summary_line(cells: Sequence[Cell]) -> str:
         f"(median {median}), {answers} answers checked, "
         f"{sum(c.wrong for c in cells)} wrong, {sum(c.lost for c in cells)} failed"
     )
+
+
+def _ends_in_success(
+    recovery: recovery_pb2.Recovery, attempts: Mapping[str, recovery_pb2.Recovery]
+) -> bool:
+    """Whether this attempt, or the retries that followed it, succeeded."""
+    seen: set[str] = set()
+    while recovery.state == recovery_pb2.RECOVERY_STATE_FAILED and recovery.retried_by:
+        if recovery.retried_by in seen or recovery.retried_by not in attempts:
+            return False
+        seen.add(recovery.retried_by)
+        recovery = attempts[recovery.retried_by]
+    return recovery.state == recovery_pb2.RECOVERY_STATE_SUCCEEDED
 
 
 def _seconds(stamp: Timestamp) -> float:

@@ -411,14 +411,21 @@ class Deployments:
                 old,
                 whole_agent=not browser_id,
             )
+            if destination is None and time.monotonic() < deadline:
+                # The registry learns of browsers from the agents' status reports; a
+                # recent failure ages out.
+                await self._registry.changed.wait(
+                    min(deadline - time.monotonic(), self._until_a_failure_ages_out())
+                )
+                continue
             if destination is None:
-                if time.monotonic() < deadline:
-                    # The registry learns of browsers from the agents' status reports;
-                    # a recent failure ages out.
-                    await self._registry.changed.wait(
-                        min(deadline - time.monotonic(), self._until_a_failure_ages_out())
-                    )
-                    continue
+                # Nothing above suspicion: a ready runtime that is only suspect (a recent
+                # failure, an open breaker, a recovery under way) beats leaving the shard
+                # a replica short; one with a fault in force never takes it.
+                destination = self._destination(
+                    native, holding | self._faulty(), sharing, old, whole_agent=not browser_id
+                )
+            if destination is None:
                 raise DeployError(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     f"no ready browser or standby can take shard {shard_index} of {model} "
@@ -747,6 +754,15 @@ class Deployments:
             else:
                 del self._failed_at[key]
         return bad
+
+    def _faulty(self) -> set[tuple[str, str]]:
+        """Browsers with an injected fault in force."""
+        return {
+            (record.agent_id, browser.browser_id)
+            for record in self._registry.agents(include_unhealthy=True)
+            for browser in record.browsers
+            if browser.faults_in_force
+        }
 
     def _until_a_failure_ages_out(self) -> float:
         """Seconds until the oldest recent failure stops counting (inf when none)."""

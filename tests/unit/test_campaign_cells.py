@@ -107,3 +107,19 @@ def test_redundancy_restored_counts_where_the_recovery_recorded_it() -> None:
     [cell] = cells_of(plan, [iteration], [], "wasm")
     assert cell.restored_ms == [2500.0]
     assert "restored p50" in table([cell]) and "2500" in table([cell])
+
+
+def test_a_failure_counts_as_recovered_when_its_retry_succeeded() -> None:
+    plan = Plan(scenarios=("multiple_failures",), strategies=("simple",))
+    failed = recovery(T0 + 1.0, T0 + 2.0, ok=False)
+    failed.recovery_id, failed.retried_by = "a1", "a2"
+    retry = recovery(T0 + 3.0, T0 + 3.5)
+    retry.recovery_id = "a2"
+    lost = recovery(T0 + 1.0, T0 + 2.0, ok=False)
+    lost.recovery_id = "b1"  # retries ran out
+    iteration = Iteration(
+        "multiple_failures", "simple", T0, recoveries=[failed, retry, lost], ended_at=T0 + 9
+    )
+    [cell] = cells_of(plan, [iteration], [], "wasm")
+    assert (cell.recoveries, cell.failures, cell.recovered) == (3, 2, 1)
+    assert cell.success_rate == 0.5

@@ -319,8 +319,6 @@ class Campaign:
         self.iterations: list[Iteration] = []
         self._seen_recoveries: set[str] = set()
         self._ep = ""
-        self._spares: dict[int, int] = {}
-        """Spares per shard as deployed: the cluster is whole again with them back."""
 
     async def close(self) -> None:
         """Close every client."""
@@ -373,8 +371,6 @@ class Campaign:
             for r in shard.replicas
         }
         self._ep = ",".join(sorted(providers))
-        # Whole again means its spares back too, as many as the deploy could place.
-        self._spares = {shard.shard.index: len(shard.spares) for shard in placement.shards}
         await self._settle(time.monotonic() + plan.settle_timeout_s)
 
     async def _load(self, worker: int, stop: asyncio.Event) -> None:
@@ -467,7 +463,7 @@ class Campaign:
                 record.problem = (
                     f"fault {fault.fault_id} ran without all of its children: {record.fault.detail}"
                 )
-            if not await self._settle(deadline, since=record.started_at):
+            if not await self._settle(deadline):
                 record.problem = record.problem or "the cluster did not become whole again in time"
         record.recoveries = await self._recoveries_since(record.started_at)
         if not record.problem and not record.recoveries:
@@ -493,13 +489,13 @@ class Campaign:
             fault = await self._injector.get_fault(fault.fault_id)
         return fault
 
-    async def _settle(self, deadline: float, since: float | None = None) -> bool:
-        """Wait until no recovery runs, every shard has its replicas and spares, no
-        browser launches, and every recovery that succeeded since ``since`` has stamped
-        its model's redundancy as restored."""
+    async def _settle(self, deadline: float) -> bool:
+        """Wait until no recovery runs or waits to be started again, every shard has its
+        replicas, and no browser launches. (Spares may still be loading: their time is
+        each recovery's ``redundancy_restored``.)"""
         quiet_since = None
         while time.monotonic() < deadline:
-            if await self._whole(since):
+            if await self._whole():
                 quiet_since = quiet_since or time.monotonic()
                 if time.monotonic() - quiet_since >= 1.0:
                     return True
@@ -508,7 +504,7 @@ class Campaign:
             await asyncio.sleep(0.2)
         return False
 
-    async def _whole(self, since: float | None) -> bool:
+    async def _whole(self) -> bool:
         try:
             recoveries = await self._recovery.list_recoveries(limit=50)
             placement = await self._client.placement(self.plan.model)
@@ -519,16 +515,8 @@ class Campaign:
         running = recovery_pb2.RECOVERY_STATE_RUNNING
         if any(r.state == running or r.retry_pending for r in recoveries):
             return False
-        if since is not None and any(
-            r.state == recovery_pb2.RECOVERY_STATE_SUCCEEDED
-            and not r.HasField("redundancy_restored")
-            and _seconds(r.started_at) >= since
-            for r in recoveries
-        ):
-            return False
         if any(
             len([r for r in shard.replicas if r.healthy]) < self.plan.replicas
-            or len([r for r in shard.spares if r.healthy]) < self._spares.get(shard.shard.index, 0)
             for shard in placement.shards
         ):
             return False

@@ -400,11 +400,23 @@ class Campaign:
                 )
                 await asyncio.sleep(0.05)
                 continue
-            embedding = result.outputs["sentence_embedding"][0]
+            embedding = result.outputs.get("sentence_embedding")
             expected = self._expected[sentence]
-            cosine = float(
-                embedding @ expected / (np.linalg.norm(embedding) * np.linalg.norm(expected))
-            )
+            cosine = -1.0  # an answer of another shape is a wrong answer, counted as such
+            if embedding is not None and embedding.shape == (1, *expected.shape):
+                row = embedding[0]
+                cosine = float(row @ expected / (np.linalg.norm(row) * np.linalg.norm(expected)))
+            else:
+                log.error(
+                    "answer of the wrong shape",
+                    extra={
+                        "request_id": request_id,
+                        "shape": None if embedding is None else list(embedding.shape),
+                        "trail": [
+                            f"{h.shard_index}@{h.agent_id}/{h.browser_id}" for h in result.trail
+                        ],
+                    },
+                )
             self.answers.append(
                 Answer(
                     request_id,

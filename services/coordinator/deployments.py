@@ -732,12 +732,12 @@ class Deployments:
         copies whose last run failed, runtimes with a failed hop in the last
         RECENT_FAILURE_S, and ``avoid`` (what the caller knows: open breakers,
         recoveries under way)."""
-        bad: set[tuple[str, str]] = set(avoid)
+        bad: set[tuple[str, str]] = set(avoid) | self._faulty()
         for record in self._registry.agents(include_unhealthy=True):
             if not self._registry.healthy(record):
                 bad.add((record.agent_id, ""))
             for browser in record.browsers:
-                if browser.faults_in_force or browser.state not in (
+                if browser.state not in (
                     common_pb2.BROWSER_STATE_READY,
                     common_pb2.BROWSER_STATE_STANDBY,
                 ):

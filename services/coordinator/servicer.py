@@ -445,7 +445,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, "every runtime in avoid needs an agent_id"
             )
-        taken_over = await self._take_over(request, context)
+        avoid = [(r.agent_id, r.browser_id) for r in request.avoid]
+        taken_over = await self._take_over(request, avoid, context)
         if taken_over is not None:
             return taken_over
         # The load runs outside the write lock, so the shards of a failed browser move
@@ -456,7 +457,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
                 request.shard_index,
                 request.agent_id,
                 request.browser_id,
-                avoid=[(r.agent_id, r.browser_id) for r in request.avoid],
+                avoid=avoid,
             )
         except HopError as exc:
             await context.abort(
@@ -495,7 +496,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         )
 
     async def _take_over(
-        self, request: pb.ReplaceShardRequest, context: Context
+        self, request: pb.ReplaceShardRequest, avoid: list[tuple[str, str]], context: Context
     ) -> pb.ReplaceShardResponse | None:
         """Swap the failed replica for a hot spare, committed; None when no spare may."""
         async with self._writes:
@@ -504,7 +505,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
                 request.shard_index,
                 request.agent_id,
                 request.browser_id,
-                avoid=[(r.agent_id, r.browser_id) for r in request.avoid],
+                avoid=avoid,
             )
             if takeover is None:
                 return None

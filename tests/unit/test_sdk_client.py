@@ -799,20 +799,22 @@ class FaultInjector(fault_injector_pb2_grpc.FaultInjectorServiceServicer):
         self, request: fault_injector_pb2.WatchFaultsRequest, context: CONTEXT
     ) -> AsyncIterator[fault_injector_pb2.WatchFaultsResponse]:
         await self._authorize(context)
-        for state in (
-            fault_injector_pb2.FAULT_STATE_ACTIVE,
-            fault_injector_pb2.FAULT_STATE_REVERTED,
-        ):
-            yield fault_injector_pb2.WatchFaultsResponse(
-                fault=fault_injector_pb2.Fault(fault_id="f-1", state=state)
-            )
-        if request.include_existing:
-            return
-        # Without include_existing the watch stays open until the client leaves.
         try:
+            for state in (
+                fault_injector_pb2.FAULT_STATE_ACTIVE,
+                fault_injector_pb2.FAULT_STATE_REVERTED,
+            ):
+                yield fault_injector_pb2.WatchFaultsResponse(
+                    fault=fault_injector_pb2.Fault(fault_id="f-1", state=state)
+                )
+            if request.include_existing:
+                return
+            # Without include_existing the watch stays open until the client leaves.
             await asyncio.Event().wait()
-        finally:
+        except asyncio.CancelledError:
+            # The client may leave while the second change is still being sent.
             self.watch_cancelled.set()
+            raise
 
 
 async def test_fault_injector_client(serve: Callable[..., Awaitable[Server]]) -> None:

@@ -556,6 +556,28 @@ async def test_failed_session_errors_alone(
         await shared.unload(intact.handle)
 
 
+async def test_failed_session_never_answers_for_a_later_one(
+    shared: BrowserRuntime, mlp: Shard, shard_dir: Path
+) -> None:
+    """onnxruntime-web reuses a released session's id for the next session created, so a
+    run under the failed handle must be refused, never routed to the newcomer."""
+    other = store(shard_dir, mlp_model(seed=1))  # the same inputs and outputs, other weights
+    broken = await shared.load(mlp.sha256, str(mlp.path), EP.EXECUTION_PROVIDER_WASM)
+    await shared.fail_session(broken.handle)
+    later = await shared.load(other.sha256, str(other.path), EP.EXECUTION_PROVIDER_WASM)
+    try:
+        x = activation(3)
+        with pytest.raises(ShardRuntimeError, match="failed"):
+            await shared.run(broken.handle, {"x": x})
+        result = await shared.run(later.handle, {"x": x})
+        np.testing.assert_allclose(
+            result.outputs["y"], other.reference({"x": x})["y"], rtol=0, atol=1e-4
+        )
+    finally:
+        await shared.unload(broken.handle)
+        await shared.unload(later.handle)
+
+
 async def test_allocated_memory_is_resident(shared: BrowserRuntime) -> None:
     before = shared.info().memory_bytes
     size = 256 << 20

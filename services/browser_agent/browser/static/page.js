@@ -223,7 +223,7 @@ async function unload({ handle }) {
 async function failSession({ handle }) {
   const entry = state.sessions.get(handle);
   if (!entry) throw new PageError("not_found", `no shard is loaded as ${handle}`);
-  // Release the real session under the handle: its next run fails in onnxruntime-web.
+  // Release the real session under the handle: its next run fails (run refuses it).
   if (!entry.released) {
     entry.released = true;
     await entry.session.release();
@@ -303,6 +303,11 @@ function encodeFrame(header, tensors) {
 async function run(header, buffer, base) {
   const entry = state.sessions.get(header.handle);
   if (!entry) throw new PageError("not_found", `no shard is loaded as ${header.handle}`);
+  // onnxruntime-web gives a released session's id to the next session it creates: run
+  // it and the newcomer's graph answers under this handle's output names.
+  if (entry.released) {
+    throw new PageError("internal", `the session of ${header.handle} failed; load the shard again`);
+  }
   const feeds = {};
   for (const t of header.tensors) {
     const TypedArray = ARRAYS[t.dtype];

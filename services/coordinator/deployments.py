@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 import uuid
@@ -76,6 +77,13 @@ launched."""
 
 WARM_UP_TIMEOUT_S = 60.0
 """How long a spare's warm-up inference may take."""
+
+SPARE_CHECK_INTERVAL_S = 5.0
+"""How often the leader runs every spare once from its shard's kept activation: a spare
+takes no traffic, so nothing else would notice that it broke."""
+
+SPARE_CHECK_TIMEOUT_S = 10.0
+"""How long one spare's check may take before the spare counts as failed."""
 
 RECENT_FAILURE_S = 5.0
 """A runtime whose hop failed this recently takes no spare, takeover or replacement."""
@@ -838,6 +846,117 @@ class Deployments:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         return True
+
+    async def check_spares(self, commit: PlacementCommitter) -> list[pb.ShardReplica]:
+        """Run each spare once from its shard's kept activation; one whose hop fails or
+        that answers otherwise is dropped from the placement (committed), unloaded, and
+        another loaded in the background. Returns the spares dropped.
+
+        A shard with nothing kept yet (no small request has run through it) is skipped.
+        """
+        dropped: list[pb.ShardReplica] = []
+        spares = [
+            (model, stage.index, (spare.agent_id, spare.handle))
+            for model, deployment in self.models.items()
+            for stage in deployment.pipeline.stages
+            for spare in stage.spares
+        ]
+        for model, shard_index, key in spares:
+            deployment = self.models.get(model)
+            spare = self._spare(model, shard_index, key)
+            if deployment is None or spare is None:
+                continue  # taken over or dropped meanwhile
+            problem = await self._check_spare(deployment, shard_index, spare)
+            if problem is None:
+                continue
+            still = self._spare(model, shard_index, key)
+            if still is not None:
+                still.healthy = False  # no takeover picks it before the commit
+            build = functools.partial(
+                self._without_spare, model, shard_index, key, deployment.placement.deploy_id
+            )
+            if not await commit(build):
+                continue  # taken over, dropped or redeployed meanwhile
+            gone = pb.ShardReplica(
+                agent_id=spare.agent_id, browser_id=spare.browser_id, handle=spare.handle
+            )
+            self.unload_later(gone)
+            self.replenish_later(model, shard_index, commit)
+            dropped.append(gone)
+            log.warning(
+                "spare failed its check; dropped, another is loading",
+                extra={
+                    "model": model,
+                    "shard": shard_index,
+                    "agent_id": spare.agent_id,
+                    "browser_id": spare.browser_id,
+                    "error": problem,
+                },
+            )
+        return dropped
+
+    def _spare(self, model: str, shard_index: int, key: tuple[str, str]) -> Replica | None:
+        """The spare (agent, handle) of a shard as served now; None when it has gone."""
+        deployment = self.models.get(model)
+        if deployment is None:
+            return None
+        stage = next((s for s in deployment.pipeline.stages if s.index == shard_index), None)
+        spares = stage.spares if stage is not None else []
+        return next((r for r in spares if (r.agent_id, r.handle) == key), None)
+
+    async def _check_spare(
+        self, deployment: Deployment, shard_index: int, spare: Replica
+    ) -> str | None:
+        """What is wrong with a spare (its hop failed, or it answered otherwise), or None
+        (sound, or nothing to check it against)."""
+        try:
+            check = await deployment.pipeline.verify_shard(
+                shard_index,
+                Pin(spare.agent_id, spare.browser_id),
+                time.monotonic() + SPARE_CHECK_TIMEOUT_S,
+            )
+        except InferError as exc:
+            if exc.code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION):
+                return None  # moved meanwhile, or nothing kept to check against
+            return exc.message
+        if check.passed:
+            return None
+        return (
+            f"it answered otherwise than shard {shard_index}'s kept outputs (max |difference| "
+            f"{check.max_abs_difference:.3g}, tolerance {check.tolerance:.3g})"
+        )
+
+    def _without_spare(
+        self, model: str, shard_index: int, key: tuple[str, str], deploy_id: str
+    ) -> pb.Placement | None:
+        """The model's current placement without the spare ``key`` (agent, handle) names;
+        None when it has gone already
+        (taken over, dropped) or the model was redeployed."""
+        deployment = self.models.get(model)
+        if deployment is None or deployment.placement.deploy_id != deploy_id:
+            return None
+        placement = pb.Placement()
+        placement.CopyFrom(deployment.placement)
+        shard = next(s for s in placement.shards if s.shard.index == shard_index)
+        kept = [r for r in shard.spares if (r.agent_id, r.handle) != key]
+        if len(kept) == len(shard.spares):
+            return None
+        del shard.spares[:]
+        shard.spares.extend(kept)
+        return placement
+
+    async def check_spares_forever(
+        self, is_leader: Callable[[], bool], commit: PlacementCommitter
+    ) -> None:
+        """Check the spares every SPARE_CHECK_INTERVAL_S while this replica leads."""
+        while True:
+            await asyncio.sleep(SPARE_CHECK_INTERVAL_S)
+            if not is_leader():
+                continue
+            try:
+                await self.check_spares(commit)
+            except Exception:  # logged; the next round tries again
+                log.exception("checking the spares failed")
 
     @staticmethod
     def _spare_wanted(placement: pb.Placement, shard_index: int) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import shutil
 import tempfile
@@ -68,7 +70,31 @@ def make_app(settings: CoordinatorSettings, lifecycle: Lifecycle) -> BasicApp:
         token=settings.cluster_token,
     )
 
+    servicer = CoordinatorServicer(
+        settings=settings,
+        registry=registry,
+        deployments=deployments,
+        state=state,
+        replicator=replicator,
+        lifecycle=lifecycle,
+    )
+    background: list[asyncio.Task[None]] = []
+
+    async def start() -> None:
+        await replicator.start()
+        background.append(
+            asyncio.create_task(
+                deployments.check_spares_forever(
+                    lambda: replicator.is_leader, servicer.commit_in_background
+                )
+            )
+        )
+
     async def stop() -> None:
+        for task in background:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await deployments.close()
         await reporter.close()
         await replicator.stop()
@@ -78,20 +104,10 @@ def make_app(settings: CoordinatorSettings, lifecycle: Lifecycle) -> BasicApp:
     return BasicApp(
         service_names=(SERVICE, RAFT_SERVICE),
         registrations=[
-            (
-                pb_grpc.add_CoordinatorServiceServicer_to_server,
-                CoordinatorServicer(
-                    settings=settings,
-                    registry=registry,
-                    deployments=deployments,
-                    state=state,
-                    replicator=replicator,
-                    lifecycle=lifecycle,
-                ),
-            ),
+            (pb_grpc.add_CoordinatorServiceServicer_to_server, servicer),
             (pb_grpc.add_RaftServiceServicer_to_server, RaftServicer(replicator)),
         ],
-        on_start=replicator.start,
+        on_start=start,
         on_stop=stop,
         guarded_methods=GUARDED_METHODS,
     )

@@ -512,7 +512,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             await self._commit(placement_command(takeover.placement), context)
         self._deployments.unload_later(takeover.replaced)
         loading = self._deployments.replenish_later(
-            request.model, request.shard_index, self._commit_in_background
+            request.model, request.shard_index, self.commit_in_background
         )
         promoted = takeover.promoted
         log.info(
@@ -570,7 +570,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             kept_from=pb.RuntimeRef(agent_id=check.kept.agent_id, browser_id=check.kept.browser_id),
         )
 
-    async def _commit_in_background(self, build: Callable[[], pb.Placement | None]) -> bool:
+    async def commit_in_background(self, build: Callable[[], pb.Placement | None]) -> bool:
         """Commit the placement ``build`` makes under the write lock (for work off the
         request path, such as a new spare); False when it makes none or this replica
         is no longer the leader. Raises TimeoutError when it was not committed in time."""

@@ -7,6 +7,7 @@ computes two small shards in numpy, so no agent runs.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 import uuid
@@ -278,6 +279,52 @@ def test_the_tolerance_follows_the_outputs_scale_and_a_missing_output_never_pass
     assert compare_outputs(kept, tensors(a=[2000.0, math.nan], b=[0.5]))[0] == math.inf
     # Small outputs: the bound is absolute, 1e-3.
     assert compare_outputs(list(tensors(c=[0.01]).values()), tensors(c=[0.0]))[1] == 1e-3
+
+
+# ----------------------------------------------------------------------------- spare checks
+
+
+async def test_a_spare_that_fails_its_check_or_answers_otherwise_is_dropped() -> None:
+    deployments, shards, reports = rig(spare=True)
+    committed: list[pb.Placement] = []
+    unloaded: list[str] = []
+
+    async def commit(build: Any) -> bool:
+        placement = build()
+        if placement is None:
+            return False
+        committed.append(placement)
+        deployments.apply_placement(MODEL, placement)
+        return True
+
+    async def unload(replica: pb.ShardReplica) -> bool:
+        unloaded.append(replica.handle)
+        return True
+
+    deployments.unload = unload  # type: ignore[method-assign]
+    shards.dead.add("agent-2")
+    assert await deployments.check_spares(commit) == []  # nothing kept: nothing to check
+    assert not any(agent == "agent-2" for agent, _ in shards.ran)
+
+    shards.dead.clear()
+    await infer(deployments, inputs())
+    assert await deployments.check_spares(commit) == []  # sound
+    assert any(agent == "agent-2" for agent, _ in shards.ran)
+    assert not committed
+
+    shards.skew["agent-2"] = 0.01  # a session answering for another graph, say
+    [dropped] = await deployments.check_spares(commit)
+    assert (dropped.agent_id, dropped.handle) == ("agent-2", "s1-a2")
+    assert [len(s.spares) for s in committed[-1].shards] == [0, 0]
+    assert stages(deployments)[1].spares == []
+    await asyncio.sleep(0)  # the background unload
+    assert unloaded == ["s1-a2"]
+    assert not reports.reports  # a spare's check is no data-path failure
+
+    deployments.apply_placement(MODEL, placement(spare=True))
+    await infer(deployments, inputs())
+    shards.dead.add("agent-2")  # its hop fails
+    assert [r.handle for r in await deployments.check_spares(commit)] == ["s1-a2"]
 
 
 # ----------------------------------------------------------------------------- servicer

@@ -196,6 +196,7 @@ def deployment_of(
             run_hop=run_hop,
             on_failure=on_failure,
             outputs=[o.name for o in info.outputs],
+            output_shapes={o.name: o.shape for o in info.outputs},
         ),
         input_names=[i.name for i in info.inputs],
     )

@@ -159,6 +159,9 @@ class Pipeline:
     run_hop: HopRunner
     on_failure: FailureSink
     outputs: Sequence[str] = field(default_factory=list)
+    output_shapes: Mapping[str, Sequence[int | str]] = field(default_factory=dict)
+    """The model's outputs' declared shapes (a str dim is dynamic): a hop that answers
+    one in another shape failed, whatever its status said."""
 
     async def run(
         self,
@@ -297,11 +300,34 @@ class Pipeline:
             set_status_on_exception=False,
         ) as span:
             try:
-                return await self.run_hop(replica, request_id, feeds, timeout)
+                outputs, compute_ms = await self.run_hop(replica, request_id, feeds, timeout)
+                self._check_shapes(stage, replica, outputs)
+                return outputs, compute_ms
             except HopError as exc:
                 span.set_attribute("rpc.grpc.status_code", exc.code.value[0])
                 span.set_status(Status(StatusCode.ERROR, exc.message))
                 raise
+
+    def _check_shapes(
+        self, stage: Stage, replica: Replica, outputs: Sequence[common_pb2.Tensor]
+    ) -> None:
+        """Raise HopError when a model output a hop answered has another rank or fixed dim
+        than the model declares (a runtime that ran another graph, say)."""
+        for tensor in outputs:
+            declared = self.output_shapes.get(tensor.name)
+            if declared is None:
+                continue
+            shape = list(tensor.shape)
+            if len(shape) != len(declared) or any(
+                isinstance(want, int) and got != want
+                for got, want in zip(shape, declared, strict=True)
+            ):
+                raise HopError(
+                    replica.agent_id,
+                    grpc.StatusCode.INTERNAL,
+                    f"shard {stage.index} on {replica.browser_id} answered {tensor.name} "
+                    f"of shape {shape}; {self.model} declares {list(declared)}",
+                )
 
     async def _probe(
         self,

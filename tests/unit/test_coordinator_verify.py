@@ -43,14 +43,19 @@ MODEL = "minilm-l6"
 NATIVE = "native"
 
 
+_COLUMNS = np.zeros((1, 384), np.float32)
+
+
 class Shards:
     """A hop runner for a two-shard chain: shard 0 turns the ids into "hidden", shard 1
-    squashes it into "sentence_embedding" (values within ±1). A runtime in ``dead`` fails
-    its hops; one in ``skew`` adds that much to every output."""
+    squashes it into "sentence_embedding" [batch, 384] (values within ±1). A runtime in
+    ``dead`` fails its hops; one in ``skew`` adds that much to every output; one in
+    ``misshapen`` answers a 3-D "sentence_embedding"."""
 
     def __init__(self) -> None:
         self.dead: set[str] = set()
         self.skew: dict[str, float] = {}
+        self.misshapen: set[str] = set()
         self.ran: list[tuple[str, str]] = []
         """(agent, request id) of every hop tried."""
 
@@ -63,8 +68,10 @@ class Shards:
         feeds = {t.name: decode_tensor(t) for t in inputs}
         if replica.handle.startswith("s0"):
             name, value = "hidden", feeds["input_ids"].astype(np.float32) * 2.0
-        else:
-            name, value = "sentence_embedding", np.tanh(feeds["hidden"] / 1e4)
+        elif replica.agent_id in self.misshapen:  # another graph's hidden states, say
+            name, value = "sentence_embedding", np.tanh(feeds["hidden"][..., None] / 1e4)
+        else:  # [batch, 384], as minilm-l6 declares
+            name, value = "sentence_embedding", np.tanh(feeds["hidden"][:, :1] / 1e4) + _COLUMNS
         value = value + np.float32(self.skew.get(replica.agent_id, 0.0))
         return [encode_tensor(name, value.astype(np.float32))], 1.5
 
@@ -281,6 +288,24 @@ def test_the_tolerance_follows_the_outputs_scale_and_a_missing_output_never_pass
     assert compare_outputs(list(tensors(c=[0.01]).values()), tensors(c=[0.0]))[1] == 1e-3
 
 
+async def test_an_answer_of_another_shape_than_the_model_declares_is_a_failed_hop() -> None:
+    deployments, shards, reports = rig()
+    second = placement()
+    second.shards[1].replicas.add(agent_id="agent-3", browser_id=NATIVE, handle="s1-a3")
+    deployments.apply_placement(MODEL, second)
+    shards.misshapen.add("agent-1")
+    for _ in range(4):  # the replicas take turns: agent-1 is tried first at least once
+        answer = await infer(deployments, inputs())
+        [embedding] = answer.outputs
+        assert list(embedding.shape) == [1, 384]
+        assert answer.trail[1].agent_id == "agent-3"
+    assert reports.reports
+    for failure in reports.reports:
+        assert (failure["agent_id"], failure["shard_index"]) == ("agent-1", 1)
+        assert "answered sentence_embedding of shape [1, 8, 1]" in failure["message"]
+    assert stages(deployments)[1].kept.agent_id == "agent-3"  # the misshapen answer is not kept
+
+
 # ----------------------------------------------------------------------------- spare checks
 
 
@@ -324,6 +349,12 @@ async def test_a_spare_that_fails_its_check_or_answers_otherwise_is_dropped() ->
     deployments.apply_placement(MODEL, placement(spare=True))
     await infer(deployments, inputs())
     shards.dead.add("agent-2")  # its hop fails
+    assert [r.handle for r in await deployments.check_spares(commit)] == ["s1-a2"]
+
+    deployments.apply_placement(MODEL, placement(spare=True))
+    await infer(deployments, inputs())
+    shards.dead.clear()
+    shards.misshapen.add("agent-2")  # it runs another graph
     assert [r.handle for r in await deployments.check_spares(commit)] == ["s1-a2"]
 
 

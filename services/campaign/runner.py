@@ -238,6 +238,11 @@ class Cell:
 AFTER_FAULT_S = 5.0
 """The window after a fault's first effect whose requests count as near it."""
 
+SPARES_WAIT_S = 30.0
+"""How long an iteration waits, once settled, for the spares to be back (as many per
+shard as the deploy placed) before the next fault: a fault that finds no spare measures
+a load, not a takeover. Spares that take longer are logged, not a failure."""
+
 
 def percentile(values: Sequence[float], q: float) -> float | None:
     """The q-th percentile of ``values``; None when there are none."""
@@ -319,6 +324,8 @@ class Campaign:
         self.iterations: list[Iteration] = []
         self._seen_recoveries: set[str] = set()
         self._ep = ""
+        self._spares: dict[int, int] = {}
+        """Spares per shard as deployed."""
 
     async def close(self) -> None:
         """Close every client."""
@@ -371,6 +378,7 @@ class Campaign:
             for r in shard.replicas
         }
         self._ep = ",".join(sorted(providers))
+        self._spares = {shard.shard.index: len(shard.spares) for shard in placement.shards}
         await self._settle(time.monotonic() + plan.settle_timeout_s)
 
     async def _load(self, worker: int, stop: asyncio.Event) -> None:
@@ -477,6 +485,11 @@ class Campaign:
                 )
             if not await self._settle(deadline):
                 record.problem = record.problem or "the cluster did not become whole again in time"
+            elif not await self._spares_back(time.monotonic() + SPARES_WAIT_S):
+                log.info(
+                    "spares not back before the next fault",
+                    extra={"scenario": scenario, "strategy": strategy, "waited_s": SPARES_WAIT_S},
+                )
         record.recoveries = await self._recoveries_since(record.started_at)
         if not record.problem and not record.recoveries:
             record.problem = f"fault {fault.fault_id} caused no recovery (was it detected?)"
@@ -513,6 +526,21 @@ class Campaign:
                     return True
             else:
                 quiet_since = None
+            await asyncio.sleep(0.2)
+        return False
+
+    async def _spares_back(self, deadline: float) -> bool:
+        """Wait until every shard has as many healthy spares as its deploy placed."""
+        while time.monotonic() < deadline:
+            try:
+                placement = await self._client.placement(self.plan.model)
+            except RPCError:
+                placement = None
+            if placement is not None and all(
+                sum(r.healthy for r in shard.spares) >= self._spares.get(shard.shard.index, 0)
+                for shard in placement.shards
+            ):
+                return True
             await asyncio.sleep(0.2)
         return False
 

@@ -834,15 +834,25 @@ class Deployments:
         shard.spares.extend(spares)
         return Takeover(current, serving, replaced)
 
-    def replenish_later(self, model: str, shard_index: int, commit: PlacementCommitter) -> bool:
+    def replenish_later(
+        self,
+        model: str,
+        shard_index: int,
+        commit: PlacementCommitter,
+        avoid: Iterable[tuple[str, str]] = (),
+    ) -> bool:
         """Load a new spare for a shard in the background, if it has fewer than its
-        placement asks; True when one is on its way. Failures are logged and tried
+        placement asks; True when one is on its way. ``avoid`` (the recovery service's
+        open breakers and recoveries under way) is kept clear of when anywhere else
+        can take it: a spare there could not take over. Failures are logged and tried
         again a few times, never raised."""
         deployment = self.models.get(model)
         if deployment is None or not self._spare_wanted(deployment.placement, shard_index):
             return False
         task = asyncio.get_running_loop().create_task(
-            self._replenish(model, shard_index, commit, deployment.placement.deploy_id)
+            self._replenish(
+                model, shard_index, commit, deployment.placement.deploy_id, frozenset(avoid)
+            )
         )
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -965,11 +975,16 @@ class Deployments:
         return shard is not None and len(shard.spares) < placement.spares
 
     async def _replenish(
-        self, model: str, shard_index: int, commit: PlacementCommitter, deploy_id: str
+        self,
+        model: str,
+        shard_index: int,
+        commit: PlacementCommitter,
+        deploy_id: str,
+        avoid: frozenset[tuple[str, str]],
     ) -> None:
         for attempt, wait_s in enumerate(SPARE_RETRY_WAITS_S, start=1):
             try:
-                if await self._replenish_once(model, shard_index, commit, deploy_id):
+                if await self._replenish_once(model, shard_index, commit, deploy_id, avoid):
                     return
             except Exception as exc:  # logged, never raised: the takeover already answered
                 log.warning(
@@ -985,7 +1000,12 @@ class Deployments:
         log.warning("shard left without a new spare", extra={"model": model, "shard": shard_index})
 
     async def _replenish_once(
-        self, model: str, shard_index: int, commit: PlacementCommitter, deploy_id: str
+        self,
+        model: str,
+        shard_index: int,
+        commit: PlacementCommitter,
+        deploy_id: str,
+        avoid: frozenset[tuple[str, str]] = frozenset(),
     ) -> bool:
         """One try; True when done (committed, or nothing left to do)."""
         deployment = self.models.get(model)
@@ -1006,6 +1026,12 @@ class Deployments:
             for r in [*s.replicas, *s.spares]
         )
         slot = spare_slot(
+            shard.shard.size_bytes,
+            holding=holding,
+            candidates=candidates,
+            load=load,
+            unhealthy=self.unhealthy(avoid),
+        ) or spare_slot(
             shard.shard.size_bytes,
             holding=holding,
             candidates=candidates,

@@ -512,7 +512,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             await self._commit(placement_command(takeover.placement), context)
         self._deployments.unload_later(takeover.replaced)
         loading = self._deployments.replenish_later(
-            request.model, request.shard_index, self.commit_in_background
+            request.model, request.shard_index, self.commit_in_background, avoid
         )
         promoted = takeover.promoted
         log.info(

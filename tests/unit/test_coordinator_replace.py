@@ -325,3 +325,29 @@ async def test_a_new_spare_that_cannot_be_committed_is_unloaded_and_tried_again(
     # Once the shard has its spare (another try committed one), there is nothing to do.
     with_spare(deployments, "agent-2/b1")
     assert await deployments._replenish_once("minilm-l6", 0, refused, placement.deploy_id)
+
+
+async def test_a_new_spare_keeps_clear_of_what_recovery_avoids_while_it_can() -> None:
+    async def warm(*args: Any) -> None:
+        return None
+
+    async def commit(build: Any) -> bool:
+        return build() is not None
+
+    async def spare_on(avoid: frozenset[tuple[str, str]]) -> list[str]:
+        """Where a new spare of the shard is loaded, the recovery service avoiding ``avoid``."""
+        deployments, links = rig(dead=set())
+        placement = deployments.models["minilm-l6"].placement
+        placement.spares = 1  # the shard wants one, has none
+        deployments._warm = warm  # type: ignore[assignment,method-assign]
+        assert await deployments._replenish_once("minilm-l6", 0, commit, placement.deploy_id, avoid)
+        return [f"{agent}/{b}" for agent, link in links.items() for b in link.loads]
+
+    # Left alone it goes to agent-2, the agent without a copy of the shard.
+    assert await spare_on(frozenset()) == ["agent-2/b0"]
+    # With agent-2's breaker open, elsewhere.
+    [elsewhere] = await spare_on(frozenset({("agent-2", "")}))
+    assert not elsewhere.startswith("agent-2/")
+    # Everything avoided: an avoided runtime beats no spare.
+    everywhere = frozenset({("agent-0", ""), ("agent-1", ""), ("agent-2", "")})
+    assert await spare_on(everywhere) == ["agent-2/b0"]

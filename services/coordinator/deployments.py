@@ -791,7 +791,8 @@ class Deployments:
 
         None when no spare may (none left, or all untrusted: the load path follows),
         or when no copy of the shard is on the failed browser (moved already). A spare
-        on the failed browser is simply dropped (``promoted`` None). Raises DeployError
+        on the failed browser is simply dropped (``promoted`` None). A spare on an agent
+        that ``avoid`` names as a whole is promoted only when no other may. Raises DeployError
         (NOT_FOUND) for an unknown model, shard or agent. Call it under the write lock
         and commit what it returns before anything else changes the placement.
         """
@@ -809,14 +810,20 @@ class Deployments:
             del shard.spares[:]
             shard.spares.extend(kept)
             return Takeover(current, None, dead_spare)
-        unhealthy = self.unhealthy(avoid)
-        unhealthy.add((agent_id, browser_id))
-        chosen = choose_takeover(
-            [Slot(r.agent_id, r.browser_id) for r in shard.spares],
-            failed=Slot(agent_id, browser_id),
-            serving=[Slot(r.agent_id, r.browser_id) for r in shard.replicas],
-            unhealthy=unhealthy,
-        )
+        avoid = list(avoid)
+
+        def choose(untrusted: Iterable[tuple[str, str]]) -> Slot | None:
+            return choose_takeover(
+                [Slot(r.agent_id, r.browser_id) for r in shard.spares],
+                failed=Slot(agent_id, browser_id),
+                serving=[Slot(r.agent_id, r.browser_id) for r in shard.replicas],
+                unhealthy=self.unhealthy(untrusted) | {(agent_id, browser_id)},
+            )
+
+        # Last resort: a spare whose whole agent the caller distrusts (an agent's breaker
+        # opens on its browsers' failures) but whose own browser nothing speaks against
+        # beats a load of seconds; the verify that follows a takeover runs on it at once.
+        chosen = choose(avoid) or choose([a for a in avoid if a[1]])
         if chosen is None:
             return None
         promoted = next(r for r in shard.spares if (r.agent_id, r.browser_id) == chosen.key)

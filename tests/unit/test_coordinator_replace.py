@@ -220,6 +220,25 @@ def test_a_healthy_spare_takes_over_without_a_load() -> None:
     assert copies(deployments.placement("minilm-l6"))[1] == ["agent-2/b0"]
 
 
+def test_a_spare_on_an_avoided_agent_takes_over_only_when_no_other_may() -> None:
+    deployments, _ = rig(dead=set())
+    with_spare(deployments, "agent-2/b0")
+    # Its browser avoided (a recovery under way there, its breaker open): never.
+    assert deployments.takeover("minilm-l6", 0, "agent-0", "b0", avoid=[("agent-2", "b0")]) is None
+    # Its whole agent avoided (the agent's breaker open), and no other spare: it serves.
+    takeover = deployments.takeover("minilm-l6", 0, "agent-0", "b0", avoid=[("agent-2", "")])
+    assert takeover is not None and takeover.promoted is not None
+    assert takeover.promoted.agent_id == "agent-2"
+
+    # Another spare outside the avoided agent comes first.
+    deployments, _ = rig(dead=set())
+    with_spare(deployments, "agent-2/b0")
+    with_spare(deployments, "agent-0/b1")
+    takeover = deployments.takeover("minilm-l6", 0, "agent-1", "b0", avoid=[("agent-2", "")])
+    assert takeover is not None and takeover.promoted is not None
+    assert (takeover.promoted.agent_id, takeover.promoted.browser_id) == ("agent-0", "b1")
+
+
 async def test_an_unhealthy_spare_is_passed_over_and_the_load_avoids_its_runtime() -> None:
     deployments, _ = rig(dead=set())
     with_spare(deployments, "agent-2/b0", healthy=False)
@@ -278,9 +297,12 @@ async def test_a_runtime_that_failed_a_hop_just_now_is_passed_over_for_a_while()
 async def test_what_the_caller_asks_to_avoid_takes_neither_a_takeover_nor_a_load() -> None:
     deployments, _ = rig(dead=set())
     with_spare(deployments, "agent-2/b0")
-    avoid = [("agent-2", "")]  # a recovery under way on agent-2, say
+    avoid = [("agent-2", "b0")]  # a recovery under way on agent-2/b0, say
     assert deployments.takeover("minilm-l6", 0, "agent-0", "b0", avoid=avoid) is None
     moved = await deployments.prepare_replacement("minilm-l6", 0, "agent-0", "b0", avoid=avoid)
+    assert where(moved) != "agent-2/b0"
+    whole = [("agent-2", "")]  # agent-2's breaker open: no load goes there
+    moved = await deployments.prepare_replacement("minilm-l6", 0, "agent-0", "b0", avoid=whole)
     assert not where(moved).startswith("agent-2/")
     # Without it, the spare takes over.
     assert deployments.takeover("minilm-l6", 0, "agent-0", "b0") is not None

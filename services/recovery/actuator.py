@@ -25,6 +25,7 @@ unavailable and the strategy treats the level as failed.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -360,28 +361,36 @@ class CoordinatorActuator:
         Raises ActionFailed naming the replica when its hop fails or it answers
         differently from the kept outputs.
         """
-        passed: list[str] = []
-        for shard_index, (agent_id, browser_id) in moves:
-            where = f"{agent_id}/{browser_id}"
-            try:
-                check = await self._client.verify_shard(
+        # The shards run at once (each on its own replica); answers are read in order.
+        checks = await asyncio.gather(
+            *(
+                self._client.verify_shard(
                     model, shard_index, agent_id, browser_id, timeout=self._timeout_s
                 )
-            except (FailedPreconditionError, NotFoundError, UnimplementedError) as exc:
+                for shard_index, (agent_id, browser_id) in moves
+            ),
+            return_exceptions=True,
+        )
+        passed: list[str] = []
+        for (shard_index, (agent_id, browser_id)), check in zip(moves, checks, strict=True):
+            where = f"{agent_id}/{browser_id}"
+            if isinstance(check, FailedPreconditionError | NotFoundError | UnimplementedError):
                 log.info(
                     "no one-hop verify; verifying with a whole inference",
-                    extra={"model": model, "shard": shard_index, "on": where, "reason": str(exc)},
+                    extra={"model": model, "shard": shard_index, "on": where, "reason": str(check)},
                 )
                 return None
-            except UnavailableError as exc:  # the hop failed
+            if isinstance(check, UnavailableError):  # the hop failed
                 raise ActionFailed(
-                    f"shard {shard_index} of {model} failed on {where}: {exc}",
+                    f"shard {shard_index} of {model} failed on {where}: {check}",
                     failed_on=[(agent_id, browser_id)],
-                ) from exc
-            except RPCError as exc:
+                ) from check
+            if isinstance(check, RPCError):
                 raise ActionFailed(
-                    f"shard {shard_index} of {model} on {where} was not verified: {exc}"
-                ) from exc
+                    f"shard {shard_index} of {model} on {where} was not verified: {check}"
+                ) from check
+            if isinstance(check, BaseException):
+                raise check
             if not check.passed:
                 raise ActionFailed(
                     f"shard {shard_index} of {model} on {where} answered differently from "

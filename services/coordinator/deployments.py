@@ -85,6 +85,9 @@ takes no traffic, so nothing else would notice that it broke."""
 SPARE_CHECK_TIMEOUT_S = 10.0
 """How long one spare's check may take before the spare counts as failed."""
 
+SPARE_CHECKS_AT_ONCE = 8
+"""Spares checked at the same time (each on its own browser, taking no traffic)."""
+
 RECENT_FAILURE_S = 5.0
 """A runtime whose hop failed this recently takes no spare, takeover or replacement."""
 
@@ -806,10 +809,10 @@ class Deployments:
             dead_spare = next((r for r in shard.spares if on_failed(r)), None)
             if dead_spare is None:
                 return None
-            kept = [r for r in shard.spares if r is not dead_spare]
-            del shard.spares[:]
-            shard.spares.extend(kept)
-            return Takeover(current, None, dead_spare)
+            without = self._without_spare(
+                model, shard_index, (dead_spare.agent_id, dead_spare.handle), current.deploy_id
+            )
+            return Takeover(without, None, dead_spare) if without is not None else None
         avoid = list(avoid)
 
         def choose(untrusted: Iterable[tuple[str, str]]) -> Slot | None:
@@ -866,52 +869,67 @@ class Deployments:
         return True
 
     async def check_spares(self, commit: PlacementCommitter) -> list[pb.ShardReplica]:
-        """Run each spare once from its shard's kept activation; one whose hop fails or
-        that answers otherwise is dropped from the placement (committed), unloaded, and
-        another loaded in the background. Returns the spares dropped.
+        """Run each spare once from its shard's kept activation (SPARE_CHECKS_AT_ONCE at a
+        time); one whose hop fails or that answers otherwise is dropped from the placement
+        (committed), unloaded, and another loaded in the background. Returns the spares
+        dropped.
 
         A shard with nothing kept yet (no small request has run through it) is skipped.
         """
-        dropped: list[pb.ShardReplica] = []
-        spares = [
-            (model, stage.index, (spare.agent_id, spare.handle))
-            for model, deployment in self.models.items()
-            for stage in deployment.pipeline.stages
-            for spare in stage.spares
-        ]
-        for model, shard_index, key in spares:
-            deployment = self.models.get(model)
-            spare = self._spare(model, shard_index, key)
-            if deployment is None or spare is None:
-                continue  # taken over or dropped meanwhile
-            problem = await self._check_spare(deployment, shard_index, spare)
-            if problem is None:
-                continue
-            still = self._spare(model, shard_index, key)
-            if still is not None:
-                still.healthy = False  # no takeover picks it before the commit
-            build = functools.partial(
-                self._without_spare, model, shard_index, key, deployment.placement.deploy_id
+        at_once = asyncio.Semaphore(SPARE_CHECKS_AT_ONCE)
+
+        async def check(
+            model: str, shard_index: int, key: tuple[str, str]
+        ) -> pb.ShardReplica | None:
+            async with at_once:
+                return await self._check_and_drop(model, shard_index, key, commit)
+
+        dropped = await asyncio.gather(
+            *(
+                check(model, stage.index, (spare.agent_id, spare.handle))
+                for model, deployment in self.models.items()
+                for stage in deployment.pipeline.stages
+                for spare in stage.spares
             )
-            if not await commit(build):
-                continue  # taken over, dropped or redeployed meanwhile
-            gone = pb.ShardReplica(
-                agent_id=spare.agent_id, browser_id=spare.browser_id, handle=spare.handle
-            )
-            self.unload_later(gone)
-            self.replenish_later(model, shard_index, commit)
-            dropped.append(gone)
-            log.warning(
-                "spare failed its check; dropped, another is loading",
-                extra={
-                    "model": model,
-                    "shard": shard_index,
-                    "agent_id": spare.agent_id,
-                    "browser_id": spare.browser_id,
-                    "error": problem,
-                },
-            )
-        return dropped
+        )
+        return [spare for spare in dropped if spare is not None]
+
+    async def _check_and_drop(
+        self, model: str, shard_index: int, key: tuple[str, str], commit: PlacementCommitter
+    ) -> pb.ShardReplica | None:
+        """Check one spare (agent, handle); the spare dropped, or None (sound, unchecked,
+        or gone meanwhile)."""
+        deployment = self.models.get(model)
+        spare = self._spare(model, shard_index, key)
+        if deployment is None or spare is None:
+            return None  # taken over or dropped meanwhile
+        problem = await self._check_spare(deployment, shard_index, spare)
+        if problem is None:
+            return None
+        still = self._spare(model, shard_index, key)
+        if still is not None:
+            still.healthy = False  # no takeover picks it before the commit
+        build = functools.partial(
+            self._without_spare, model, shard_index, key, deployment.placement.deploy_id
+        )
+        if not await commit(build):
+            return None  # taken over, dropped or redeployed meanwhile
+        gone = pb.ShardReplica(
+            agent_id=spare.agent_id, browser_id=spare.browser_id, handle=spare.handle
+        )
+        self.unload_later(gone)
+        self.replenish_later(model, shard_index, commit)
+        log.warning(
+            "spare failed its check; dropped, another is loading",
+            extra={
+                "model": model,
+                "shard": shard_index,
+                "agent_id": spare.agent_id,
+                "browser_id": spare.browser_id,
+                "error": problem,
+            },
+        )
+        return gone
 
     def _spare(self, model: str, shard_index: int, key: tuple[str, str]) -> Replica | None:
         """The spare (agent, handle) of a shard as served now; None when it has gone."""
@@ -1032,19 +1050,17 @@ class Deployments:
             for s in d.placement.shards
             for r in [*s.replicas, *s.spares]
         )
-        slot = spare_slot(
-            shard.shard.size_bytes,
-            holding=holding,
-            candidates=candidates,
-            load=load,
-            unhealthy=self.unhealthy(avoid),
-        ) or spare_slot(
-            shard.shard.size_bytes,
-            holding=holding,
-            candidates=candidates,
-            load=load,
-            unhealthy=self.unhealthy(),
-        )
+
+        def clear_of(untrusted: Iterable[tuple[str, str]]) -> Slot | None:
+            return spare_slot(
+                shard.shard.size_bytes,
+                holding=holding,
+                candidates=candidates,
+                load=load,
+                unhealthy=self.unhealthy(untrusted),
+            )
+
+        slot = clear_of(avoid) or clear_of(())
         if slot is None:
             raise DeployError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,

@@ -24,10 +24,14 @@ class DomainError(Exception):
     fixed-code subclasses below (``NotFound("no model " + quote(name))``).
     """
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(
+        self, code: grpc.StatusCode, message: str, trailers: tuple[tuple[str, str], ...] = ()
+    ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.trailers = trailers
+        """Trailing metadata the call ends with (where to retry, say)."""
 
 
 class _FixedCode(DomainError):
@@ -35,8 +39,8 @@ class _FixedCode(DomainError):
 
     status: grpc.StatusCode = grpc.StatusCode.UNKNOWN
 
-    def __init__(self, message: str) -> None:
-        super().__init__(self.status, message)
+    def __init__(self, message: str, trailers: tuple[tuple[str, str], ...] = ()) -> None:
+        super().__init__(self.status, message, trailers)
 
 
 class InvalidArgument(_FixedCode):

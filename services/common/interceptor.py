@@ -353,6 +353,8 @@ async def _end(exc: Exception, context: Any, short: _ShortMessages, method: str)
     if short.aborted or isinstance(exc, grpc.aio.AbortError):
         raise exc  # the status is already sent
     if isinstance(exc, DomainError):
+        if exc.trailers:
+            context.set_trailing_metadata(exc.trailers)
         await context.abort(exc.code, shorten(exc.message))
     log.error(
         "unexpected error in a handler",

@@ -19,6 +19,14 @@ from webshard.tensors import decode_tensor, encode_tensor
 
 from services.common.auth import methods
 from services.common.durations import duration
+from services.common.errors import (
+    DomainError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unavailable,
+)
 from services.common.server import MAX_MESSAGE_BYTES, Lifecycle
 from services.coordinator.barriers import BarrierError, ModelBarriers
 from services.coordinator.cluster_state import (
@@ -182,6 +190,16 @@ def kept_answer(state: ClusterState, request_id: str) -> tuple[bytes, pb.InferRe
     return bytes.fromhex(answer.fingerprint), pb.InferResponse.FromString(answer.response)
 
 
+def not_leader(error: NotLeaderError) -> DomainError:
+    """The status a call this replica cannot serve ends with: FAILED_PRECONDITION naming
+    the leader in the ``webshard-leader`` trailer, or UNAVAILABLE with it empty while an
+    election is under way (retry shortly)."""
+    trailers = (("webshard-leader", error.leader_address or ""),)
+    if error.leader_address:
+        return FailedPrecondition(str(error), trailers)
+    return Unavailable(str(error), trailers)
+
+
 class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
     """Agent sessions, the registry, deployment and inference."""
 
@@ -210,37 +228,31 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         self._writes = asyncio.Lock()  # deploys, undeploys and moves one at a time
         self._barriers = ModelBarriers()
 
-    async def _not_leader(self, context: Context, error: NotLeaderError | None = None) -> None:
-        """End a call this replica cannot serve, pointing at the leader when it knows one."""
-        error = error or self._replicator.not_leader()
-        # An empty leader tells clients an election is under way: retry shortly.
-        context.set_trailing_metadata((("webshard-leader", error.leader_address or ""),))
-        if error.leader_address:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
-        await context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
+    def _lead(self) -> None:
+        """Raise the not-leader status unless this replica leads."""
+        if not self._replicator.is_leader:
+            raise not_leader(self._replicator.not_leader())
 
-    async def _leader_read(self, context: Context) -> None:
+    async def _leader_read(self) -> None:
         """Serve a read only as the leader, after a ReadIndex barrier."""
         try:
             await self._replicator.read_barrier(self._settings.propose_timeout_s)
         except NotLeaderError as exc:
-            await self._not_leader(context, exc)
+            raise not_leader(exc) from exc
         except TimeoutError:
-            await context.abort(
-                grpc.StatusCode.UNAVAILABLE, "leadership could not be confirmed in time; retry"
-            )
+            raise Unavailable("leadership could not be confirmed in time; retry") from None
 
-    async def _commit(self, command: bytes, context: Context) -> None:
-        """Replicate a command; end the call when it cannot be committed."""
+    async def _commit(self, command: bytes) -> None:
+        """Replicate a command; raise the status the call ends with when it cannot be
+        committed."""
         try:
             await self._replicator.propose(command, self._settings.propose_timeout_s)
         except NotLeaderError as exc:
-            await self._not_leader(context, exc)
+            raise not_leader(exc) from exc
         except TimeoutError:
-            await context.abort(
-                grpc.StatusCode.UNAVAILABLE,
-                "the write was not committed in time (no quorum?); retry with the same request id",
-            )
+            raise Unavailable(
+                "the write was not committed in time (no quorum?); retry with the same request id"
+            ) from None
 
     async def AgentSession(
         self, request_iterator: AsyncIterator[pb.AgentSessionRequest], context: Context
@@ -250,25 +262,20 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         if first is None:
             return
         if first.WhichOneof("message") != "registration":
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                "the first message of an agent session must be a registration",
-            )
+            raise InvalidArgument("the first message of an agent session must be a registration")
         reg = first.registration
         if not self._replicator.is_leader:
             leader = self._replicator.not_leader()
             if leader.leader_address is None:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, str(leader))
+                raise Unavailable(str(leader))
             yield pb.AgentSessionResponse(
                 reattach=pb.Reattach(leader_address=leader.leader_address, reason=str(leader))
             )
             return
         if not reg.agent_id or not reg.address:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, "registration needs an agent_id and an address"
-            )
+            raise InvalidArgument("registration needs an agent_id and an address")
         entry = AgentEntry(reg.agent_id, reg.address, reg.memory_budget_bytes, list(reg.browsers))
-        await self._commit(agent_command(entry), context)
+        await self._commit(agent_command(entry))
         session = self._registry.attach(reg.agent_id)
         self._deployments.mark_agent(reg.agent_id, healthy=True)
         log.info("agent registered", extra={"agent_id": reg.agent_id, "agent_address": reg.address})
@@ -298,12 +305,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
                     )
                 elif kind == "status":
                     entry.browsers = list(message.status.browsers)
-                    await self._commit(agent_command(entry), context)
+                    await self._commit(agent_command(entry))
                 elif kind == "registration":
-                    await context.abort(
-                        grpc.StatusCode.INVALID_ARGUMENT,
-                        "an agent session takes one registration; "
-                        "open a new session to re-register",
+                    raise InvalidArgument(
+                        "an agent session takes one registration; open a new session to re-register"
                     )
         finally:
             self._registry.disconnected(reg.agent_id, session)
@@ -317,7 +322,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         self, request: pb.ListAgentsRequest, context: Context
     ) -> pb.ListAgentsResponse:
         """The registry's agents (served by the leader, linearizably)."""
-        await self._leader_read(context)
+        await self._leader_read()
         return pb.ListAgentsResponse(
             agents=[
                 self._registry.to_proto(r)
@@ -354,8 +359,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         self, request: pb.DeployModelRequest, context: Context
     ) -> pb.DeployModelResponse:
         """Cut, place and load a model, then commit its placement."""
-        if not self._replicator.is_leader:
-            await self._not_leader(context)
+        self._lead()
         async with self._writes:
             if request.request_id:
                 done = self._state.placement_for_deploy(request.request_id)
@@ -364,7 +368,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             placement = await self._prepare_deploy(request, context)
             previous = self._state.placements.get(request.model)
             try:
-                await self._commit(deploy_command(placement), context)
+                await self._commit(deploy_command(placement))
             except BaseException:
                 await self._deployments.release(placement)
                 raise
@@ -395,7 +399,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
                 waiting = self._registry.reattaching(self._settings.reattach_wait_s)
                 left = deadline - time.monotonic() - 1.0  # keep a second to load and commit
                 if exc.code != grpc.StatusCode.FAILED_PRECONDITION or not waiting or left <= 0:
-                    await context.abort(exc.code, exc.message)
+                    raise
                 log.info(
                     "deploy waits for agents reattaching",
                     extra={"model": request.model, "agents": waiting, "reason": exc.message},
@@ -406,16 +410,13 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         self, request: pb.UndeployModelRequest, context: Context
     ) -> pb.UndeployModelResponse:
         """Remove a model, then unload its shards."""
-        if not self._replicator.is_leader:
-            await self._not_leader(context)
+        self._lead()
         async with self._writes:
             placement = self._state.placements.get(request.model)
             if placement is None:
-                await context.abort(
-                    grpc.StatusCode.NOT_FOUND, f"model {request.model!r} is not deployed"
-                )
+                raise NotFound(f"model {request.model!r} is not deployed")
             assert placement is not None
-            await self._commit(undeploy_command(request.model), context)
+            await self._commit(undeploy_command(request.model))
             await self._deployments.release(placement)
         return pb.UndeployModelResponse(
             unloaded_shards=sum(len(s.replicas) for s in placement.shards)
@@ -425,7 +426,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         self, request: pb.GetPlacementRequest, context: Context
     ) -> pb.GetPlacementResponse:
         """Where a deployed model's shards live (served by the leader, linearizably)."""
-        await self._leader_read(context)
+        await self._leader_read()
         return pb.GetPlacementResponse(placement=self._deployments.placement(request.model))
 
     async def ReplaceShard(
@@ -434,19 +435,15 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         """Move a shard's replica off a failed browser: a hot spare takes over when one
         may (a placement change, no load; a new spare follows in the background),
         otherwise a replica is loaded elsewhere. Commit, then unload the old one."""
-        if not self._replicator.is_leader:
-            await self._not_leader(context)
+        self._lead()
         if not request.model or not request.agent_id or request.shard_index < 0:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                "ReplaceShard needs a model, a shard_index >= 0 and the failed agent_id",
+            raise InvalidArgument(
+                "ReplaceShard needs a model, a shard_index >= 0 and the failed agent_id"
             )
         if any(not r.agent_id for r in request.avoid):
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, "every runtime in avoid needs an agent_id"
-            )
+            raise InvalidArgument("every runtime in avoid needs an agent_id")
         avoid = [(r.agent_id, r.browser_id) for r in request.avoid]
-        taken_over = await self._take_over(request, avoid, context)
+        taken_over = await self._take_over(request, avoid)
         if taken_over is not None:
             return taken_over
         # The load runs outside the write lock, so the shards of a failed browser move
@@ -460,9 +457,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
                 avoid=avoid,
             )
         except HopError as exc:
-            await context.abort(
+            raise DomainError(
                 exc.code, f"loading the replacement on {exc.agent_id} failed: {exc.message}"
-            )
+            ) from exc
         if replacement is None:  # moved already: a retry, or another recovery did it
             return pb.ReplaceShardResponse(placement=self._deployments.placement(request.model))
         # The new replica serves nobody unless committed; it is unloaded after the lock
@@ -471,7 +468,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             async with self._writes:
                 placement = self._deployments.placement_after(replacement)
                 if placement is not None:
-                    await self._commit(placement_command(placement), context)
+                    await self._commit(placement_command(placement))
         except BaseException:
             await self._deployments.unload(replacement.replica)
             raise
@@ -496,7 +493,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         )
 
     async def _take_over(
-        self, request: pb.ReplaceShardRequest, avoid: list[tuple[str, str]], context: Context
+        self, request: pb.ReplaceShardRequest, avoid: list[tuple[str, str]]
     ) -> pb.ReplaceShardResponse | None:
         """Swap the failed replica for a hot spare, committed; None when no spare may."""
         async with self._writes:
@@ -509,7 +506,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             )
             if takeover is None:
                 return None
-            await self._commit(placement_command(takeover.placement), context)
+            await self._commit(placement_command(takeover.placement))
         self._deployments.unload_later(takeover.replaced)
         loading = self._deployments.replenish_later(
             request.model, request.shard_index, self.commit_in_background, avoid
@@ -537,12 +534,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
     ) -> pb.VerifyShardResponse:
         """Run one shard once on one of its copies from its kept boundary activation and
         compare the answer with the kept outputs; a different answer is passed=false."""
-        if not self._replicator.is_leader:
-            await self._not_leader(context)
+        self._lead()
         if not request.model or request.shard_index < 0 or not request.agent_id:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                "VerifyShard needs a model, a shard_index >= 0 and the agent_id of the copy",
+            raise InvalidArgument(
+                "VerifyShard needs a model, a shard_index >= 0 and the agent_id of the copy"
             )
         self._deployments.placement(request.model)  # NOT_FOUND unless deployed
         deployment = self._deployments.models[request.model]
@@ -590,24 +585,20 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         self, request: pb.RestartBrowserRequest, context: Context
     ) -> pb.RestartBrowserResponse:
         """Have the agent restart a browser, then commit the placements that follow it."""
-        if not self._replicator.is_leader:
-            await self._not_leader(context)
+        self._lead()
         if not request.agent_id or not request.browser_id:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                "RestartBrowser needs an agent_id and a browser_id",
-            )
+            raise InvalidArgument("RestartBrowser needs an agent_id and a browser_id")
         async with self._writes:
             try:
                 reply, placements = await self._deployments.restart_browser(
                     request.agent_id, request.browser_id, self._settings.propose_timeout_s + 60
                 )
             except HopError as exc:
-                await context.abort(
+                raise DomainError(
                     exc.code, f"restarting {request.agent_id}/{request.browser_id}: {exc.message}"
-                )
+                ) from exc
             for placement in placements:
-                await self._commit(placement_command(placement), context)
+                await self._commit(placement_command(placement))
         return pb.RestartBrowserResponse(
             browser_id=reply.browser_id,
             moved_shards=len(reply.shards),
@@ -618,17 +609,14 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         self, request: pb.ReconnectAgentRequest, context: Context
     ) -> pb.ReconnectAgentResponse:
         """Reopen the activation stream to an agent; wait for a browser's page to connect."""
-        if not self._replicator.is_leader:
-            await self._not_leader(context)
+        self._lead()
         if not request.agent_id:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, "ReconnectAgent needs an agent_id"
-            )
+            raise InvalidArgument("ReconnectAgent needs an agent_id")
         wait_s = request.timeout.ToNanoseconds() / 1e9 or DEFAULT_RECONNECT_WAIT_S
         try:
             waited = await self._deployments.reconnect(request.agent_id, request.browser_id, wait_s)
         except HopError as exc:
-            await context.abort(exc.code, exc.message)
+            raise DomainError(exc.code, exc.message) from exc
         page = (
             f"; {request.browser_id}'s page connected after {waited * 1000:.0f} ms"
             if request.browser_id
@@ -642,22 +630,20 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         self, request: pb.PauseModelRequest, context: Context
     ) -> pb.PauseModelResponse:
         """Hold new requests for a model behind a barrier on this replica (the leader)."""
-        if not self._replicator.is_leader:
-            await self._not_leader(context)
+        self._lead()
         self._deployments.placement(request.model)  # NOT_FOUND unless deployed
         max_pause = request.max_pause.ToNanoseconds() / 1e9 or DEFAULT_MAX_PAUSE_S
         try:
             barrier_id = self._barriers.pause(request.model, max_pause)
         except BarrierError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise InvalidArgument(str(exc)) from exc
         return pb.PauseModelResponse(barrier_id=barrier_id)
 
     async def ResumeModel(
         self, request: pb.ResumeModelRequest, context: Context
     ) -> pb.ResumeModelResponse:
         """Lift a model's barrier; the requests it held run."""
-        if not self._replicator.is_leader:
-            await self._not_leader(context)
+        self._lead()
         if not self._barriers.held(request.model):
             self._deployments.placement(request.model)  # NOT_FOUND unless deployed
         lifted = self._barriers.resume(request.model, request.barrier_id)
@@ -728,8 +714,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
         try:
             return await self._infer(request, context.time_remaining())
         except NotLeaderError as exc:
-            await self._not_leader(context, exc)
-            raise  # not reached: _not_leader ends the call
+            raise not_leader(exc) from exc
 
     async def InferStream(
         self, request_iterator: AsyncIterator[pb.InferStreamRequest], context: Context
@@ -745,20 +730,13 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
                 await answers.put(
                     pb.InferStreamResponse(request_id=response.request_id, response=response)
                 )
-            except (DeployError, InferError, NotLeaderError) as exc:
-                if isinstance(exc, NotLeaderError):  # as _not_leader answers a unary call
-                    code = (
-                        grpc.StatusCode.FAILED_PRECONDITION
-                        if exc.leader_address
-                        else grpc.StatusCode.UNAVAILABLE
-                    )
-                else:
-                    code = exc.code
+            except (DomainError, NotLeaderError) as exc:
+                error = not_leader(exc) if isinstance(exc, NotLeaderError) else exc
                 await answers.put(
                     pb.InferStreamResponse(
                         request_id=request.request_id,
-                        error_code=code.value[0],
-                        error_message=str(exc),
+                        error_code=error.code.value[0],
+                        error_message=error.message,
                     )
                 )
             finally:
@@ -793,22 +771,20 @@ class RaftServicer(pb_grpc.RaftServiceServicer):
     def __init__(self, replicator: Replicator) -> None:
         self._replicator = replicator
 
-    async def _refuse(self, exc: wire.WireError, context: Context) -> None:
+    @staticmethod
+    def _refusal(exc: wire.WireError) -> DomainError:
         # Checked before anything reaches the core: a sender that is not a
         # configured member, or a term the cluster could never step past.
-        code = (
-            grpc.StatusCode.PERMISSION_DENIED
-            if isinstance(exc, wire.NotAMember)
-            else grpc.StatusCode.INVALID_ARGUMENT
-        )
-        await context.abort(code, str(exc))
+        if isinstance(exc, wire.NotAMember):
+            return PermissionDenied(str(exc))
+        return InvalidArgument(str(exc))
 
-    async def _deliver(self, message: Message, context: Context) -> Message:
+    async def _deliver(self, message: Message) -> Message:
         reply = await self._replicator.deliver(message)
         if reply is None:
             # The core chose not to answer (a vote request within a leader's
             # lease, a message from a stale term): to the sender, a lost message.
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "message not answered")
+            raise Unavailable("message not answered")
         assert reply is not None
         return reply
 
@@ -824,8 +800,8 @@ class RaftServicer(pb_grpc.RaftServiceServicer):
                 members=self._replicator.members,
             )
         except wire.WireError as exc:
-            await self._refuse(exc, context)
-        reply = await self._deliver(message, context)
+            raise self._refusal(exc) from exc
+        reply = await self._deliver(message)
         assert isinstance(reply, RequestVoteResponse)
         return wire.vote_response_to_proto(reply)
 
@@ -841,8 +817,8 @@ class RaftServicer(pb_grpc.RaftServiceServicer):
                 members=self._replicator.members,
             )
         except wire.WireError as exc:
-            await self._refuse(exc, context)
-        reply = await self._deliver(message, context)
+            raise self._refusal(exc) from exc
+        reply = await self._deliver(message)
         assert isinstance(reply, AppendEntriesResponse)
         return wire.append_response_to_proto(reply)
 
@@ -860,10 +836,10 @@ class RaftServicer(pb_grpc.RaftServiceServicer):
             async for chunk in request_iterator:
                 message = assembler.add(chunk)
         except wire.WireError as exc:
-            await self._refuse(exc, context)
+            raise self._refusal(exc) from exc
         if message is None:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the snapshot stream ended early")
+            raise InvalidArgument("the snapshot stream ended early")
         assert message is not None
-        reply = await self._deliver(message, context)
+        reply = await self._deliver(message)
         assert isinstance(reply, InstallSnapshotResponse)
         return wire.snapshot_response_to_proto(reply)

@@ -204,6 +204,20 @@ async def test_a_domain_error_ends_the_call_with_its_status(
     assert (failed.code(), failed.details()) == (code, details)
 
 
+async def test_a_domain_error_sends_its_trailers(
+    served: tuple[Handlers, grpc.aio.Channel],
+) -> None:
+    handlers, channel = served
+
+    async def redirects(request: object, context: object) -> None:
+        raise FailedPrecondition("not the leader", (("webshard-leader", "127.0.0.1:1"),))
+
+    handlers.unary = redirects
+    failed = await call(channel, "Report", metrics_pb2.GetReportRequest())
+    assert failed.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert ("webshard-leader", "127.0.0.1:1") in tuple(failed.trailing_metadata() or ())
+
+
 async def test_long_messages_from_abort_and_unexpected_errors_arrive_cut_short(
     served: tuple[Handlers, grpc.aio.Channel],
 ) -> None:

@@ -21,6 +21,7 @@ from webshard.common.v1 import common_pb2
 from webshard.coordinator.v1 import coordinator_pb2 as pb
 from webshard.tensors import decode_tensor, encode_tensor
 
+from services.common.errors import DomainError
 from services.common.server import Lifecycle
 from services.coordinator.cluster_state import ClusterState
 from services.coordinator.consensus import NotLeaderError
@@ -369,22 +370,9 @@ class Replicator:
         return NotLeaderError("coordinator-1", "127.0.0.1:50061")
 
 
-class Aborted(Exception):
-    pass
-
-
 class Context:
-    def __init__(self) -> None:
-        self.trailing: Any = ()
-
-    def set_trailing_metadata(self, metadata: Any) -> None:
-        self.trailing = metadata
-
     def time_remaining(self) -> float:
         return 10.0
-
-    async def abort(self, code: grpc.StatusCode, message: str) -> None:
-        raise Aborted(code, message)
 
 
 def servicer(deployments: Deployments, *, leader: bool) -> CoordinatorServicer:
@@ -411,20 +399,19 @@ async def test_verify_shard_answers_on_the_leader_only_and_checks_its_request() 
     wrong = await servicer(deployments, leader=True).VerifyShard(request, Context())  # type: ignore[arg-type]
     assert not wrong.passed and wrong.max_abs_difference == pytest.approx(0.5, rel=1e-3)
 
-    context = Context()
-    with pytest.raises(Aborted) as follower:
-        await servicer(deployments, leader=False).VerifyShard(request, context)  # type: ignore[arg-type]
-    assert follower.value.args[0] == grpc.StatusCode.FAILED_PRECONDITION
-    assert context.trailing == (("webshard-leader", "127.0.0.1:50061"),)
+    with pytest.raises(DomainError) as follower:
+        await servicer(deployments, leader=False).VerifyShard(request, Context())  # type: ignore[arg-type]
+    assert follower.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert follower.value.trailers == (("webshard-leader", "127.0.0.1:50061"),)
 
     for bad in (
         pb.VerifyShardRequest(shard_index=1, agent_id="agent-1"),
         pb.VerifyShardRequest(model=MODEL, shard_index=-1, agent_id="agent-1"),
         pb.VerifyShardRequest(model=MODEL, shard_index=1),
     ):
-        with pytest.raises(Aborted) as refused:
+        with pytest.raises(DomainError) as refused:
             await servicer(deployments, leader=True).VerifyShard(bad, Context())  # type: ignore[arg-type]
-        assert refused.value.args[0] == grpc.StatusCode.INVALID_ARGUMENT
+        assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
     with pytest.raises(Exception, match="'vit-tiny' is not deployed") as unknown:
         await servicer(deployments, leader=True).VerifyShard(
             pb.VerifyShardRequest(model="vit-tiny", agent_id="agent-1"),

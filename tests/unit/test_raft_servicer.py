@@ -17,6 +17,7 @@ import grpc
 import pytest
 from webshard.coordinator.v1 import coordinator_pb2 as pb
 
+from services.common.errors import DomainError
 from services.coordinator.consensus import Replicator
 from services.coordinator.raft import (
     AppendEntriesResponse,
@@ -31,16 +32,9 @@ MEMBERS = frozenset({"coordinator-0", "coordinator-1", "coordinator-2"})
 TOO_BIG = [MAX_TERM + 1, 2**64 - 1]
 
 
-class Aborted(Exception):
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(f"{code.name}: {details}")
-        self.code = code
-        self.details = details
-
-
 class FakeContext:
-    async def abort(self, code: grpc.StatusCode, details: str) -> None:
-        raise Aborted(code, details)
+    """The servicer ends a call by raising a DomainError (the server's interceptor
+    turns it into the status); it never calls the context."""
 
 
 class FakeReplicator:
@@ -92,11 +86,11 @@ def servicer() -> tuple[RaftServicer, FakeReplicator]:
 def test_the_message_that_wedged_a_cluster_is_refused_before_the_core() -> None:
     raft, fake = servicer()
     request = pb.AppendEntriesRequest(term=2**64 - 1, leader_id="coordinator-1")
-    with pytest.raises(Aborted) as refused:
+    with pytest.raises(DomainError) as refused:
         call(raft, "AppendEntries", request)
     assert refused.value.code is grpc.StatusCode.INVALID_ARGUMENT
-    assert "term 18446744073709551615" in refused.value.details
-    assert str(MAX_TERM) in refused.value.details
+    assert "term 18446744073709551615" in refused.value.message
+    assert str(MAX_TERM) in refused.value.message
     assert fake.delivered == []
 
 
@@ -138,10 +132,10 @@ def requests(value: int) -> list[tuple[str, str, Any]]:
 def test_every_term_and_index_past_the_limit_is_refused(value: int, case: int) -> None:
     method, field, request = requests(value)[case]
     raft, fake = servicer()
-    with pytest.raises(Aborted) as refused:
+    with pytest.raises(DomainError) as refused:
         call(raft, method, request)
     assert refused.value.code is grpc.StatusCode.INVALID_ARGUMENT
-    assert field in refused.value.details
+    assert field in refused.value.message
     assert fake.delivered == []
 
 
@@ -168,10 +162,10 @@ def test_a_sender_that_is_not_another_member_is_refused(sender: str, method: str
             term=5, leader_id=sender, last_included_index=3, last_included_term=2, done=True
         )
     raft, fake = servicer()
-    with pytest.raises(Aborted) as refused:
+    with pytest.raises(DomainError) as refused:
         call(raft, method, request)
     assert refused.value.code is grpc.StatusCode.PERMISSION_DENIED
-    details = refused.value.details
+    details = refused.value.message
     assert "coordinator-0, coordinator-1, coordinator-2" in details  # the member set, named
     assert len(details) < 200  # a long id is quoted by a short prefix only
     assert fake.delivered == []

@@ -42,6 +42,7 @@ from services.coordinator.pipeline import (
     Pin,
     Pipeline,
     Replica,
+    ShardCheck,
     Stage,
 )
 from services.coordinator.placement import (
@@ -87,6 +88,12 @@ SPARE_CHECK_TIMEOUT_S = 10.0
 
 SPARE_CHECKS_AT_ONCE = 8
 """Spares checked at the same time (each on its own browser, taking no traffic)."""
+
+MOVE_VERIFY_GRACE_S = 5.0
+"""How long a new spare's load waits for the verify of the replicas that just took failed
+ones' places: a load takes the browsers' CPU, and a page creating a session answers
+nothing meanwhile, so a load beside a verify makes the recovery seconds longer. After
+that the load goes ahead (the verify was a whole inference, or none came)."""
 
 RECENT_FAILURE_S = 5.0
 """A runtime whose hop failed this recently takes no spare, takeover or replacement."""
@@ -234,6 +241,9 @@ class Deployments:
         """Deployed models, as the replicated log has applied them."""
         self.changed = Pulse()
         """Fires whenever a model's placement is applied or removed."""
+        self._unverified: dict[tuple[str, int, str, str], tuple[asyncio.Event, float]] = {}
+        """(model, shard, agent, browser) of a replica that took a failed one's place ->
+        (set once it was verified, when it took the place)."""
         self._warmed: dict[str, list[Stage]] = {}
         """model -> the stages of its last spare warm-up, whose kept activations the
         placement that follows takes over (a warm-up's pipeline is its own)."""
@@ -496,8 +506,50 @@ class Deployments:
                 return None
             del candidate.replicas[:]
             candidate.replicas.extend([*kept, replacement.replica])
+            self._await_verify(replacement.model, replacement.shard_index, replacement.replica)
             return placement
         return None
+
+    def _await_verify(self, model: str, shard_index: int, replica: pb.ShardReplica) -> None:
+        """Note a replica that takes a failed one's place: new spares' loads wait for its
+        verify (see MOVE_VERIFY_GRACE_S)."""
+        now = self._clock()
+        for key, (_, since) in list(self._unverified.items()):
+            if now - since > MOVE_VERIFY_GRACE_S:
+                del self._unverified[key]  # never verified one hop at a time
+        key = (model, shard_index, replica.agent_id, replica.browser_id)
+        self._unverified[key] = (asyncio.Event(), now)
+
+    async def verify_shard(
+        self, model: str, shard_index: int, pin: Pin, deadline: float
+    ) -> ShardCheck:
+        """The deployed model's ``Pipeline.verify_shard``; a verify that ends (passed or
+        not) lets the new spares' loads waiting on it go ahead. DeployError (NOT_FOUND)
+        unless ``model`` is deployed."""
+        self.placement(model)  # NOT_FOUND naming the deployed
+        try:
+            return await self.models[model].pipeline.verify_shard(shard_index, pin, deadline)
+        finally:
+            for key in list(self._unverified):
+                if key[:3] == (model, shard_index, pin.agent_id) and pin.browser_id in (
+                    "",
+                    key[3],
+                ):
+                    self._unverified.pop(key)[0].set()
+
+    async def _moves_verified(self, model: str) -> None:
+        """Wait, MOVE_VERIFY_GRACE_S at most, until every replica of ``model`` that took
+        a failed one's place has been verified."""
+        pending = {key: entry for key, entry in self._unverified.items() if key[0] == model}
+        if not pending:
+            return
+        try:
+            async with asyncio.timeout(MOVE_VERIFY_GRACE_S):
+                await asyncio.gather(*(event.wait() for event, _ in pending.values()))
+        except TimeoutError:
+            for key, entry in pending.items():
+                if self._unverified.get(key) is entry:
+                    del self._unverified[key]  # verified by a whole inference, or not at all
 
     def _destination(
         self,
@@ -836,6 +888,7 @@ class Deployments:
         serving.spare = False
         serving.healthy = True
         replicas = [serving if r is failed else r for r in shard.replicas]
+        self._await_verify(model, shard_index, serving)
         replaced = pb.ShardReplica()
         replaced.CopyFrom(failed)
         del shard.replicas[:]
@@ -1033,6 +1086,7 @@ class Deployments:
         avoid: frozenset[tuple[str, str]] = frozenset(),
     ) -> bool:
         """One try; True when done (committed, or nothing left to do)."""
+        await self._moves_verified(model)  # the recovery's verify first, then the load
         deployment = self.models.get(model)
         if deployment is None or deployment.placement.deploy_id != deploy_id:
             return True  # undeployed or redeployed meanwhile

@@ -539,13 +539,11 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             raise InvalidArgument(
                 "VerifyShard needs a model, a shard_index >= 0 and the agent_id of the copy"
             )
-        self._deployments.placement(request.model)  # NOT_FOUND unless deployed
-        deployment = self._deployments.models[request.model]
         deadline = time.monotonic() + (
             context.time_remaining() or self._settings.default_deadline_s
         )
-        check = await deployment.pipeline.verify_shard(
-            request.shard_index, Pin(request.agent_id, request.browser_id), deadline
+        check = await self._deployments.verify_shard(
+            request.model, request.shard_index, Pin(request.agent_id, request.browser_id), deadline
         )
         log.info(
             "shard verified" if check.passed else "shard verify found another answer",

@@ -6,6 +6,8 @@ LoadShard, so no agent runs.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ from webshard.browser_agent.v1 import browser_agent_pb2 as agent_pb
 from webshard.common.v1 import common_pb2
 from webshard.coordinator.v1 import coordinator_pb2 as pb
 
+from services.coordinator import deployments as deployments_module
 from services.coordinator.deployments import (
     MAX_REPLACE_TRIES,
     RECENT_FAILURE_S,
@@ -24,7 +27,7 @@ from services.coordinator.deployments import (
     Replacement,
 )
 from services.coordinator.links import HopError
-from services.coordinator.pipeline import Pipeline, Replica, Stage
+from services.coordinator.pipeline import InferError, Pin, Pipeline, Replica, Stage
 from services.coordinator.registry import AgentRegistry
 
 READY = common_pb2.BROWSER_STATE_READY
@@ -373,3 +376,57 @@ async def test_a_new_spare_keeps_clear_of_what_recovery_avoids_while_it_can() ->
     # Everything avoided: an avoided runtime beats no spare.
     everywhere = frozenset({("agent-0", ""), ("agent-1", ""), ("agent-2", "")})
     assert await spare_on(everywhere) == ["agent-2/b0"]
+
+
+def committed(deployments: Deployments) -> None:
+    """As after the takeover's commit: the shard has no spare left."""
+    deployment = deployments.models["minilm-l6"]
+    deployment.placement.shards[0].spares.pop()
+    deployment.pipeline.stages[0].spares.pop()
+
+
+async def test_a_new_spare_loads_only_once_the_replica_that_took_over_is_verified(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A load beside the recovery's verify would slow the verify by seconds (the page
+    creating a session answers nothing meanwhile): the refill waits for it."""
+
+    async def warm(*args: Any) -> None:
+        return None
+
+    async def commit(build: Any) -> bool:
+        return build() is not None
+
+    async def settle() -> None:
+        for _ in range(20):
+            await asyncio.sleep(0)
+
+    deployments, links = rig(dead=set())
+    deployments._warm = warm  # type: ignore[assignment,method-assign]
+    with_spare(deployments, "agent-2/b0")
+    takeover = deployments.takeover("minilm-l6", 0, "agent-0", "b0")
+    assert takeover is not None and takeover.promoted is not None
+    committed(deployments)
+    placement = deployments.models["minilm-l6"].placement
+    refill = asyncio.create_task(
+        deployments._replenish_once("minilm-l6", 0, commit, placement.deploy_id)
+    )
+    await settle()
+    assert all(not link.loads for link in links.values())  # waiting for the verify
+    with pytest.raises(InferError):  # the rig's pipeline cannot run it: the verify ends unpassed
+        await deployments.verify_shard("minilm-l6", 0, Pin("agent-2", "b0"), time.monotonic() + 5)
+    assert await asyncio.wait_for(refill, 5)
+    assert sum(len(link.loads) for link in links.values()) == 1
+
+    # No verify comes (a whole inference verified it): the load goes ahead after the grace.
+    monkeypatch.setattr(deployments_module, "MOVE_VERIFY_GRACE_S", 0.05)
+    deployments, links = rig(dead=set())
+    deployments._warm = warm  # type: ignore[assignment,method-assign]
+    with_spare(deployments, "agent-2/b0")
+    assert deployments.takeover("minilm-l6", 0, "agent-0", "b0") is not None
+    committed(deployments)
+    placement = deployments.models["minilm-l6"].placement
+    assert await asyncio.wait_for(
+        deployments._replenish_once("minilm-l6", 0, commit, placement.deploy_id), 5
+    )
+    assert sum(len(link.loads) for link in links.values()) == 1

@@ -457,20 +457,22 @@ class Campaign:
                     labels=labels,
                 )
             except NoTarget as exc:
-                record.problem = str(exc)
-                break
-            try:
-                refused = await self._refused_children(spec)
-                if not refused:
-                    fault = await self._injector.inject(spec)
-                    break
-            except (FailedPreconditionError, NotFoundError) as exc:
-                refused = exc.message
+                # The shard's copies crowd onto one agent (placed while the others were
+                # faulty): the coordinator spreads them again once they are trusted.
+                refused = str(exc)
+            else:
+                try:
+                    refused = await self._refused_children(spec)
+                    if not refused:
+                        fault = await self._injector.inject(spec)
+                        break
+                except (FailedPreconditionError, NotFoundError) as exc:
+                    refused = exc.message
             # A breaker on a target is open (or half-open for this intensity): the
             # injector adapts by refusing; or the target went away since the placement
             # was read. Try the next target a little later.
             if time.monotonic() > deadline:
-                record.problem = f"every target refused until the deadline: {refused}"
+                record.problem = f"no target would take the fault until the deadline: {refused}"
                 break
             attempt += 1
             await asyncio.sleep(1.0)

@@ -52,9 +52,11 @@ from services.coordinator.placement import (
     Slot,
     candidates_from,
     choose_takeover,
+    crowded_spare,
     place,
     place_spares,
     spare_slot,
+    swap_roles,
 )
 from services.coordinator.registry import AgentRegistry
 from services.models import Shard, UnknownModel, cut_model, model_info
@@ -1037,20 +1039,100 @@ class Deployments:
     async def check_spares_forever(
         self, is_leader: Callable[[], bool], commit: PlacementCommitter
     ) -> None:
-        """Check the spares every SPARE_CHECK_INTERVAL_S while this replica leads."""
+        """Check the spares, then spread crowded shards, every SPARE_CHECK_INTERVAL_S
+        while this replica leads."""
         while True:
             await asyncio.sleep(SPARE_CHECK_INTERVAL_S)
             if not is_leader():
                 continue
             try:
                 await self.check_spares(commit)
+                await self.spread(commit)
             except Exception:  # logged; the next round tries again
                 log.exception("checking the spares failed")
 
+    async def spread(self, commit: PlacementCommitter) -> None:
+        """Spread each shard whose copies crowd onto one agent (placed while the other
+        agents were untrusted) over agents that are trusted now, one step a shard: a
+        spare on an agent of its own serves in place of a replica beside another (one
+        commit, nothing loaded: the replica stays as a spare), or a spare beside another
+        copy is loaded again on an agent that holds none and then dropped. Each step
+        leaves the shard on more agents, so the rounds come to rest."""
+        unhealthy = self.unhealthy()
+        for model, deployment in list(self.models.items()):
+            deploy_id = deployment.placement.deploy_id
+            for shard in list(deployment.placement.shards):
+                index = shard.shard.index
+                serving = [Slot(r.agent_id, r.browser_id) for r in shard.replicas]
+                spares = [Slot(r.agent_id, r.browser_id) for r in shard.spares if r.healthy]
+                pair = swap_roles(serving, spares, unhealthy)
+                if pair is not None:
+                    build = functools.partial(self._swapped, model, index, *pair, deploy_id)
+                    if await commit(build):
+                        log.info(
+                            "spare serves in place of a replica beside another",
+                            extra={
+                                "model": model,
+                                "shard": index,
+                                "from": f"{pair[0].agent_id}/{pair[0].browser_id}",
+                                "to": f"{pair[1].agent_id}/{pair[1].browser_id}",
+                            },
+                        )
+                    continue
+                crowded = crowded_spare(serving, spares)
+                if crowded is None:
+                    continue
+                try:
+                    await self._replenish_once(model, index, commit, deploy_id, instead_of=crowded)
+                except Exception as exc:  # logged; the next round tries again
+                    log.warning(
+                        "crowded spare not moved",
+                        extra={"model": model, "shard": index, "error": repr(exc)},
+                    )
+
+    def _swapped(
+        self, model: str, shard_index: int, replica: Slot, spare: Slot, deploy_id: str
+    ) -> pb.Placement | None:
+        """The model's current placement with the spare on ``spare`` serving and the
+        replica on ``replica`` kept as a spare; None when either has moved meanwhile."""
+        deployment = self.models.get(model)
+        if deployment is None or deployment.placement.deploy_id != deploy_id:
+            return None
+        placement = pb.Placement()
+        placement.CopyFrom(deployment.placement)
+        shard = next(s for s in placement.shards if s.shard.index == shard_index)
+        old = next((r for r in shard.replicas if (r.agent_id, r.browser_id) == replica.key), None)
+        new = next(
+            (r for r in shard.spares if (r.agent_id, r.browser_id) == spare.key and r.healthy),
+            None,
+        )
+        if old is None or new is None:
+            return None
+        serving, kept = pb.ShardReplica(), pb.ShardReplica()
+        serving.CopyFrom(new)
+        serving.spare = False
+        kept.CopyFrom(old)
+        kept.spare = True
+        replicas = [serving if r is old else r for r in shard.replicas]
+        spares = [kept if r is new else r for r in shard.spares]
+        del shard.replicas[:]
+        shard.replicas.extend(replicas)
+        del shard.spares[:]
+        shard.spares.extend(spares)
+        return placement
+
     @staticmethod
-    def _spare_wanted(placement: pb.Placement, shard_index: int) -> bool:
+    def _spare_wanted(
+        placement: pb.Placement, shard_index: int, instead_of: Slot | None = None
+    ) -> bool:
+        """Whether the shard lacks a spare; with ``instead_of``, whether that spare is
+        still one of its spares (to be loaded again elsewhere)."""
         shard = next((s for s in placement.shards if s.shard.index == shard_index), None)
-        return shard is not None and len(shard.spares) < placement.spares
+        if shard is None:
+            return False
+        if instead_of is not None:
+            return any((r.agent_id, r.browser_id) == instead_of.key for r in shard.spares)
+        return len(shard.spares) < placement.spares
 
     async def _replenish(
         self,
@@ -1083,14 +1165,18 @@ class Deployments:
         shard_index: int,
         commit: PlacementCommitter,
         deploy_id: str,
-        avoid: frozenset[tuple[str, str]] = frozenset(),
+        avoid: Iterable[tuple[str, str]] = frozenset(),
+        *,
+        instead_of: Slot | None = None,
     ) -> bool:
-        """One try; True when done (committed, or nothing left to do)."""
+        """One try; True when done (committed, or nothing left to do). With
+        ``instead_of`` (a spare crowded beside another copy) the new spare takes its
+        place, and only on an agent that holds no copy of the shard."""
         await self._moves_verified(model)  # the recovery's verify first, then the load
         deployment = self.models.get(model)
         if deployment is None or deployment.placement.deploy_id != deploy_id:
             return True  # undeployed or redeployed meanwhile
-        if not self._spare_wanted(deployment.placement, shard_index):
+        if not self._spare_wanted(deployment.placement, shard_index, instead_of):
             return True
         shard = next(s for s in deployment.placement.shards if s.shard.index == shard_index)
         holding = [Slot(r.agent_id, r.browser_id) for r in [*shard.replicas, *shard.spares]]
@@ -1114,7 +1200,12 @@ class Deployments:
                 unhealthy=self.unhealthy(untrusted),
             )
 
-        slot = clear_of(avoid) or clear_of(())
+        if instead_of is not None:
+            slot = clear_of(avoid)
+            if slot is None or slot.agent_id in {s.agent_id for s in holding}:
+                return True  # no agent of its own is free for it now
+        else:
+            slot = clear_of(avoid) or clear_of(())
         if slot is None:
             raise DeployError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -1131,55 +1222,78 @@ class Deployments:
             timeout=self._load_timeout,
         )
         spare = loaded_replica(slot.agent_id, loaded, spare=True)
-        trial = self._with_spare(model, shard_index, spare, deploy_id)
+        with_it = functools.partial(
+            self._with_spare, model, shard_index, spare, deploy_id, instead_of
+        )
+        trial = with_it()
         if trial is None:
             # Undeployed, refilled by another task, or a replica moved onto its runtime
             # meanwhile: done in the first two cases, another runtime in the last.
             await self.unload(spare)
-            return not self._still_short(model, shard_index, deploy_id)
+            return not self._still_short(model, shard_index, deploy_id, instead_of)
         warmed = deployment_of(trial, self.run_hop, self.on_failure)
         stage = next(s for s in warmed.pipeline.stages if s.index == shard_index)
         error = await self._warm(warmed, shard_index, stage.spares[-1])
         if error is not None:
             await self.unload(spare)
             raise DeployError(grpc.StatusCode.UNAVAILABLE, f"the spare's warm-up failed: {error}")
+        moved = next(
+            (
+                r
+                for r in shard.spares
+                if instead_of and (r.agent_id, r.browser_id) == instead_of.key
+            ),
+            None,
+        )
         try:
-            committed = await commit(lambda: self._with_spare(model, shard_index, spare, deploy_id))
+            committed = await commit(with_it)
         except BaseException:
             await self.unload(spare)
             raise
         if not committed:
             await self.unload(spare)
-            return not self._still_short(model, shard_index, deploy_id)
+            return not self._still_short(model, shard_index, deploy_id, instead_of)
+        if moved is not None:
+            self.unload_later(moved)
         log.info(
-            "new spare loaded",
+            "new spare loaded" if moved is None else "spare moved to an agent of its own",
             extra={
                 "model": model,
                 "shard": shard_index,
                 "agent_id": spare.agent_id,
                 "browser_id": spare.browser_id,
+                **({"from": f"{moved.agent_id}/{moved.browser_id}"} if moved else {}),
             },
         )
         return True
 
-    def _still_short(self, model: str, shard_index: int, deploy_id: str) -> bool:
-        """Whether the shard of this deploy of ``model`` still lacks a spare."""
+    def _still_short(
+        self, model: str, shard_index: int, deploy_id: str, instead_of: Slot | None = None
+    ) -> bool:
+        """Whether the shard of this deploy of ``model`` still lacks a spare (or still
+        has the crowded one ``instead_of`` names)."""
         deployment = self.models.get(model)
         return (
             deployment is not None
             and deployment.placement.deploy_id == deploy_id
-            and self._spare_wanted(deployment.placement, shard_index)
+            and self._spare_wanted(deployment.placement, shard_index, instead_of)
         )
 
     def _with_spare(
-        self, model: str, shard_index: int, spare: pb.ShardReplica, deploy_id: str
+        self,
+        model: str,
+        shard_index: int,
+        spare: pb.ShardReplica,
+        deploy_id: str,
+        instead_of: Slot | None = None,
     ) -> pb.Placement | None:
-        """The model's current placement with ``spare`` added to a shard; None when it no
-        longer fits there (redeployed, enough spares, or a copy on that runtime)."""
+        """The model's current placement with ``spare`` added to a shard, in place of
+        the spare ``instead_of`` names if given; None when it no longer fits there
+        (redeployed, enough spares, the one to replace gone, or a copy on that runtime)."""
         deployment = self.models.get(model)
         if deployment is None or deployment.placement.deploy_id != deploy_id:
             return None
-        if not self._spare_wanted(deployment.placement, shard_index):
+        if not self._spare_wanted(deployment.placement, shard_index, instead_of):
             return None
         placement = pb.Placement()
         placement.CopyFrom(deployment.placement)
@@ -1189,6 +1303,10 @@ class Deployments:
             for r in [*shard.replicas, *shard.spares]
         ):
             return None
+        if instead_of is not None:
+            kept = [r for r in shard.spares if (r.agent_id, r.browser_id) != instead_of.key]
+            del shard.spares[:]
+            shard.spares.extend(kept)
         shard.spares.append(spare)
         return placement
 

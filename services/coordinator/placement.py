@@ -14,6 +14,11 @@ runtime that holds no replica or other spare of its shard, on an agent none of
 them uses where one is left. A takeover (``choose_takeover``) promotes a healthy
 spare off the failed browser or agent; ``spare_slot`` picks where the spare that
 follows it is loaded.
+
+A shard whose copies crowd onto one agent (where every other agent was faulty when
+they were placed) is spread again once others are healthy: ``swap_roles`` lets a
+spare on an agent of its own serve in place of a replica beside another, and
+``crowded_spare`` names a spare worth loading again on an agent that holds no copy.
 """
 
 from __future__ import annotations
@@ -329,3 +334,35 @@ def choose_takeover(
         if trusted(spare)
     ]
     return spares[min(ranked)[2]] if ranked else None
+
+
+def swap_roles(
+    serving: Sequence[Slot], spares: Sequence[Slot], unhealthy: Collection[tuple[str, str]]
+) -> tuple[Slot, Slot] | None:
+    """(replica, spare) to swap roles, or None: the replica shares its agent with another
+    replica of the shard, and the spare, trusted, is on an agent no replica uses. The
+    swap loads nothing: the spare is warm, and the replica stays loaded as a spare."""
+    bad = set(unhealthy)
+    agents = [s.agent_id for s in serving]
+    crowded = next((s for s in reversed(serving) if agents.count(s.agent_id) > 1), None)
+    if crowded is None:
+        return None
+    spare = next(
+        (
+            s
+            for s in spares
+            if s.agent_id not in agents and s.key not in bad and (s.agent_id, "") not in bad
+        ),
+        None,
+    )
+    return (crowded, spare) if spare is not None else None
+
+
+def crowded_spare(serving: Sequence[Slot], spares: Sequence[Slot]) -> Slot | None:
+    """A spare on an agent that holds another copy of its shard (a replica or a spare),
+    or None: were that agent lost, the spare would go with the copy it should replace."""
+    copies = [*serving, *spares]
+    for spare in reversed(spares):
+        if sum(c.agent_id == spare.agent_id for c in copies) > 1:
+            return spare
+    return None

@@ -430,3 +430,64 @@ async def test_a_new_spare_loads_only_once_the_replica_that_took_over_is_verifie
         deployments._replenish_once("minilm-l6", 0, commit, placement.deploy_id), 5
     )
     assert sum(len(link.loads) for link in links.values()) == 1
+
+
+async def test_a_crowded_shard_spreads_over_agents_once_they_are_trusted() -> None:
+    """Placed while the other agents were untrusted, both replicas of the shard sit on
+    agent-0: were it lost, the shard would be. Spreading swaps roles with the spare on
+    an agent of its own (nothing loaded), then moves the crowded spare to an agent that
+    holds no copy, but not while that agent has just failed."""
+    clock = Clock()
+    deployments, links = rig(dead=set(), clock=clock)
+    unloaded: list[str] = []
+
+    async def unload(handle: str, timeout: float) -> None:
+        unloaded.append(handle)
+
+    for link in links.values():
+        link.unload = unload  # type: ignore[attr-defined]
+
+    async def warm(*args: Any) -> None:
+        return None
+
+    async def commit(build: Any) -> bool:
+        placement = build()
+        if placement is None:
+            return False
+        deployments.apply_placement("minilm-l6", placement)
+        return True
+
+    deployments._warm = warm  # type: ignore[assignment,method-assign]
+    crowded = pb.Placement(model="minilm-l6", version=1, spares=1, deploy_id="d1")
+    shard = crowded.shards.add()
+    shard.shard.index = 0
+    shard.replicas.add(agent_id="agent-0", browser_id="b0", handle="r0", healthy=True)
+    shard.replicas.add(agent_id="agent-0", browser_id="b1", handle="r1", healthy=True)
+    shard.spares.add(agent_id="agent-2", browser_id="b0", handle="s2", healthy=True, spare=True)
+    deployments.apply_placement("minilm-l6", crowded)
+
+    await deployments.spread(commit)
+    placement = deployments.models["minilm-l6"].placement
+    assert copies(placement) == (["agent-0/b0", "agent-2/b0"], ["agent-0/b1"])
+    assert [r.spare for r in placement.shards[0].replicas] == [False, False]
+    assert all(not link.loads for link in links.values())  # a swap loads nothing
+
+    # agent-1, the only agent without a copy, failed a moment ago: the spare stays.
+    deployments._failed_at[("agent-1", "b0")] = clock.now
+    deployments._failed_at[("agent-1", "b1")] = clock.now
+    await deployments.spread(commit)
+    assert copies(deployments.models["minilm-l6"].placement)[1] == ["agent-0/b1"]
+    assert all(not link.loads for link in links.values())
+
+    clock.now += RECENT_FAILURE_S + 1
+    await deployments.spread(commit)
+    assert copies(deployments.models["minilm-l6"].placement) == (
+        ["agent-0/b0", "agent-2/b0"],
+        ["agent-1/b0"],
+    )
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert unloaded == ["r1"]  # the crowded spare, once its successor was committed
+
+    await deployments.spread(commit)  # spread as far as it goes: nothing more to do
+    assert sum(len(link.loads) for link in links.values()) == 1

@@ -14,9 +14,11 @@ from services.coordinator.placement import (
     PlacementError,
     Slot,
     choose_takeover,
+    crowded_spare,
     place,
     place_spares,
     spare_slot,
+    swap_roles,
 )
 
 BROWSER = common_pb2.RUNTIME_BROWSER
@@ -273,3 +275,39 @@ def test_simulated_failures_keep_every_shard_served(seed: int) -> None:
                 assert any(not gone(s) for s in shard.serving), (
                     "a shard with a healthy spare serves only from dead replicas"
                 )
+            # Spreading, as the coordinator's background round does.
+            agents_before = len({s.agent_id for s in [*shard.serving, *shard.spares]})
+            pair = swap_roles(shard.serving, shard.spares, unhealthy)
+            if pair is not None:
+                replica, spare = pair
+                assert spare.key not in unhealthy and (spare.agent_id, "") not in unhealthy
+                shard.serving[shard.serving.index(replica)] = spare
+                shard.spares[shard.spares.index(spare)] = replica
+            elif (crowded := crowded_spare(shard.serving, shard.spares)) is not None:
+                holding = [*shard.serving, *shard.spares]
+                elsewhere = spare_slot(
+                    size, holding=holding, candidates=candidates, load=load, unhealthy=unhealthy
+                )
+                if elsewhere is not None and elsewhere.agent_id not in {
+                    s.agent_id for s in holding
+                }:
+                    shard.spares[shard.spares.index(crowded)] = elsewhere
+                    load.add(elsewhere, size)
+                    assert len({s.agent_id for s in [*shard.serving, *shard.spares]}) > (
+                        agents_before
+                    ), "a move that spreads nothing"
+            copies = [s.key for s in [*shard.serving, *shard.spares]]
+            assert len(copies) == len(set(copies)), "spreading put two copies on one runtime"
+
+
+def test_a_crowded_shard_swaps_roles_then_moves_its_spare() -> None:
+    a0, a0b, a1, a2 = Slot("a0", "b0"), Slot("a0", "b1"), Slot("a1", "b0"), Slot("a2", "b0")
+    # Two replicas on a0, a spare on a2: the spare serves in place of one of them.
+    assert swap_roles([a0, a0b], [a2], unhealthy=()) == (a0b, a2)
+    # Not onto an untrusted spare, nor one on an agent a replica uses.
+    assert swap_roles([a0, a0b], [a2], unhealthy={("a2", "")}) is None
+    assert swap_roles([a0, a2], [a0b], unhealthy=()) is None
+    # A spare beside a replica is crowded; one on an agent of its own is not.
+    assert crowded_spare([a0, a2], [a0b]) == a0b
+    assert crowded_spare([a0, a2], [a1]) is None
+    assert crowded_spare([a0], []) is None

@@ -401,7 +401,8 @@ class CoordinatorActuator:
             passed.append(
                 f"shard {shard_index} on {where} in "
                 f"{check.timing.hop.ToNanoseconds() / 1e6:.1f} ms "
-                f"(max |difference| {check.max_abs_difference:.2g})"
+                f"(compute {check.timing.compute.ToNanoseconds() / 1e6:.1f} ms, "
+                f"max |difference| {check.max_abs_difference:.2g})"
             )
         return ActionResult(
             f"{model}: {', '.join(passed)} matched the kept activation(s)",

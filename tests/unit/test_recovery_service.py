@@ -870,6 +870,7 @@ def check(
             agent_id=agent_id,
             browser_id=browser_id,
             hop=Duration(nanos=2_500_000),
+            compute=Duration(nanos=1_200_000),
         ),
         max_abs_difference=difference,
         tolerance=1e-3,
@@ -895,7 +896,7 @@ async def test_verify_after_a_move_runs_one_hop_on_the_new_replica_only() -> Non
     assert client.verified == [("minilm-l6", 1, "agent-3", "b2")]
     assert client.inferred == []  # no whole inference
     assert passed.detail == (
-        "minilm-l6: shard 1 on agent-3/b2 in 2.5 ms (max |difference| 2e-06) "
+        "minilm-l6: shard 1 on agent-3/b2 in 2.5 ms (compute 1.2 ms, max |difference| 2e-06) "
         "matched the kept activation(s)"
     )
     assert passed.served_by == (("agent-3", "b2"),)

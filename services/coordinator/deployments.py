@@ -246,6 +246,8 @@ class Deployments:
         self._unverified: dict[tuple[str, int, str, str], tuple[asyncio.Event, float]] = {}
         """(model, shard, agent, browser) of a replica that took a failed one's place ->
         (set once it was verified, when it took the place)."""
+        self._loading: list[Slot] = []
+        """Runtimes new spares are loading onto now."""
         self._warmed: dict[str, list[Stage]] = {}
         """model -> the stages of its last spare warm-up, whose kept activations the
         placement that follows takes over (a warm-up's pipeline is its own)."""
@@ -1185,10 +1187,15 @@ class Deployments:
         agents = [self._registry.to_proto(r) for r in self._registry.agents()]
         candidates = [c for c in candidates_from(agents, self.used_bytes()) if c.runtime == kind]
         load = Load.of(
-            (Slot(r.agent_id, r.browser_id), 0)
-            for d in self.models.values()
-            for s in d.placement.shards
-            for r in [*s.replicas, *s.spares]
+            [
+                *(
+                    (Slot(r.agent_id, r.browser_id), 0)
+                    for d in self.models.values()
+                    for s in d.placement.shards
+                    for r in [*s.replicas, *s.spares]
+                ),
+                *((slot, 0) for slot in self._loading),
+            ]
         )
 
         def clear_of(untrusted: Iterable[tuple[str, str]]) -> Slot | None:
@@ -1211,8 +1218,29 @@ class Deployments:
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"no runtime beside shard {shard_index}'s copies can take a spare",
             )
+        self._loading.append(slot)  # refills at once see each other's runtimes
+        try:
+            return await self._load_spare(
+                deployment.placement, shard, slot, kind, commit=commit, instead_of=instead_of
+            )
+        finally:
+            self._loading.remove(slot)
+
+    async def _load_spare(
+        self,
+        placement: pb.Placement,
+        shard: pb.ShardPlacement,
+        slot: Slot,
+        kind: int,
+        *,
+        commit: PlacementCommitter,
+        instead_of: Slot | None,
+    ) -> bool:
+        """Load a spare of ``shard`` on ``slot``, warm it, commit it (in place of the
+        spare ``instead_of`` names, if given); as ``_replenish_once``."""
+        model, shard_index, deploy_id = placement.model, shard.shard.index, placement.deploy_id
         provider = shard.replicas[0].execution_provider if shard.replicas else 0
-        paths = await self._shard_paths(deployment.placement)
+        paths = await self._shard_paths(placement)
         loaded = await self.link(slot.agent_id).load(
             shard.shard,
             paths[shard_index],

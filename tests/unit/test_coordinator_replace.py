@@ -7,6 +7,7 @@ LoadShard, so no agent runs.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from pathlib import Path
 from typing import Any
@@ -491,3 +492,57 @@ async def test_a_crowded_shard_spreads_over_agents_once_they_are_trusted() -> No
 
     await deployments.spread(commit)  # spread as far as it goes: nothing more to do
     assert sum(len(link.loads) for link in links.values()) == 1
+
+
+async def test_refills_at_once_spread_over_equally_good_runtimes() -> None:
+    """A browser held copies of several shards: their new spares load at the same time.
+    Each sees where the others are loading, so they do not all pile onto one runtime
+    (whose verifies would then run one after another in one page)."""
+    deployments, links = rig(dead=set())
+    deployments._registry.register(
+        "agent-2", "a2:1", 1 << 30, [browser("b0", STANDBY), browser("b1", STANDBY)]
+    )
+
+    async def paths(placement: pb.Placement) -> dict[int, Path]:
+        return {0: Path("shard-0.onnx"), 1: Path("shard-1.onnx")}
+
+    deployments._shard_paths = paths  # type: ignore[method-assign]
+    loading = asyncio.Event()
+    real_load = FakeLink.load
+
+    async def slow_load(self: FakeLink, spec: Any, path: Path, **kw: Any) -> Any:
+        answer = await real_load(self, spec, path, **kw)
+        await loading.wait()  # both refills have chosen before either finishes
+        return answer
+
+    for link in links.values():
+        link.load = functools.partial(slow_load, link)  # type: ignore[method-assign]
+
+    async def warm(*args: Any) -> None:
+        return None
+
+    async def commit(build: Any) -> bool:
+        placement = build()
+        if placement is None:
+            return False
+        deployments.apply_placement("minilm-l6", placement)
+        return True
+
+    deployments._warm = warm  # type: ignore[assignment,method-assign]
+    placement = pb.Placement(model="minilm-l6", version=1, spares=1, deploy_id="d1")
+    for index in (0, 1):
+        shard = placement.shards.add()
+        shard.shard.index = index
+        shard.replicas.add(agent_id="agent-0", browser_id="b0", handle=f"a{index}", healthy=True)
+        shard.replicas.add(agent_id="agent-1", browser_id="b0", handle=f"b{index}", healthy=True)
+    deployments.apply_placement("minilm-l6", placement)
+
+    refills = [
+        asyncio.create_task(deployments._replenish_once("minilm-l6", index, commit, "d1"))
+        for index in (0, 1)
+    ]
+    for _ in range(20):
+        await asyncio.sleep(0)
+    loading.set()
+    assert await asyncio.gather(*refills) == [True, True]
+    assert sorted(links["agent-2"].loads) == ["b0", "b1"]

@@ -52,6 +52,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shards", type=int, default=3)
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument(
+        "--spares",
+        type=int,
+        default=2,
+        help="hot spares per shard (2: multiple_failures takes two browsers at once; -1: the "
+        "deploy's default)",
+    )
+    parser.add_argument(
         "--sharding", default="layer", choices=("layer", "attention_feedforward", "component")
     )
     parser.add_argument(
@@ -96,6 +103,7 @@ def plan_from(args: argparse.Namespace) -> Plan:
         sharding=args.sharding,
         shards=args.shards,
         replicas=args.replicas,
+        spares=None if args.spares == -1 else args.spares,
         runtime=args.runtime,
         ep=None if args.ep in ("", "auto") else args.ep,
         scenarios=tuple(args.scenario or mode_scenarios),
@@ -199,7 +207,8 @@ async def run_campaign(
         await campaign.close()
     print(
         f"\nrun {campaign.run_id}: {plan.model}, {plan.shards} shards ({plan.sharding}), "
-        f"{plan.replicas} replicas, runtime {plan.runtime}"
+        f"{plan.replicas} replicas, {'default' if plan.spares is None else plan.spares} "
+        f"spares, runtime {plan.runtime}"
     )
     print(table(cells))
     print(summary_line(cells))

@@ -124,6 +124,9 @@ class Plan:
     sharding: str = "layer"
     shards: int = 3
     replicas: int = 2
+    spares: int | None = 2
+    """Hot spares per shard: two, since multiple_failures takes two browsers at once; None
+    asks for the deploy's default (one where the fleet has room)."""
     runtime: str = "browser"
     ep: str | None = "wasm"
     scenarios: tuple[str, ...] = ()
@@ -146,6 +149,8 @@ class Plan:
             raise ValueError("iterations and concurrency must be at least 1")
         if self.shards < 1 or self.replicas < 1:
             raise ValueError("shards and replicas must be at least 1")
+        if self.spares is not None and self.spares < 0:
+            raise ValueError("spares must be 0 or more")
         if not self.scenarios or not self.strategies:
             raise ValueError("a campaign needs at least one scenario and one strategy")
         if self.fault_duration_s <= 0:
@@ -365,6 +370,7 @@ class Campaign:
             sharding=plan.sharding,
             shards=plan.shards,
             replicas=plan.replicas,
+            spares=plan.spares,
             runtime=plan.runtime,
             ep=plan.ep,
             recovery_strategy=strategy,

@@ -5,6 +5,7 @@ Plain logic over the runtimes and the shard store; the servicer maps it to gRPC.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -23,6 +24,8 @@ from services.browser_agent.runtime import (
     Tensors,
 )
 from services.common.pulse import Pulse
+
+log = logging.getLogger(__name__)
 
 
 class NotFound(ShardRuntimeError):
@@ -276,6 +279,14 @@ class ShardHost:
         del self._loaded[handle]
         runtime_id = entry.runtime.runtime_id
         self._unloaded.append((runtime_id, entry.spec, time.time()))
+        log.info(
+            "shard unloaded",
+            extra={
+                "handle": handle,
+                "browser_id": runtime_id,
+                "still_loaded": len(self.shards_on(runtime_id)),
+            },
+        )
         if self._pool is not None and not self.shards_on(runtime_id):
             await self._pool.shrink(runtime_id)
         return entry

@@ -9,6 +9,7 @@ import os
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import grpc
 import pytest
@@ -21,6 +22,7 @@ from webshard.coordinator.v1 import coordinator_pb2_grpc as coord_grpc
 from webshard.fault_injector.v1 import fault_injector_pb2 as fi_pb
 
 from services.browser_agent.agent import LoadedEntry, ShardHost
+from services.browser_agent.browser.runtime import BrowserRuntime
 from services.browser_agent.hooks import (
     CAUSE_WINDOW_S,
     FaultHooks,
@@ -28,7 +30,7 @@ from services.browser_agent.hooks import (
     HookRequest,
     Link,
 )
-from services.browser_agent.runtime import LoadResult
+from services.browser_agent.runtime import LoadResult, RuntimeLost
 from services.browser_agent.servicer import BrowserAgentServicer
 from services.browser_agent.session import CoordinatorSession
 from services.browser_agent.settings import AgentSettings
@@ -633,3 +635,17 @@ async def test_faults_in_force_are_marked_on_their_browsers_and_told_at_once() -
     await hooks.revert("lag")
     assert session.reports == 4
     assert all(not i.faults_in_force for i in hooks.mark(infos))
+
+
+async def test_a_cut_whose_browser_closes_under_it_still_took_effect(tmp_path: Path) -> None:
+    """connection_lost cuts the page's socket, then emulates the network loss over CDP.
+    Cut off, the page can lose its shards to recovery and the agent close the empty
+    browser before the emulation runs: the cut happened, so the fault did not fail.
+    A browser lost for any other reason still fails the call."""
+    runtime = BrowserRuntime("browser-0", tmp_path)
+    runtime._server = SimpleNamespace(accept_sockets=True)  # type: ignore[assignment]
+    with pytest.raises(RuntimeLost, match="no driver"):
+        await runtime.set_offline(True)
+    runtime._closing = True  # the agent closing it meanwhile
+    await runtime.set_offline(True)
+    assert runtime._server.accept_sockets is False

@@ -385,7 +385,10 @@ class Campaign:
         }
         self._ep = ",".join(sorted(providers))
         self._spares = {shard.shard.index: len(shard.spares) for shard in placement.shards}
+        # A recovery still running from the cell before may take a spare over at once:
+        # the first fault waits for the spares as every later one does.
         await self._settle(time.monotonic() + plan.settle_timeout_s)
+        await self._spares_back(time.monotonic() + SPARES_WAIT_S)
 
     async def _load(self, worker: int, stop: asyncio.Event) -> None:
         index = worker

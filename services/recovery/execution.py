@@ -217,13 +217,24 @@ class Executor:
                 failed = f"{step.name} {step.target}: {detail}"
                 break
         setup_ok = failed is None
-        if setup_ok:
+        if setup_ok and rung.independent:
+            # Each shard on its own: at once, so a browser's shards take over together.
+            outcomes = await asyncio.gather(*(phase(step) for step in rung.actions))
+            failed = next(
+                (
+                    f"{step.name} {step.target}: {detail}"
+                    for step, (ok, detail, _) in zip(rung.actions, outcomes, strict=True)
+                    if not ok
+                ),
+                None,
+            )
+        elif setup_ok:
             for step in rung.actions:
-                if failed is not None and not rung.independent:
-                    break
                 ok, detail, _ = await phase(step)
-                if not ok and failed is None:
+                if not ok:
                     failed = f"{step.name} {step.target}: {detail}"
+                    break
+        if setup_ok:
             for step in rung.teardown:
                 # A barrier taken is released whatever the budget says.
                 ok, detail, _ = await self._phase(step, rung.level, parent, None)

@@ -259,8 +259,9 @@ class Rung:
     setup: tuple[Step, ...] = ()
     teardown: tuple[Step, ...] = ()
     independent: bool = False
-    """True runs every action even after one failed (shards re-placed each on their own);
-    False stops at the first failure (a group that must move together)."""
+    """True runs the actions at once, each whatever the others do (shards re-placed each
+    on their own); False runs them in order and stops at the first failure (a group
+    that must move together)."""
     skip_if_open: tuple[BreakerKey, ...] = ()
     """The rung is skipped when any of these breakers is OPEN."""
     in_place: bool = False

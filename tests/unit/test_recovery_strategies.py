@@ -563,3 +563,35 @@ def test_redundancy_is_whole_when_every_shard_has_its_healthy_replicas_and_spare
     assert not dataclasses.replace(before, spares={1: (Replica("a", "b", False),)}).redundancy_as(
         before
     )
+
+
+async def test_shards_re_placed_each_on_their_own_move_at_once() -> None:
+    """A crashed browser's shards take over together: the second re-place does not wait
+    for the first (in order, the first would wait for the second forever)."""
+    clock = FakeClock()
+    started: list[Target] = []
+    both = asyncio.Event()
+
+    class Together(FakeActuator):
+        async def replace_on_standby(self, target: Target) -> ActionResult:
+            started.append(target)
+            if len(started) == 2:
+                both.set()
+            await both.wait()
+            return await super().replace_on_standby(target)
+
+    phases: list[PhaseRecord] = []
+    executor = Executor(
+        actuator=Together(clock),
+        clock=clock,
+        is_open=lambda key: False,
+        on_phase=phases.append,
+        on_evidence=lambda a, b, ok: None,
+        tracer=trace.NoOpTracer(),
+        action_timeout_s=5.0,
+    )
+    plan = plan_simple(failure(FailureKind.RENDERER_CRASH), PLACEMENT)
+    result = await asyncio.wait_for(executor.execute(plan, Context()), 5)
+    assert result.ok
+    assert sorted(t.shard_index for t in started) == [0, 1]
+    assert [p.name for p in phases].count("replace") == 2

@@ -17,6 +17,7 @@ import contextlib
 import itertools
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -66,11 +67,35 @@ class ClusterError(RuntimeError):
     """The local cluster could not start."""
 
 
+EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+
+def _ephemeral_low() -> int:
+    """The lowest port the kernel hands to outgoing connections (Linux; 32768 elsewhere)."""
+    try:
+        return int(EPHEMERAL_RANGE_FILE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def _free_port(host: str) -> int:
+    """A free port below the ephemeral range where there is room for one.
+
+    A port the kernel picks (bind to 0) is an ephemeral one, and until the service
+    binds it an outgoing connection (another service dialling its peers) may be given
+    it as its source port: the service would then fail to listen.
+    """
+    low = _ephemeral_low()
+    if low > 11_000:
+        pick = random.SystemRandom()
+        for _ in range(100):
+            port = pick.randrange(10_000, low)
+            if not _port_in_use(host, port):
+                return port
     with socket.socket() as sock:
         sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
+        chosen: int = sock.getsockname()[1]
+        return chosen
 
 
 def _port_in_use(host: str, port: int) -> bool:

@@ -1265,14 +1265,9 @@ class Deployments:
         if error is not None:
             await self.unload(spare)
             raise DeployError(grpc.StatusCode.UNAVAILABLE, f"the spare's warm-up failed: {error}")
-        moved = next(
-            (
-                r
-                for r in shard.spares
-                if instead_of and (r.agent_id, r.browser_id) == instead_of.key
-            ),
-            None,
-        )
+        moved = None
+        if instead_of is not None:
+            moved = next(r for r in shard.spares if (r.agent_id, r.browser_id) == instead_of.key)
         try:
             committed = await commit(with_it)
         except BaseException:

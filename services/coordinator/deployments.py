@@ -1019,18 +1019,28 @@ class Deployments:
             f"{check.max_abs_difference:.3g}, tolerance {check.tolerance:.3g})"
         )
 
+    def _editable(
+        self, model: str, shard_index: int, deploy_id: str
+    ) -> tuple[pb.Placement, pb.ShardPlacement] | None:
+        """A copy of the model's current placement and its shard ``shard_index``, to
+        change and commit; None when the model is no longer deployed by ``deploy_id``."""
+        deployment = self.models.get(model)
+        if deployment is None or deployment.placement.deploy_id != deploy_id:
+            return None
+        placement = pb.Placement()
+        placement.CopyFrom(deployment.placement)
+        return placement, next(s for s in placement.shards if s.shard.index == shard_index)
+
     def _without_spare(
         self, model: str, shard_index: int, key: tuple[str, str], deploy_id: str
     ) -> pb.Placement | None:
         """The model's current placement without the spare ``key`` (agent, handle) names;
         None when it has gone already
         (taken over, dropped) or the model was redeployed."""
-        deployment = self.models.get(model)
-        if deployment is None or deployment.placement.deploy_id != deploy_id:
+        editable = self._editable(model, shard_index, deploy_id)
+        if editable is None:
             return None
-        placement = pb.Placement()
-        placement.CopyFrom(deployment.placement)
-        shard = next(s for s in placement.shards if s.shard.index == shard_index)
+        placement, shard = editable
         kept = [r for r in shard.spares if (r.agent_id, r.handle) != key]
         if len(kept) == len(shard.spares):
             return None
@@ -1097,12 +1107,10 @@ class Deployments:
     ) -> pb.Placement | None:
         """The model's current placement with the spare on ``spare`` serving and the
         replica on ``replica`` kept as a spare; None when either has moved meanwhile."""
-        deployment = self.models.get(model)
-        if deployment is None or deployment.placement.deploy_id != deploy_id:
+        editable = self._editable(model, shard_index, deploy_id)
+        if editable is None:
             return None
-        placement = pb.Placement()
-        placement.CopyFrom(deployment.placement)
-        shard = next(s for s in placement.shards if s.shard.index == shard_index)
+        placement, shard = editable
         old = next((r for r in shard.replicas if (r.agent_id, r.browser_id) == replica.key), None)
         new = next(
             (r for r in shard.spares if (r.agent_id, r.browser_id) == spare.key and r.healthy),
@@ -1313,14 +1321,12 @@ class Deployments:
         """The model's current placement with ``spare`` added to a shard, in place of
         the spare ``instead_of`` names if given; None when it no longer fits there
         (redeployed, enough spares, the one to replace gone, or a copy on that runtime)."""
-        deployment = self.models.get(model)
-        if deployment is None or deployment.placement.deploy_id != deploy_id:
+        editable = self._editable(model, shard_index, deploy_id)
+        if editable is None:
             return None
-        if not self._spare_wanted(deployment.placement, shard_index, instead_of):
+        placement, shard = editable
+        if not self._spare_wanted(placement, shard_index, instead_of):
             return None
-        placement = pb.Placement()
-        placement.CopyFrom(deployment.placement)
-        shard = next(s for s in placement.shards if s.shard.index == shard_index)
         if any(
             (r.agent_id, r.browser_id) == (spare.agent_id, spare.browser_id)
             for r in [*shard.replicas, *shard.spares]

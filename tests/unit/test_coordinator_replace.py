@@ -433,6 +433,23 @@ async def test_a_new_spare_loads_only_once_the_replica_that_took_over_is_verifie
     assert sum(len(link.loads) for link in links.values()) == 1
 
 
+def applying(deployments: Deployments) -> Any:
+    """A commit that applies what it built at once, as the log would; spare warm-ups pass."""
+
+    async def warm(*args: Any) -> None:
+        return None
+
+    async def commit(build: Any) -> bool:
+        placement = build()
+        if placement is None:
+            return False
+        deployments.apply_placement("minilm-l6", placement)
+        return True
+
+    deployments._warm = warm  # type: ignore[assignment,method-assign]
+    return commit
+
+
 async def test_a_crowded_shard_spreads_over_agents_once_they_are_trusted() -> None:
     """Placed while the other agents were untrusted, both replicas of the shard sit on
     agent-0: were it lost, the shard would be. Spreading swaps roles with the spare on
@@ -448,17 +465,7 @@ async def test_a_crowded_shard_spreads_over_agents_once_they_are_trusted() -> No
     for link in links.values():
         link.unload = unload  # type: ignore[attr-defined]
 
-    async def warm(*args: Any) -> None:
-        return None
-
-    async def commit(build: Any) -> bool:
-        placement = build()
-        if placement is None:
-            return False
-        deployments.apply_placement("minilm-l6", placement)
-        return True
-
-    deployments._warm = warm  # type: ignore[assignment,method-assign]
+    commit = applying(deployments)
     crowded = pb.Placement(model="minilm-l6", version=1, spares=1, deploy_id="d1")
     shard = crowded.shards.add()
     shard.shard.index = 0
@@ -518,17 +525,7 @@ async def test_refills_at_once_spread_over_equally_good_runtimes() -> None:
     for link in links.values():
         link.load = functools.partial(slow_load, link)  # type: ignore[method-assign]
 
-    async def warm(*args: Any) -> None:
-        return None
-
-    async def commit(build: Any) -> bool:
-        placement = build()
-        if placement is None:
-            return False
-        deployments.apply_placement("minilm-l6", placement)
-        return True
-
-    deployments._warm = warm  # type: ignore[assignment,method-assign]
+    commit = applying(deployments)
     placement = pb.Placement(model="minilm-l6", version=1, spares=1, deploy_id="d1")
     for index in (0, 1):
         shard = placement.shards.add()

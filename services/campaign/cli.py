@@ -54,9 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--spares",
         type=int,
-        default=2,
-        help="hot spares per shard (2: multiple_failures takes two browsers at once; -1: the "
-        "deploy's default)",
+        default=-1,
+        help="hot spares per shard (-1: the deploy's default, one where the fleet has room; 2 "
+        "keep multiple_failures, which takes two browsers at once, off the load path)",
     )
     parser.add_argument(
         "--sharding", default="layer", choices=("layer", "attention_feedforward", "component")

@@ -124,9 +124,9 @@ class Plan:
     sharding: str = "layer"
     shards: int = 3
     replicas: int = 2
-    spares: int | None = 2
-    """Hot spares per shard: two, since multiple_failures takes two browsers at once; None
-    asks for the deploy's default (one where the fleet has room)."""
+    spares: int | None = None
+    """Hot spares per shard; None asks for the deploy's default (one where the fleet has
+    room). Two keep multiple_failures, which takes two browsers at once, off the load path."""
     runtime: str = "browser"
     ep: str | None = "wasm"
     scenarios: tuple[str, ...] = ()

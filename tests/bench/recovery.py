@@ -147,6 +147,9 @@ def main() -> None:
     )
     parser.add_argument("--breakers", choices=("on", "off", "both"), default="both")
     parser.add_argument(
+        "--spares", type=int, default=-1, help="hot spares per shard [-1: the deploy's default]"
+    )
+    parser.add_argument(
         "--keep",
         action="store_true",
         help="keep the other cells' rows from the bench-results/recovery.json already there",
@@ -157,6 +160,7 @@ def main() -> None:
         strategies=tuple(args.strategy or STRATEGIES),
         iterations=args.iterations,
         concurrency=2,
+        spares=None if args.spares == -1 else args.spares,
     )
     settings = {"on": [True], "off": [False], "both": [True, False]}[args.breakers]
     rows = kept(plan, settings) if args.keep else []

@@ -1,10 +1,12 @@
 """Memory pressure: a browser whose process tree outgrows the size it had after loading.
 
 Each browser holding shards gets a baseline, its smallest resident memory since
-its set of shards last changed; a sample above baseline +
-headroom is pressure. Each crossing is reported once; the browser is re-armed
-when it falls back under the limit (or its shards change). Plain logic; the
-agent samples and reports.
+it last gained a shard; a sample above baseline + headroom is pressure. A shard
+unloaded keeps the baseline (memory only falls, and the baseline follows it
+down): were it taken again then, memory a fault had just allocated would become
+part of it, and the pressure would go unseen. Each crossing is reported once;
+the browser is re-armed when it falls back under the limit (or gains a shard).
+Plain logic; the agent samples and reports.
 """
 
 from __future__ import annotations
@@ -72,9 +74,11 @@ class MemoryWatch:
             if not sample.handles or sample.rss_bytes <= 0:
                 self._tracked.pop(sample.browser_id, None)
                 continue
-            if tracked is None or tracked.handles != sample.handles:
+            if tracked is None or not sample.handles <= tracked.handles:
+                # New, or a shard loaded: its size now is where growth counts from.
                 self._tracked[sample.browser_id] = _Tracked(sample.handles, sample.rss_bytes)
                 continue
+            tracked.handles = sample.handles  # only unloaded: the baseline stands
             # Memory a page gave back lowers the baseline (freed buffers leave the
             # process tree only once collected, so the first sample may be high).
             tracked.baseline = min(tracked.baseline, sample.rss_bytes)

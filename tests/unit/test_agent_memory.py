@@ -46,3 +46,15 @@ def test_new_shards_or_none_take_a_new_baseline() -> None:
     watch.observe([sample(500)])
     assert watch.observe([]) == []
     assert watch.limit("browser-0") is None
+
+
+def test_a_shard_unloaded_during_the_pressure_does_not_hide_it() -> None:
+    """A fault allocates, and a spare moves off the browser at the same moment: the
+    unload must not make the allocation part of a new baseline."""
+    watch = MemoryWatch(100 * MIB)
+    watch.observe([sample(500, frozenset({"a", "b"}))])
+    [pressure] = watch.observe([sample(700, frozenset({"a"}))])
+    assert pressure.limit_bytes == 600 * MIB
+    # Loading a shard still takes a new baseline (a load grows memory by design).
+    assert watch.observe([sample(800, frozenset({"a", "c"}))]) == []
+    assert watch.limit("browser-0") == 900 * MIB

@@ -279,15 +279,12 @@ class ShardHost:
         del self._loaded[handle]
         runtime_id = entry.runtime.runtime_id
         self._unloaded.append((runtime_id, entry.spec, time.time()))
+        left = self.shards_on(runtime_id)
         log.info(
             "shard unloaded",
-            extra={
-                "handle": handle,
-                "browser_id": runtime_id,
-                "still_loaded": len(self.shards_on(runtime_id)),
-            },
+            extra={"handle": handle, "browser_id": runtime_id, "still_loaded": len(left)},
         )
-        if self._pool is not None and not self.shards_on(runtime_id):
+        if self._pool is not None and not left:
             await self._pool.shrink(runtime_id)
         return entry
 

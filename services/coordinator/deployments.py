@@ -1070,14 +1070,14 @@ class Deployments:
         commit, nothing loaded: the replica stays as a spare), or a spare beside another
         copy is loaded again on an agent that holds none and then dropped. Each step
         leaves the shard on more agents, so the rounds come to rest."""
-        unhealthy = self.unhealthy()
         for model, deployment in list(self.models.items()):
             deploy_id = deployment.placement.deploy_id
             for shard in list(deployment.placement.shards):
                 index = shard.shard.index
                 serving = [Slot(r.agent_id, r.browser_id) for r in shard.replicas]
                 spares = [Slot(r.agent_id, r.browser_id) for r in shard.spares if r.healthy]
-                pair = swap_roles(serving, spares, unhealthy)
+                # Read afresh for each shard: a move before it may have taken seconds.
+                pair = swap_roles(serving, spares, self.unhealthy())
                 if pair is not None:
                     build = functools.partial(self._swapped, model, index, *pair, deploy_id)
                     if await commit(build):

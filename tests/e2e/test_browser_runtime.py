@@ -830,7 +830,8 @@ async def test_pool_keeps_its_standby_count_when_a_crash_and_a_promotion_meet(
     shard_dir: Path, options: BrowserOptions
 ) -> None:
     """A browser crash retires the browser (a standby launches in its place) and a
-    promotion takes a standby: that launch is the promotion's replacement too."""
+    promotion takes a standby: one launch replaces both, whichever comes first (a spare
+    loaded onto the standby may promote it before the agent retires the dead browser)."""
     pool = BrowserPool(shard_dir, active=1, standby=1, options=options)
     workdirs: list[Path] = []
     try:
@@ -839,6 +840,13 @@ async def test_pool_keeps_its_standby_count_when_a_crash_and_a_promotion_meet(
         [active] = pool.active()
         await pool.retire(active.runtime_id)  # a standby launches in its place
         await pool.promote_standby()  # its replacement is that standby: nothing added
+        await pool.settle()
+        assert len(pool.standbys()) == 1 and len(pool.browsers()) == 2
+        workdirs += [b.workdir for b in pool.browsers() if b.workdir]
+
+        [active] = pool.active()
+        await pool.promote_standby()  # a standby launches in its place
+        await pool.retire(active.runtime_id)  # that one replaces the retired one too
         await pool.settle()
         assert len(pool.standbys()) == 1 and len(pool.browsers()) == 2
         workdirs += [b.workdir for b in pool.browsers() if b.workdir]

@@ -159,10 +159,12 @@ class BrowserPool:
             await runtime.close()
 
     async def retire(self, browser_id: str) -> None:
-        """Close an active browser and launch a standby in its place, keeping the pool's size."""
+        """Close an active browser and launch a standby in its place, unless the ready
+        and launching ones already make the count: a promotion in the same recovery,
+        before or after this, launched the one replacement both need."""
         if browser_id in self._browsers:
             await self.remove(browser_id)
-            self._replace_standby()
+            self._replace_standby(only_if_short=True)
 
     async def shrink(self, browser_id: str) -> bool:
         """Close an active browser that holds nothing while the pool has more active
@@ -197,7 +199,7 @@ class BrowserPool:
     def _replace_standby(self, *, only_if_short: bool = False) -> None:
         """Launch a standby; ``only_if_short``: unless the ready and launching ones
         already make the count (a browser retired and a promotion in one recovery must
-        not both add one)."""
+        not both add one, in either order)."""
         if self._closed:
             return
         if only_if_short and len(self.standbys()) + len(self._standby_launches) >= self._standby:

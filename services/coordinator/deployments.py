@@ -375,11 +375,11 @@ class Deployments:
         self.changed.fire()
 
     def _failed_shard(
-        self, model: str, shard_index: int, agent_id: str
+        self, model: str, shard_index: int, agent_id: str, base: pb.Placement | None = None
     ) -> tuple[pb.Placement, pb.ShardPlacement]:
-        """The model's placement and the shard a failure names; DeployError (NOT_FOUND)
-        for an unknown model, shard or agent."""
-        current = self.placement(model)
+        """The model's placement (``base``, else a copy of the current one) and the shard
+        a failure names; DeployError (NOT_FOUND) for an unknown model, shard or agent."""
+        current = base if base is not None else self.placement(model)
         if self._registry.get(agent_id) is None:
             raise DeployError(
                 grpc.StatusCode.NOT_FOUND, f"no agent {agent_id[:64]!r} is known to the cluster"
@@ -844,7 +844,9 @@ class Deployments:
         shard_index: int,
         agent_id: str,
         browser_id: str,
+        *,
         avoid: Iterable[tuple[str, str]] = (),
+        base: pb.Placement | None = None,
     ) -> Takeover | None:
         """The placement in which a healthy spare serves in place of the failed replica.
 
@@ -853,9 +855,11 @@ class Deployments:
         on the failed browser is simply dropped (``promoted`` None). A spare on an agent
         that ``avoid`` names as a whole is promoted only when no other may. Raises DeployError
         (NOT_FOUND) for an unknown model, shard or agent. Call it under the write lock
-        and commit what it returns before anything else changes the placement.
+        and commit what it returns before anything else changes the placement. ``base``
+        (changed in place) is the placement to start from: an earlier takeover's, so
+        that the shards of one failed browser move in one commit.
         """
-        current, shard = self._failed_shard(model, shard_index, agent_id)
+        current, shard = self._failed_shard(model, shard_index, agent_id, base)
 
         def on_failed(r: pb.ShardReplica) -> bool:
             return r.agent_id == agent_id and browser_id in ("", r.browser_id)
@@ -865,10 +869,12 @@ class Deployments:
             dead_spare = next((r for r in shard.spares if on_failed(r)), None)
             if dead_spare is None:
                 return None
-            without = self._without_spare(
-                model, shard_index, (dead_spare.agent_id, dead_spare.handle), current.deploy_id
-            )
-            return Takeover(without, None, dead_spare) if without is not None else None
+            dropped = pb.ShardReplica()
+            dropped.CopyFrom(dead_spare)
+            kept = [r for r in shard.spares if r is not dead_spare]
+            del shard.spares[:]
+            shard.spares.extend(kept)
+            return Takeover(current, None, dropped)
         avoid = list(avoid)
 
         def choose(untrusted: Iterable[tuple[str, str]]) -> Slot | None:

@@ -9,6 +9,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from typing import TypeAlias
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
@@ -41,7 +42,7 @@ from services.coordinator.cluster_state import (
     undeploy_command,
 )
 from services.coordinator.consensus import NotLeaderError, Replicator
-from services.coordinator.deployments import DeployError, Deployment, Deployments
+from services.coordinator.deployments import DeployError, Deployment, Deployments, Takeover
 from services.coordinator.links import HopError
 from services.coordinator.pipeline import InferError, Pin, RequestLedger
 from services.coordinator.raft import (
@@ -93,6 +94,13 @@ GUARDED_METHODS = methods(
 MAX_ACTIVATION_BYTES = MAX_MESSAGE_BYTES - 1024 * 1024
 """The largest tensor a request may send or cause between shards: one message, less room
 for the rest of the message."""
+
+# A ReplaceShard waiting to take over: its request, its avoid list and its result.
+_WaitingTakeover: TypeAlias = tuple[
+    pb.ReplaceShardRequest,
+    list[tuple[str, str]],
+    asyncio.Future[tuple[Takeover, bool] | None],
+]
 
 
 def prepare_request(
@@ -226,6 +234,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
             record=self._answers.record,
         )
         self._writes = asyncio.Lock()  # deploys, undeploys and moves one at a time
+        self._takeovers: list[_WaitingTakeover] = []  # waiting for the lock: made together
         self._barriers = ModelBarriers()
 
     def _lead(self) -> None:
@@ -495,18 +504,75 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
     async def _take_over(
         self, request: pb.ReplaceShardRequest, avoid: list[tuple[str, str]]
     ) -> pb.ReplaceShardResponse | None:
-        """Swap the failed replica for a hot spare, committed; None when no spare may."""
+        """Swap the failed replica for a hot spare, committed; None when no spare may.
+
+        Takeovers waiting for the write lock together (the shards of one failed
+        browser) are made by whichever gets it first, in one commit a model."""
+        waiting: asyncio.Future[tuple[Takeover, bool] | None]
+        waiting = asyncio.get_running_loop().create_future()
+        self._takeovers.append((request, avoid, waiting))
         async with self._writes:
-            takeover = self._deployments.takeover(
-                request.model,
-                request.shard_index,
-                request.agent_id,
-                request.browser_id,
-                avoid=avoid,
-            )
-            if takeover is None:
-                return None
-            await self._commit(placement_command(takeover.placement))
+            if self._takeovers:
+                batch, self._takeovers = self._takeovers, []
+                await self._take_over_all(batch)
+        done = await waiting
+        if done is None:
+            return None
+        takeover, loading = done
+        return pb.ReplaceShardResponse(
+            replica=takeover.promoted,
+            placement=self._deployments.placement(request.model),
+            from_spare=takeover.promoted is not None,
+            spare_loading=loading,
+        )
+
+    async def _take_over_all(self, batch: list[_WaitingTakeover]) -> None:
+        """Make and commit the takeovers of ``batch`` (under the write lock), then unload
+        the failed copies and load new spares; each waiter gets its takeover, None, or
+        the error that stopped it."""
+        placements: dict[str, pb.Placement] = {}
+        made: list[tuple[_WaitingTakeover, Takeover]] = []
+        try:
+            for waiter in batch:
+                request, avoid, waiting = waiter
+                try:
+                    takeover = self._deployments.takeover(
+                        request.model,
+                        request.shard_index,
+                        request.agent_id,
+                        request.browser_id,
+                        avoid=avoid,
+                        base=placements.get(request.model),
+                    )
+                except Exception as exc:
+                    waiting.set_exception(exc)
+                    continue
+                if takeover is None:
+                    waiting.set_result(None)
+                    continue
+                placements[request.model] = takeover.placement
+                made.append((waiter, takeover))
+            for model, placement in placements.items():
+                try:
+                    await self._commit(placement_command(placement))
+                except Exception as exc:
+                    for (request, _, waiting), _ in made:
+                        if request.model == model and not waiting.done():
+                            waiting.set_exception(exc)
+                    continue
+                for (request, avoid, waiting), takeover in made:
+                    if request.model == model and not waiting.done():
+                        waiting.set_result((takeover, self._took_over(request, avoid, takeover)))
+        finally:
+            for _, _, waiting in batch:
+                if not waiting.done():  # cancelled while committing
+                    waiting.set_exception(Unavailable("the takeover was interrupted; retry"))
+
+    def _took_over(
+        self, request: pb.ReplaceShardRequest, avoid: list[tuple[str, str]], takeover: Takeover
+    ) -> bool:
+        """After a takeover's commit: unload the failed copy and load a new spare in the
+        background; True when one is on its way."""
         self._deployments.unload_later(takeover.replaced)
         loading = self._deployments.replenish_later(
             request.model, request.shard_index, self.commit_in_background, avoid
@@ -522,12 +588,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServiceServicer):
                 "spare_loading": loading,
             },
         )
-        return pb.ReplaceShardResponse(
-            replica=promoted,
-            placement=self._deployments.placement(request.model),
-            from_spare=promoted is not None,
-            spare_loading=loading,
-        )
+        return loading
 
     async def VerifyShard(
         self, request: pb.VerifyShardRequest, context: Context

@@ -7,7 +7,9 @@ LoadShard, so no agent runs.
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,9 @@ from webshard.browser_agent.v1 import browser_agent_pb2 as agent_pb
 from webshard.common.v1 import common_pb2
 from webshard.coordinator.v1 import coordinator_pb2 as pb
 
+from services.common.server import Lifecycle
 from services.coordinator import deployments as deployments_module
+from services.coordinator.cluster_state import ClusterState
 from services.coordinator.deployments import (
     MAX_REPLACE_TRIES,
     RECENT_FAILURE_S,
@@ -30,6 +34,8 @@ from services.coordinator.deployments import (
 from services.coordinator.links import HopError
 from services.coordinator.pipeline import InferError, Pin, Pipeline, Replica, Stage
 from services.coordinator.registry import AgentRegistry
+from services.coordinator.servicer import CoordinatorServicer
+from services.coordinator.settings import CoordinatorSettings
 
 READY = common_pb2.BROWSER_STATE_READY
 STANDBY = common_pb2.BROWSER_STATE_STANDBY
@@ -41,6 +47,7 @@ class FakeLink:
         self.address = address
         self.dead = dead
         self.loads: list[str] = []
+        self.unloads: list[str] = []
 
     async def load(self, spec: common_pb2.ShardSpec, path: Path, **kw: Any) -> Any:
         browser = kw["browser_id"]
@@ -53,6 +60,9 @@ class FakeLink:
             browser_id=browser,
             shard=common_pb2.LoadedShard(handle=f"h-{browser}", execution_provider=1),
         )
+
+    async def unload(self, handle: str, **kw: Any) -> None:
+        self.unloads.append(handle)
 
 
 def browser(browser_id: str, state: int) -> common_pb2.BrowserInfo:
@@ -265,6 +275,82 @@ def test_a_spare_on_the_failed_agent_is_not_promoted_but_a_failed_spare_is_dropp
     dropped = fresh.takeover("minilm-l6", 0, "agent-2", "b0")
     assert dropped is not None and dropped.promoted is None
     assert copies(dropped.placement) == (["agent-0/b0", "agent-1/b0"], [])
+
+
+class Proposals:
+    """A leader's replicator that commits every command it is given, after a moment."""
+
+    is_leader = True
+
+    def __init__(self) -> None:
+        self.placements: list[pb.Placement] = []
+
+    async def propose(self, command: bytes, timeout: float) -> None:
+        await asyncio.sleep(0.01)
+        body = json.loads(command)
+        self.placements.append(pb.Placement.FromString(base64.b64decode(body["placement"])))
+
+
+class Context:
+    def time_remaining(self) -> float:
+        return 10.0
+
+
+async def test_takeovers_waiting_together_are_committed_in_one_write() -> None:
+    """Takeovers that wait for the write lock together (the shards of one failed browser)
+    move to their spares in one commit, not one each; one that cannot be made gets its
+    own answer."""
+    deployments, _ = rig(dead=set())
+    with_spare(deployments, "agent-2/b0")
+    deployment = deployments.models["minilm-l6"]
+    second = deployment.placement.shards.add()
+    second.shard.index = 1
+    second.replicas.add(agent_id="agent-0", browser_id="b0", handle="old-1", healthy=False)
+    second.replicas.add(agent_id="agent-2", browser_id="b0", handle="kept-1", healthy=True)
+    second.spares.add(agent_id="agent-1", browser_id="b0", handle="spare-1", spare=True)
+    deployment.pipeline.stages.append(
+        Stage(
+            index=1,
+            input_names=[],
+            output_names=[],
+            replicas=[
+                Replica(r.agent_id, r.browser_id, r.handle, 1, r.healthy) for r in second.replicas
+            ],
+            spares=[Replica("agent-1", "b0", "spare-1", 1, True)],
+        )
+    )
+    replicator = Proposals()
+    coordinator = CoordinatorServicer(
+        settings=CoordinatorSettings(),
+        registry=deployments._registry,
+        deployments=deployments,
+        state=ClusterState(),
+        replicator=replicator,  # type: ignore[arg-type]
+        lifecycle=Lifecycle(),
+    )
+
+    def replace(shard: int, model: str = "minilm-l6") -> Any:
+        request = pb.ReplaceShardRequest(
+            model=model, shard_index=shard, agent_id="agent-0", browser_id="b0"
+        )
+        return coordinator.ReplaceShard(request, Context())  # type: ignore[arg-type]
+
+    # They arrive while another write holds the lock (a commit in flight, say).
+    async with coordinator._writes:
+        waiting = asyncio.gather(
+            replace(0), replace(1), replace(0, "vit-tiny"), return_exceptions=True
+        )
+        await asyncio.sleep(0.05)
+    first, other, unknown = await waiting
+    assert isinstance(first, pb.ReplaceShardResponse) and first.from_spare
+    assert isinstance(other, pb.ReplaceShardResponse) and other.from_spare
+    assert getattr(unknown, "code", None) == grpc.StatusCode.NOT_FOUND
+    [committed] = replicator.placements
+    assert [[f"{r.agent_id}/{r.browser_id}" for r in s.replicas] for s in committed.shards] == [
+        ["agent-2/b0", "agent-1/b0"],
+        ["agent-1/b0", "agent-2/b0"],
+    ]
+    assert [list(s.spares) for s in committed.shards] == [[], []]
 
 
 def where(replacement: Replacement | None) -> str:

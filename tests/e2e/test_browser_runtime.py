@@ -854,3 +854,23 @@ async def test_pool_keeps_its_standby_count_when_a_crash_and_a_promotion_meet(
         await pool.close()
         for workdir in workdirs:
             assert_reaped(workdir)
+
+
+async def test_a_pool_without_standbys_launches_one_for_a_retired_browser(
+    shard_dir: Path, options: BrowserOptions
+) -> None:
+    """With no standby configured, a crashed browser still gets a successor to load into."""
+    pool = BrowserPool(shard_dir, active=1, standby=0, options=options)
+    workdirs: list[Path] = []
+    try:
+        await pool.start()
+        [active] = pool.active()
+        workdirs += [b.workdir for b in pool.browsers() if b.workdir]
+        await pool.retire(active.runtime_id)
+        await pool.settle()
+        assert len(pool.standbys()) == 1 and len(pool.browsers()) == 1
+        workdirs += [b.workdir for b in pool.browsers() if b.workdir]
+    finally:
+        await pool.close()
+        for workdir in workdirs:
+            assert_reaped(workdir)

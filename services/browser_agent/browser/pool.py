@@ -159,12 +159,14 @@ class BrowserPool:
             await runtime.close()
 
     async def retire(self, browser_id: str) -> None:
-        """Close an active browser and launch a standby in its place, unless the ready
-        and launching ones already make the count: a promotion in the same recovery,
-        before or after this, launched the one replacement both need."""
+        """Close an active browser and launch a standby in its place, keeping the pool's
+        size: unless the browsers left (launching ones included) already make it, as
+        when a promotion in the same recovery launched the one replacement both need."""
         if browser_id in self._browsers:
             await self.remove(browser_id)
-            self._replace_standby(only_if_short=True)
+            alive = sum(b.state != State.BROWSER_STATE_FAILED for b in self._browsers.values())
+            if alive < self._active + self._standby:
+                self._replace_standby()
 
     async def shrink(self, browser_id: str) -> bool:
         """Close an active browser that holds nothing while the pool has more active
@@ -199,7 +201,7 @@ class BrowserPool:
     def _replace_standby(self, *, only_if_short: bool = False) -> None:
         """Launch a standby; ``only_if_short``: unless the ready and launching ones
         already make the count (a browser retired and a promotion in one recovery must
-        not both add one, in either order)."""
+        not both add one)."""
         if self._closed:
             return
         if only_if_short and len(self.standbys()) + len(self._standby_launches) >= self._standby:

@@ -19,17 +19,21 @@ IMAGE_TAG ?= 0.1.0
 help: ## list the targets
 	@grep -hE '^[a-z0-9%-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | column -ts $$'\t'
 
-setup: system-packages $(VENV)/.installed node_modules/.installed ## venv, Python and npm packages, Chromium (idempotent)
+setup: system-packages $(VENV)/.installed node_modules/.installed ## venv, Python and npm packages, Chromium and Firefox (idempotent)
 
-# Debian's chromium and chromium-driver, where apt exists and they are missing.
+# Debian's chromium and chromium-driver (the Chromium engine) and firefox-esr (the
+# Firefox engine), where apt exists and they are missing.
+SYSTEM_PACKAGES := /usr/bin/chromium:chromium /usr/bin/chromedriver:chromium-driver /usr/bin/firefox-esr:firefox-esr
 system-packages:
-	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then exit 0; fi; \
+	@missing=; for entry in $(SYSTEM_PACKAGES); do \
+	  [ -x "$${entry%%:*}" ] || missing="$$missing $${entry#*:}"; done; \
+	[ -n "$$missing" ] || exit 0; \
 	if ! command -v apt-get >/dev/null; then \
-	  echo "setup: install Chromium and ChromeDriver (/usr/bin/chromium, /usr/bin/chromedriver) yourself: no apt-get here"; exit 0; fi; \
+	  echo "setup: install$$missing yourself (no apt-get here)"; exit 0; fi; \
 	SUDO=; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
-	echo "setup: installing chromium and chromium-driver with apt-get"; \
+	echo "setup: installing$$missing with apt-get"; \
 	$$SUDO apt-get update -qq && \
-	DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null
+	DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null
 
 $(VENV)/.installed: pyproject.toml clients/python/pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)

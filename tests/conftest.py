@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import grpc
@@ -78,7 +78,12 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
 
 @contextlib.contextmanager
 def attached_cluster(
-    data_dir: Path, agents: int, agent_args: list[str], *, timeout: float = 240
+    data_dir: Path,
+    agents: int,
+    agent_args: list[str],
+    *,
+    timeout: float = 240,
+    engines: Sequence[str] = (),
 ) -> Iterator[LocalCluster]:
     """A local cluster started with every agent attached to the leader, stopped afterwards."""
     local = LocalCluster(
@@ -86,6 +91,7 @@ def attached_cluster(
         data_dir=data_dir,
         auto_ports=True,
         extra_args={"browser_agent": agent_args},
+        engines=engines,
     )
     local.start(timeout=timeout)
     try:
@@ -96,9 +102,14 @@ def attached_cluster(
         local.stop()
 
 
-def browser_cluster(data_dir: Path, agents: int) -> contextlib.AbstractContextManager[LocalCluster]:
-    """A local cluster whose agents each run one headless Chromium (no native runtime)."""
-    return attached_cluster(data_dir, agents, ["--browsers", "1", "--native", "false"])
+def browser_cluster(
+    data_dir: Path, agents: int, engines: Sequence[str] = ()
+) -> contextlib.AbstractContextManager[LocalCluster]:
+    """A local cluster whose agents each run one headless browser (no native runtime):
+    Chromium, or ``engines`` in turn."""
+    return attached_cluster(
+        data_dir, agents, ["--browsers", "1", "--native", "false"], engines=engines
+    )
 
 
 def native_cluster(data_dir: Path, agents: int) -> contextlib.AbstractContextManager[LocalCluster]:

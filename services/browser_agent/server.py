@@ -47,7 +47,7 @@ def make_app(settings: AgentSettings, lifecycle: Lifecycle) -> BasicApp:
         store.root,
         active=settings.browsers,
         standby=settings.standby_browsers,
-        options=BrowserOptions(temp_root=str(data_dir / "browsers")),
+        options=BrowserOptions(engine=settings.engine, temp_root=str(data_dir / "browsers")),
     )
     host = ShardHost(
         NativeRuntime(settings.native_threads) if settings.native else None, pool.active, pool

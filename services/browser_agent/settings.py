@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from services.browser_agent.browser.engines import ENGINES, missing_binaries
+from services.browser_agent.browser.options import BrowserOptions
 from services.common.settings import ServerSettings, SettingsError, setting
 
 DEFAULT_PORT = 50052
@@ -28,7 +30,8 @@ class AgentSettings(ServerSettings):
     recovery: str = setting(
         "", "The recovery service's address; browser crashes and lost devices are reported there."
     )
-    browsers: int = setting(1, "Headless Chromium instances hosting shards; 0 runs none.")
+    browsers: int = setting(1, "Headless browsers hosting shards; 0 runs none.")
+    engine: str = setting("chromium", f"The browsers' engine: {' or '.join(ENGINES)}.")
     standby_browsers: int = setting(
         0, "Pre-launched browsers with the runtime loaded, ready to take over a failed one."
     )
@@ -60,6 +63,17 @@ class AgentSettings(ServerSettings):
             raise SettingsError("browser counts must not be negative")
         if self.browsers == 0 and not self.native:
             raise SettingsError("an agent needs browsers or the native runtime (or both)")
+        if self.engine not in ENGINES:
+            raise SettingsError(
+                f"unknown browser engine {self.engine!r}; engines: {', '.join(ENGINES)}"
+            )
+        missing = missing_binaries(BrowserOptions(engine=self.engine))
+        if (self.browsers or self.standby_browsers) and missing:
+            package = {"chromium": "chromium chromium-driver", "firefox": "firefox-esr"}
+            raise SettingsError(
+                f"the {self.engine} engine needs {', '.join(missing)}: install Debian's "
+                f"{package[self.engine]} (make setup does), or run no browsers (--browsers 0)"
+            )
         if self.browser_memory_headroom_mb < 1 or self.memory_check_ms <= 0:
             raise SettingsError("the memory headroom and check interval must be positive")
         if self.native_threads < 1 or self.max_shard_mb < 1:

@@ -1,4 +1,8 @@
-"""The browser runtime end to end: real headless Chromium running shards with onnxruntime-web.
+"""The browser runtime end to end: real headless browsers running shards with onnxruntime-web.
+
+Every test runs on each engine: Chromium (under chromedriver) and Firefox (over
+WebDriver BiDi); an engine whose browser is not installed is skipped, saying what
+to install.
 
 Every shard here is a small ONNX graph built with onnx.helper; every browser
 output is checked against Python onnxruntime on the same bytes. One browser is
@@ -40,6 +44,8 @@ from services.browser_agent.browser import (
     LaunchFailed,
     ShardNotLoaded,
 )
+from services.browser_agent.browser.engines import ENGINES, missing_binaries
+from services.browser_agent.browser.watchdog import LAUNCH_ENV
 from services.browser_agent.runtime import (
     BadInput,
     ProviderUnavailable,
@@ -55,10 +61,6 @@ State = common_pb2.BrowserState
 pytestmark = [
     pytest.mark.browser,
     pytest.mark.asyncio(loop_scope="module"),
-    pytest.mark.skipif(
-        not (Path(BrowserOptions.chromium).exists() and Path(BrowserOptions.chromedriver).exists()),
-        reason="needs Chromium and chromedriver (apt-get install chromium chromium-driver)",
-    ),
 ]
 
 # A failure must surface within this many seconds, not at a call's deadline.
@@ -190,12 +192,17 @@ def activation(seed: int) -> np.ndarray:
 
 
 def launch_processes(marker: Path) -> list[psutil.Process]:
-    """Live processes whose command line names a launch's working folder."""
+    """Live processes whose command line or environment names a launch's working folder."""
     found = []
     for proc in psutil.process_iter(["cmdline", "status"]):
         if proc.info["status"] == psutil.STATUS_ZOMBIE:
             continue
-        if any(str(marker) in part for part in proc.info["cmdline"] or []):
+        launched_in = None
+        with contextlib.suppress(psutil.Error):
+            launched_in = proc.environ().get(LAUNCH_ENV)
+        if launched_in == str(marker) or any(
+            str(marker) in part for part in proc.info["cmdline"] or []
+        ):
             found.append(proc)
     return found
 
@@ -261,12 +268,16 @@ def shard_dir(workspace: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def options(workspace: Path) -> BrowserOptions:
-    """Browser options with working folders under the test's own folder."""
-    root = workspace / "browsers"
+@pytest.fixture(scope="module", params=ENGINES)
+def options(workspace: Path, request: pytest.FixtureRequest) -> BrowserOptions:
+    """Browser options for each engine, with working folders under the test's own folder."""
+    root = workspace / f"browsers-{request.param}"
     root.mkdir()
-    return BrowserOptions(temp_root=str(root))
+    options = BrowserOptions(engine=request.param, temp_root=str(root))
+    missing = missing_binaries(options)
+    if missing:
+        pytest.skip(f"the {request.param} engine needs {', '.join(missing)} (make setup)")
+    return options
 
 
 @pytest.fixture(scope="module")
@@ -318,7 +329,9 @@ def needs_webgpu(runtime: BrowserRuntime) -> None:
 # --- capabilities and providers -------------------------------------------------
 
 
-async def test_capabilities_are_measured_in_the_page(shared: BrowserRuntime) -> None:
+async def test_capabilities_are_measured_in_the_page(
+    shared: BrowserRuntime, options: BrowserOptions
+) -> None:
     info = shared.info()
     caps = info.capabilities
     assert info.browser_id == "browser-shared"
@@ -327,12 +340,15 @@ async def test_capabilities_are_measured_in_the_page(shared: BrowserRuntime) -> 
     assert info.pid == shared.pid and psutil.pid_exists(info.pid)
     assert info.memory_bytes > 0
     assert info.started_at.seconds > 0
-    assert "Chrome" in caps.user_agent
+    assert caps.engine == options.engine
+    assert {"chromium": "Chrome/", "firefox": "Firefox/"}[caps.engine] in caps.user_agent
+    assert caps.engine_version and caps.engine_version.split(".")[0] in caps.user_agent
     # COOP/COEP from the agent's server make the page cross-origin isolated.
     assert caps.wasm.threads and caps.wasm.simd and caps.wasm.hardware_concurrency > 0
     assert EP.EXECUTION_PROVIDER_WASM in caps.execution_providers
     if caps.webgpu.available:
-        assert caps.webgpu.vendor or caps.webgpu.description
+        if caps.engine == "chromium":  # Firefox keeps its adapter's name to itself
+            assert caps.webgpu.vendor or caps.webgpu.description
         assert caps.webgpu.limits["maxBufferSize"] > 0
         assert EP.EXECUTION_PROVIDER_WEBGPU in caps.execution_providers
     else:
@@ -720,7 +736,7 @@ import asyncio, sys
 from services.browser_agent.browser import BrowserOptions, BrowserRuntime
 
 async def main() -> None:
-    options = BrowserOptions(temp_root=sys.argv[2])
+    options = BrowserOptions(engine=sys.argv[3], temp_root=sys.argv[2])
     runtime = BrowserRuntime("browser-orphan", sys.argv[1], options=options)
     await runtime.launch()
     print(runtime.workdir, flush=True)
@@ -731,12 +747,14 @@ asyncio.run(main())
 
 
 @pytest.fixture
-def agent_process(tmp_path: Path, shard_dir: Path) -> Iterator[tuple[subprocess.Popen[str], Path]]:
+def agent_process(
+    tmp_path: Path, shard_dir: Path, options: BrowserOptions
+) -> Iterator[tuple[subprocess.Popen[str], Path]]:
     """A separate Python process that launched a browser and waits; its browser root."""
     root = tmp_path / "browsers"
     root.mkdir()
     proc = subprocess.Popen(
-        [sys.executable, "-c", _AGENT, str(shard_dir), str(root)],
+        [sys.executable, "-c", _AGENT, str(shard_dir), str(root), options.engine],
         cwd=REPO,
         stdout=subprocess.PIPE,
         text=True,
@@ -754,7 +772,7 @@ def agent_process(tmp_path: Path, shard_dir: Path) -> Iterator[tuple[subprocess.
 
 
 async def test_sigkilled_agent_leaves_no_browser_behind(
-    agent_process: tuple[subprocess.Popen[str], Path],
+    agent_process: tuple[subprocess.Popen[str], Path], options: BrowserOptions
 ) -> None:
     proc, root = agent_process
     assert proc.stdout is not None
@@ -762,7 +780,11 @@ async def test_sigkilled_agent_leaves_no_browser_behind(
     workdir = Path(line.strip())
     assert workdir.parent == root, f"agent did not launch: {line!r}"
     names = {p.name() for p in launch_processes(workdir)}
-    assert "chromedriver" in names and any("chrom" in n and n != "chromedriver" for n in names)
+    if options.engine == "chromium":
+        assert "chromedriver" in names
+        assert any("chrom" in n and n != "chromedriver" for n in names)
+    else:  # the browser and its content processes (named for their roles)
+        assert "firefox-esr" in names and len(launch_processes(workdir)) > 1
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     await asyncio.to_thread(

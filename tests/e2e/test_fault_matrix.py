@@ -70,6 +70,12 @@ def addresses(cluster: LocalCluster) -> Addresses:
 def test_requests_stay_correct_and_the_fault_is_recovered(
     addresses: Addresses, kind: str, strategy: str
 ) -> None:
+    assert_recovered(addresses, kind, strategy)
+
+
+def assert_recovered(addresses: Addresses, kind: str, strategy: str) -> None:
+    """One fault of ``kind`` under ``strategy`` while requests flow: every answer correct,
+    every recovery succeeded (after retries), its phases timed and stored."""
     plan = Plan(
         scenarios=(kind,),
         strategies=(strategy,),

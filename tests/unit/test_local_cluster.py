@@ -33,3 +33,17 @@ def test_without_room_below_it_the_kernel_picks(
     monkeypatch.setattr(local, "EPHEMERAL_RANGE_FILE", ranges)
     processes = plan(agents=1, data_dir=tmp_path, auto_ports=True)
     assert all(int(p.address.rpartition(":")[2]) >= 1024 for p in processes)
+
+
+def test_agents_take_the_engines_in_turn_and_an_unknown_one_is_refused(tmp_path: Path) -> None:
+    agents = [
+        p.args
+        for p in plan(agents=3, data_dir=tmp_path, auto_ports=True, engines=("chromium", "firefox"))
+        if p.service == "browser_agent"
+    ]
+    assert [a[a.index("--engine") + 1] for a in agents] == ["chromium", "firefox", "chromium"]
+    assert not any("--engine" in p.args for p in plan(agents=1, data_dir=tmp_path, auto_ports=True))
+    with pytest.raises(
+        local.ClusterError, match="unknown browser engine 'safari'; engines: chromium, firefox"
+    ):
+        plan(agents=1, data_dir=tmp_path, auto_ports=True, engines=("safari",))

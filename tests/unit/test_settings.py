@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from services.browser_agent import settings as agent_settings
 from services.browser_agent.settings import AgentSettings
 from services.common.settings import ServerSettings, SettingsError, load_settings
 from services.coordinator.settings import CoordinatorSettings
@@ -81,3 +82,18 @@ def test_a_statefulset_pod_derives_its_peers_from_its_name() -> None:
         "coordinator-0": "coordinator-0.coordinator-headless.webshard.svc.cluster.local:50051",
         "coordinator-1": "coordinator-1.coordinator-headless.webshard.svc.cluster.local:50051",
     }
+
+
+def test_an_agent_engine_must_be_known_and_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(
+        SettingsError, match="unknown browser engine 'safari'; engines: chromium, firefox"
+    ):
+        load_settings(AgentSettings, ["--engine", "safari"], env={})
+    monkeypatch.setattr(agent_settings, "missing_binaries", lambda options: [options.firefox])
+    with pytest.raises(
+        SettingsError, match="needs /usr/bin/firefox-esr: install Debian's firefox-esr"
+    ):
+        load_settings(AgentSettings, ["--engine", "firefox"], env={})
+    # An agent that runs no browser needs none installed.
+    settings = load_settings(AgentSettings, ["--engine", "firefox", "--browsers", "0"], env={})
+    assert settings.engine == "firefox"

@@ -1,4 +1,4 @@
-"""How a browser runtime starts Chromium and where it finds onnxruntime-web."""
+"""How a browser runtime starts its browser and where it finds onnxruntime-web."""
 
 from __future__ import annotations
 
@@ -34,9 +34,35 @@ CHROMIUM_FLAGS = (
 )
 
 
+# A fresh Firefox profile's preferences: nothing of its own on the network (updates,
+# telemetry, safe browsing, captive-portal checks), no first-run pages, and WebGPU on
+# (with Mesa's software Vulkan adapter where there is no GPU).
+FIREFOX_PREFS: tuple[tuple[str, bool | int | str], ...] = (
+    ("app.update.disabledForTesting", True),
+    ("browser.shell.checkDefaultBrowser", False),
+    ("browser.startup.homepage_override.mstone", "ignore"),
+    ("browser.safebrowsing.update.enabled", False),
+    ("datareporting.policy.dataSubmissionEnabled", False),
+    ("datareporting.healthreport.uploadEnabled", False),
+    ("toolkit.telemetry.enabled", False),
+    ("network.captive-portal-service.enabled", False),
+    ("network.connectivity-service.enabled", False),
+    ("extensions.update.enabled", False),
+    # One page, so one content process: none prelaunched for tabs that never come.
+    ("dom.ipc.processPrelaunch.enabled", False),
+    ("dom.ipc.processCount", 1),
+    ("dom.webgpu.enabled", True),
+    ("gfx.webgpu.ignore-blocklist", True),
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class BrowserOptions:
-    """How to start one headless Chromium and its page."""
+    """How to start one headless browser and its page."""
+
+    engine: str = "chromium"
+    """The browser engine: ``chromium`` (Selenium + chromedriver) or ``firefox``
+    (WebDriver BiDi)."""
 
     chromium: str = "/usr/bin/chromium"
     """The Chromium binary; Selenium Manager is never asked for one."""
@@ -44,12 +70,15 @@ class BrowserOptions:
     chromedriver: str = "/usr/bin/chromedriver"
     """The chromedriver binary matching ``chromium``."""
 
+    firefox: str = "/usr/bin/firefox-esr"
+    """The Firefox binary (Debian's ``firefox-esr``)."""
+
     ort_dist: str = ""
     """onnxruntime-web's ``dist`` folder; empty: $WEBSHARD_ORT_DIST, else the repository's
     ``node_modules/onnxruntime-web/dist``."""
 
     extra_args: tuple[str, ...] = ()
-    """Chromium flags added after the built-in ones."""
+    """Command-line flags added after the engine's built-in ones."""
 
     temp_root: str = ""
     """Where each browser's working folder (profile, driver log) is made; empty: the system's."""
@@ -62,7 +91,7 @@ class BrowserOptions:
     a software WebGPU adapter takes seconds where a GPU takes milliseconds."""
 
     quit_timeout_s: float = 5.0
-    """How long ``close`` waits for a graceful WebDriver quit before killing the processes."""
+    """How long ``close`` waits for a graceful quit before killing the processes."""
 
     process_poll_s: float = 0.25
     """How often the browser's main process is checked for having exited."""

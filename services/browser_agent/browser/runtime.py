@@ -1,9 +1,10 @@
-"""One headless Chromium with one page that runs shards with onnxruntime-web.
+"""One headless browser with one page that runs shards with onnxruntime-web.
 
-Selenium drives the browser's life cycle and its fault hooks (CDP); tensors and
-shard commands travel over the page's WebSocket to this process's loopback
-server (see ``server.py`` and ``protocol.py``), never through ``execute_script``.
-Blocking Selenium calls run in worker threads so the event loop keeps serving.
+The browser's engine (``engines.py``: Chromium under Selenium, Firefox over
+WebDriver BiDi) drives its life cycle and its fault hooks; tensors and shard
+commands travel over the page's WebSocket to this process's loopback server (see
+``server.py`` and ``protocol.py``), the same page and code for every engine.
+The engine's blocking calls run in worker threads so the event loop keeps serving.
 
 Failure is noticed three ways, whichever comes first: the page's socket closes
 (a crashed renderer, a killed browser, a cut connection), the browser's main
@@ -20,7 +21,6 @@ import hashlib
 import itertools
 import json
 import logging
-import os
 import secrets
 import shutil
 import tempfile
@@ -31,9 +31,6 @@ from typing import Any
 
 import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
-from selenium import webdriver
-from selenium.common.exceptions import WebDriverException
-from selenium.webdriver.chrome.service import Service
 from webshard.common.v1 import common_pb2
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
@@ -51,10 +48,11 @@ from ..runtime import (
     Tensors,
 )
 from .capabilities import ORT_NAMES, capabilities_from_page, choose_provider
+from .engines import PageGone, make_engine
 from .errors import CallTimedOut, LaunchFailed, ShardNotLoaded
 from .events import BrowserEvent, BrowserEventKind, EventCallback
-from .options import CHROMIUM_FLAGS, BrowserOptions, find_ort_dist
-from .processes import Watchdog, browser_main_pid, is_alive, kill_tree, reap, tree_rss
+from .options import BrowserOptions, find_ort_dist
+from .processes import Watchdog, is_alive, kill_tree, reap, tree_rss
 from .protocol import decode_frame, encode_frame
 from .server import PageServer
 
@@ -100,7 +98,7 @@ def _digest(path: Path) -> tuple[int, str]:
 
 
 class BrowserRuntime:
-    """A ShardRuntime backed by one headless Chromium page running onnxruntime-web.
+    """A ShardRuntime backed by one headless browser page running onnxruntime-web.
 
     ``shard_dir`` is the agent's shard cache: the page fetches shard bytes from
     this runtime's loopback server, which serves only files inside it. Events the
@@ -129,10 +127,7 @@ class BrowserRuntime:
         self._workdir: Path | None = None
         self._server: PageServer | None = None
         self._watchdog: Watchdog | None = None
-        self._driver: webdriver.Chrome | None = None
-        self._service: Service | None = None
-        self._chromedriver_pid: int | None = None
-        self._browser_pid: int | None = None
+        self._engine = make_engine(self._options)
         self._socket: ServerConnection | None = None
         self.changed = Pulse()
         """Fires when the page's socket opens or closes and when the state changes."""
@@ -171,12 +166,17 @@ class BrowserRuntime:
     @property
     def pid(self) -> int | None:
         """The browser's main process id once launched."""
-        return self._browser_pid
+        return self._engine.browser_pid
 
     @property
-    def chromedriver_pid(self) -> int | None:
-        """chromedriver's process id once launched."""
-        return self._chromedriver_pid
+    def engine(self) -> str:
+        """The browser engine: ``chromium`` or ``firefox``."""
+        return self._engine.name
+
+    @property
+    def engine_version(self) -> str:
+        """The browser's version, once launched."""
+        return self._engine.version
 
     @property
     def workdir(self) -> Path | None:
@@ -202,7 +202,7 @@ class BrowserRuntime:
 
     def info(self) -> common_pb2.BrowserInfo:
         """State, capabilities, pid, process-tree memory and loaded shards."""
-        pid = self._browser_pid or 0
+        pid = self._engine.browser_pid or 0
         gone = self._lost is not None or self._state == State.BROWSER_STATE_STOPPED
         memory = tree_rss(pid) if pid and not gone else 0
         return common_pb2.BrowserInfo(
@@ -219,7 +219,7 @@ class BrowserRuntime:
     # --- life cycle ---------------------------------------------------------
 
     async def launch(self, *, standby: bool = False) -> None:
-        """Start Chromium and its page; return once the page has reported its capabilities.
+        """Start the browser and its page; return once the page has reported its capabilities.
 
         ``standby`` leaves the browser in STANDBY (runtime loaded, no shard assigned)
         instead of READY. On any failure everything started is reaped and
@@ -247,20 +247,21 @@ class BrowserRuntime:
                 ort_dist=ort_dist, token=self._token, on_socket=self._serve_socket
             )
             await self._server.start()
-            await asyncio.to_thread(self._start_driver)
+            await asyncio.to_thread(self._engine.start, self._workdir)
             if self._closing:
                 raise LaunchFailed(f"{self._id} was closed during its launch")
             # On the loop thread: the watchdog's pipe is an asyncio transport. Until these
             # lines arrive, the watchdog finds the launch by the marker on command lines.
-            if self._chromedriver_pid is not None:
-                self._watchdog.watch_group(self._chromedriver_pid)
-                self._watchdog.watch_pid(self._chromedriver_pid)
-            if self._browser_pid is not None:
-                self._watchdog.watch_pid(self._browser_pid)
+            group, pid = self._engine.group, self._engine.browser_pid
+            if group is not None:
+                self._watchdog.watch_group(group)
+                self._watchdog.watch_pid(group)
+            if pid is not None:
+                self._watchdog.watch_pid(pid)
             self._spawn(self._watch_process())
             page_url = self._server.page_url()
             async with asyncio.timeout(self._options.launch_timeout_s):
-                await asyncio.to_thread(self._open_page, page_url)
+                await asyncio.to_thread(self._engine.open, page_url)
                 hello = await self._hello
             ort_error = (hello.get("capabilities", {}).get("ort") or {}).get("error")
             if ort_error:
@@ -268,13 +269,14 @@ class BrowserRuntime:
                     f"{self._id}: the page could not start onnxruntime-web: {ort_error}"
                 )
         except BaseException as exc:
-            detail = self._driver_log_tail()
+            tail = self._engine.log_tail()
+            detail = f"; {tail}" if tail else ""
             if self._hello.done() and not self._hello.cancelled():
                 self._hello.exception()  # retrieved: the launch's own error is the one raised
             interrupted = self._closing
             if interrupted:
                 # close() ran while the launch was in flight: reap what the launch started
-                # after it (Chromium would also have re-created its profile folder).
+                # after it (the browser would also have re-created its profile folder).
                 await asyncio.to_thread(self._reap)
                 if self._workdir is not None:
                     await asyncio.to_thread(shutil.rmtree, self._workdir, True)
@@ -284,7 +286,7 @@ class BrowserRuntime:
                 raise
             if interrupted:
                 raise LaunchFailed(f"{self._id} was closed during its launch") from exc
-            # Selenium and chromedriver fail in many types (WebDriverException, urllib3
+            # Engines fail in many types (WebDriverException, urllib3 and websockets
             # errors, OSError); to the agent they all mean the browser did not start.
             what = "timed out" if isinstance(exc, TimeoutError) else f"failed: {exc!r}"
             raise LaunchFailed(f"{self._id}: launch {what}{detail}") from exc
@@ -293,7 +295,9 @@ class BrowserRuntime:
             "browser launched",
             extra={
                 "browser_id": self._id,
-                "pid": self._browser_pid,
+                "pid": self._engine.browser_pid,
+                "engine": self._engine.name,
+                "version": self._engine.version,
                 "launch_ms": round((time.perf_counter() - started) * 1000, 1),
                 "execution_providers": [
                     common_pb2.ExecutionProvider.Name(p)
@@ -302,52 +306,8 @@ class BrowserRuntime:
             },
         )
 
-    def _start_driver(self) -> None:
-        assert self._workdir is not None
-        options = webdriver.ChromeOptions()
-        # An explicit binary and driver: Selenium Manager is never run (it would go online).
-        options.binary_location = self._options.chromium
-        for flag in (*CHROMIUM_FLAGS, *self._options.extra_args):
-            options.add_argument(flag)
-        options.add_argument(f"--user-data-dir={self._workdir / 'profile'}")
-        service = Service(
-            executable_path=self._options.chromedriver,
-            # The log path puts the working folder on chromedriver's command line, which is
-            # how the watchdog finds chromedriver even before it learns its pid.
-            log_output=str(self._workdir / "chromedriver.log"),
-            service_args=["--log-level=WARNING"],
-            # Its own process group (Chromium inherits it): one killpg reaps the launch,
-            # and a Ctrl-C to the agent's group does not kill the browser under a call.
-            popen_kw={"start_new_session": True},
-            # Chromium's crash handler (chrome_crashpad_handler) daemonizes out of the
-            # process group; with its database in the working folder its command line
-            # carries the marker too, and crash reports do not pile up in $HOME.
-            env={**os.environ, "BREAKPAD_DUMP_LOCATION": str(self._workdir / "crashes")},
-        )
-        self._service = service
-        driver = webdriver.Chrome(service=service, options=options)
-        self._driver = driver
-        assert service.process is not None
-        self._chromedriver_pid = service.process.pid
-        self._browser_pid = browser_main_pid(service.process.pid)
-        driver.set_page_load_timeout(self._options.launch_timeout_s)
-
-    def _open_page(self, url: str) -> None:
-        if self._driver is None:
-            raise RuntimeLost(f"{self._id} has no driver")
-        self._driver.get(url)
-
-    def _driver_log_tail(self) -> str:
-        if self._workdir is None:
-            return ""
-        with contextlib.suppress(OSError):
-            text = (self._workdir / "chromedriver.log").read_text(errors="replace").strip()
-            if text:
-                return f"; chromedriver log: {text[-2000:]}"
-        return ""
-
     async def close(self) -> None:
-        """Quit the driver, SIGKILL whatever of the launch is left, delete its folder."""
+        """Quit the browser, SIGKILL whatever of the launch is left, delete its folder."""
         if self._closing:
             return
         self._closing = True
@@ -356,14 +316,14 @@ class BrowserRuntime:
         if self._hello is not None and not self._hello.done():
             self._hello.set_exception(LaunchFailed(f"{self._id} was closed during its launch"))
         self._fail_pending(RuntimeLost(f"{self._id} was closed"))
-        driver, self._driver = self._driver, None
-        if driver is not None and self._browser_pid and is_alive(self._browser_pid):
+        pid = self._engine.browser_pid
+        if pid and is_alive(pid):
             try:
                 await asyncio.wait_for(
-                    asyncio.to_thread(driver.quit), timeout=self._options.quit_timeout_s
+                    asyncio.to_thread(self._engine.quit), timeout=self._options.quit_timeout_s
                 )
-            except (TimeoutError, WebDriverException, OSError) as exc:
-                log.info("driver quit failed; killing the browser", extra={"error": str(exc)})
+            except Exception as exc:  # every engine's own errors: the reap follows anyway
+                log.info("quit failed; killing the browser", extra={"error": str(exc)})
         await asyncio.to_thread(self._reap)
         if self._watchdog is not None:
             self._watchdog.forget()
@@ -379,13 +339,10 @@ class BrowserRuntime:
     def _reap(self) -> None:
         if self._workdir is None:
             return
-        groups = {self._chromedriver_pid} if self._chromedriver_pid else set()
-        pids = {p for p in (self._chromedriver_pid, self._browser_pid) if p}
-        killed = reap(str(self._workdir), groups, pids)
-        if self._service is not None and self._service.process is not None:
-            # chromedriver is our child: collect its exit status so it leaves no zombie.
-            with contextlib.suppress(OSError):
-                self._service.process.poll()
+        group = self._engine.group
+        pids = {p for p in (group, self._engine.browser_pid) if p}
+        killed = reap(str(self._workdir), {group} if group else set(), pids)
+        self._engine.collect()
         if killed:
             log.info("reaped browser processes", extra={"browser_id": self._id, "killed": killed})
 
@@ -432,10 +389,10 @@ class BrowserRuntime:
         self._fail_pending(RuntimeLost(f"{self._id}: {reason}"))
 
     async def _watch_process(self) -> None:
-        pid = self._browser_pid
+        pid = self._engine.browser_pid
         if pid is None:
             return
-        # Polled: the browser is chromedriver's child, not ours, so there is no wait() to block
+        # Polled: the browser may be a driver's child, not ours, so there is no wait() to block
         # in, and a pidfd would tie this to Linux >= 5.3 for little gain at 4 polls a second.
         while True:
             if not is_alive(pid):
@@ -452,22 +409,23 @@ class BrowserRuntime:
 
     async def _check_page(self) -> None:
         """After the socket dropped: a crashed renderer is gone for good, a cut one is not."""
-        driver = self._driver
-        if driver is None or self._lost is not None:
+        if self._lost is not None or self._closing:
             return
-        if self._browser_pid is None or not is_alive(self._browser_pid):
+        pid = self._engine.browser_pid
+        if pid is None or not is_alive(pid):
             return  # the whole browser went; the process watch reports that
         try:
-            await asyncio.wait_for(
-                asyncio.to_thread(driver.execute_script, "return 1"), timeout=_CDP_TIMEOUT_S
+            message = await asyncio.wait_for(
+                asyncio.to_thread(self._engine.crash_message), timeout=_CDP_TIMEOUT_S
             )
-        except WebDriverException as exc:
-            if "crash" in str(exc).lower() and self._lost is None and not self._closing:
-                message = (exc.msg or str(exc)).splitlines()[0]
-                self._mark_lost(f"page crashed: {message}")
-                self._emit(BrowserEventKind.PAGE_CRASHED, message)
+        except PageGone:
+            return  # closing, or the whole browser going: reported elsewhere
         except TimeoutError:
             log.info("page check timed out", extra={"browser_id": self._id})
+            return
+        if message is not None and self._lost is None and not self._closing:
+            self._mark_lost(f"page crashed: {message}")
+            self._emit(BrowserEventKind.PAGE_CRASHED, message)
 
     # --- the page's socket --------------------------------------------------
 
@@ -508,6 +466,8 @@ class BrowserRuntime:
         assert self._hello is not None
         if not self._hello.done():
             self._capabilities = capabilities_from_page(hello.get("capabilities") or {})
+            self._capabilities.engine = self._engine.name
+            self._capabilities.engine_version = self._engine.version
             self._hello.set_result(hello)
             return
         held = set(hello.get("handles") or [])
@@ -706,35 +666,32 @@ class BrowserRuntime:
 
     # --- fault hooks --------------------------------------------------------
 
-    def _cdp(self, command: str, args: dict[str, Any]) -> dict[str, Any]:
-        if self._driver is None:
-            raise RuntimeLost(f"{self._id} has no driver")
-        result: dict[str, Any] = self._driver.execute_cdp_cmd(command, args)
-        return result
-
     async def crash_page(self) -> None:
-        """Crash the page's renderer (CDP ``Page.crash``); its shards are lost."""
+        """Crash the page's renderer (Chromium: CDP ``Page.crash``; Firefox: the page's
+        content process is killed); its shards are lost."""
         self._connection()
         try:
             await asyncio.wait_for(
-                asyncio.to_thread(self._cdp, "Page.crash", {}), timeout=_CDP_TIMEOUT_S
+                asyncio.to_thread(self._engine.crash_page), timeout=_CDP_TIMEOUT_S
             )
-        except (WebDriverException, TimeoutError) as exc:
+        except (PageGone, TimeoutError) as exc:
             # The command's own target dies under it, so an error here is the expected answer.
-            log.debug("Page.crash answered with an error", extra={"error": str(exc)})
+            log.debug("the page crash answered with an error", extra={"error": str(exc)})
 
     async def kill(self) -> None:
         """SIGKILL the browser's whole process tree, as an out-of-memory killer would."""
-        if self._browser_pid is None:
+        pid = self._engine.browser_pid
+        if pid is None:
             raise RuntimeLost(f"{self._id} was never launched")
-        await asyncio.to_thread(kill_tree, self._browser_pid)
+        await asyncio.to_thread(kill_tree, pid)
 
     async def set_offline(self, offline: bool) -> None:
         """Cut the page off the agent (or reconnect it) as a network loss would.
 
-        CDP ``Network.emulateNetworkConditions`` with ``offline`` is applied for real,
-        but Chromium does not close a WebSocket that is already open when it goes
-        offline (it only fails new connections), so the cut is completed from the
+        The engine's own emulation (Chromium: CDP ``Network.emulateNetworkConditions``;
+        Firefox: BiDi ``emulation.setNetworkConditions``) is applied for real, but a
+        browser does not close a WebSocket that is already open when it goes offline
+        (it only fails new connections), so the cut is completed from the
         agent's side: the server closes the page's socket and refuses new ones until
         ``set_offline(False)``. The page keeps its shards and reconnects by itself
         once allowed (event ``page_reconnected``).
@@ -743,9 +700,13 @@ class BrowserRuntime:
         self._offline = offline
 
         async def emulate() -> None:
-            await asyncio.wait_for(
-                asyncio.to_thread(self._emulate_offline, offline), timeout=_CDP_TIMEOUT_S
-            )
+            try:
+                await asyncio.wait_for(
+                    asyncio.to_thread(self._engine.emulate_offline, offline),
+                    timeout=_CDP_TIMEOUT_S,
+                )
+            except PageGone as exc:
+                raise RuntimeLost(f"{self._id}: {exc}") from exc
 
         if offline:
             # The cut first: it takes effect at once, and activations in flight fail
@@ -766,13 +727,6 @@ class BrowserRuntime:
                 await emulate()
             finally:
                 self._server.accept_sockets = True
-
-    def _emulate_offline(self, offline: bool) -> None:
-        self._cdp("Network.enable", {})
-        self._cdp(
-            "Network.emulateNetworkConditions",
-            {"offline": offline, "latency": 0, "downloadThroughput": -1, "uploadThroughput": -1},
-        )
 
     async def allocate_memory(self, size_bytes: int) -> int:
         """Allocate and touch ``size_bytes`` in the page, kept until ``release_memory``.

@@ -10,7 +10,9 @@ SIGKILLed: the kernel closes its end either way) or the agent's pid is gone,
 the watchdog SIGKILLs the registered process groups and trees and every process
 whose command line names DIR (the browser's working folder, which holds its
 profile and chromedriver's log, so both chromedriver's and Chromium's command
-lines contain it), repeats until none is left, removes DIR and exits.
+lines contain it) or whose environment has WEBSHARD_BROWSER_LAUNCH=DIR (Firefox's
+content processes name no profile; they inherit the variable from Firefox),
+repeats until none is left, removes DIR and exits.
 
 Chromium does not die with chromedriver (it is re-parented to init), and
 PR_SET_PDEATHSIG is no answer either: it fires when the launching *thread*
@@ -35,6 +37,10 @@ import psutil
 MARKER_ENV = "WEBSHARD_WATCHDOG_MARKER"
 """The environment variable that carries the launch's working folder to the watchdog."""
 
+LAUNCH_ENV = "WEBSHARD_BROWSER_LAUNCH"
+"""The environment variable a browser is started with, set to its launch's working folder,
+for browsers whose child processes do not name it on their command lines."""
+
 _SWEEP_DEADLINE_S = 10.0
 _PARENT_POLL_S = 1.0
 
@@ -46,9 +52,15 @@ def _marked(marker: str) -> list[psutil.Process]:
         if proc.info["pid"] == me or proc.info["status"] == psutil.STATUS_ZOMBIE:
             continue
         cmdline = proc.info["cmdline"] or []
-        if any(marker in part for part in cmdline):
+        if any(marker in part for part in cmdline) or _launched_in(proc) == marker:
             found.append(proc)
     return found
+
+
+def _launched_in(proc: psutil.Process) -> str | None:
+    with contextlib.suppress(psutil.Error):
+        return proc.environ().get(LAUNCH_ENV)
+    return None
 
 
 def sweep(marker: str, pgids: set[int], pids: set[int]) -> int:

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from webshard.cli.local import (
+    ENGINES,
     ClusterError,
     LocalCluster,
     default_data_dir,
@@ -27,6 +28,16 @@ from webshard.cli.local import (
 )
 from webshard.errors import RPCError
 from webshard.options import CLUSTER_TOKEN_ENV
+
+
+def _engines(text: str) -> list[str]:
+    engines = [e.strip() for e in text.split(",") if e.strip()]
+    unknown = [e for e in engines if e not in ENGINES]
+    if not engines or unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown engine {(unknown or [text])[0]!r}; engines: {', '.join(ENGINES)}"
+        )
+    return engines
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -44,6 +55,7 @@ def _up(args: argparse.Namespace) -> int:
                     str(args.standby),
                 ]
             },
+            engines=args.engines,
         )
     except ClusterError as exc:
         print(f"webshard up: {exc}", file=sys.stderr)
@@ -197,8 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="start a local cluster on loopback")
     up.add_argument("--agents", type=int, default=2, help="browser agents to start [2]")
+    up.add_argument("--browsers", type=int, default=1, help="headless browsers per agent [1]")
     up.add_argument(
-        "--browsers", type=int, default=1, help="headless Chromium instances per agent [1]"
+        "--engines",
+        type=_engines,
+        default=["chromium"],
+        help=f"browser engines, comma-separated, that the agents take in turn "
+        f"({', '.join(ENGINES)}) [chromium]",
     )
     up.add_argument(
         "--standby", type=int, default=0, help="pre-launched standby browsers per agent [0]"

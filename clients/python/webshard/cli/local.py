@@ -41,6 +41,8 @@ DEFAULT_PORTS = {
     "metrics": 50055,
 }
 DASHBOARD_PORT = 8080
+ENGINES = ("chromium", "firefox")
+"""The browser engines an agent runs (``--engine``)."""
 
 
 def default_data_dir() -> Path:
@@ -114,10 +116,15 @@ def plan(
     host: str = "127.0.0.1",
     auto_ports: bool = False,
     extra_args: dict[str, list[str]] | None = None,
+    engines: Sequence[str] = (),
 ) -> list[ProcessInfo]:
-    """The processes of a cluster, with their ports and command-line arguments."""
+    """The processes of a cluster, with their ports and command-line arguments. Agents
+    take ``engines`` in turn (none given: each agent's own default, Chromium)."""
     if agents < 1:
         raise ClusterError("a cluster needs at least one agent")
+    unknown = [e for e in engines if e not in ENGINES]
+    if unknown:
+        raise ClusterError(f"unknown browser engine {unknown[0]!r}; engines: {', '.join(ENGINES)}")
     used: set[int] = set()
 
     def port_for(service: str, index: int) -> int:
@@ -169,6 +176,7 @@ def plan(
                 coordinator_list,
                 "--data-dir",
                 str(data_dir / f"agent-{i}"),
+                *(["--engine", engines[i % len(engines)]] if engines else []),
             ],
         )
     injector = add("fault-injector", "fault_injector", 0, ["--coordinators", coordinator_list])
@@ -232,6 +240,7 @@ class LocalCluster:
         auto_ports: bool = False,
         python: str = sys.executable,
         extra_args: dict[str, list[str]] | None = None,
+        engines: Sequence[str] = (),
         env: dict[str, str] | None = None,
         cluster_token: str | None = None,
     ) -> None:
@@ -244,6 +253,7 @@ class LocalCluster:
             host=host,
             auto_ports=auto_ports,
             extra_args=extra_args,
+            engines=engines,
         )
         self._python = python
         tokens = {CLUSTER_TOKEN_ENV: cluster_token} if cluster_token else {}

@@ -546,8 +546,14 @@ class Capabilities(_message.Message):
     WASM_FIELD_NUMBER: _builtins.int
     USER_AGENT_FIELD_NUMBER: _builtins.int
     EXECUTION_PROVIDERS_FIELD_NUMBER: _builtins.int
+    ENGINE_FIELD_NUMBER: _builtins.int
+    ENGINE_VERSION_FIELD_NUMBER: _builtins.int
     user_agent: _builtins.str
     """user_agent is the browser's user agent string; empty for the native runtime."""
+    engine: _builtins.str
+    """engine is the browser engine ("chromium" or "firefox"); empty for the native runtime."""
+    engine_version: _builtins.str
+    """engine_version is the browser's version as its driver reports it."""
     @_builtins.property
     def webgpu(self) -> Global___WebGpuAdapter:
         """webgpu is the WebGPU adapter, if any."""
@@ -572,10 +578,12 @@ class Capabilities(_message.Message):
         wasm: Global___WasmSupport | None = ...,
         user_agent: _builtins.str = ...,
         execution_providers: _abc.Iterable[Global___ExecutionProvider.ValueType] | None = ...,
+        engine: _builtins.str = ...,
+        engine_version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["wasm", b"wasm", "webgpu", b"webgpu", "webnn", b"webnn"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["execution_providers", b"execution_providers", "user_agent", b"user_agent", "wasm", b"wasm", "webgpu", b"webgpu", "webnn", b"webnn"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["engine", b"engine", "engine_version", b"engine_version", "execution_providers", b"execution_providers", "user_agent", b"user_agent", "wasm", b"wasm", "webgpu", b"webgpu", "webnn", b"webnn"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

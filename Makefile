@@ -21,12 +21,14 @@ help: ## list the targets
 
 setup: system-packages $(VENV)/.installed node_modules/.installed ## venv, Python and npm packages, Chromium and Firefox (idempotent)
 
-# Debian's chromium and chromium-driver (the Chromium engine) and firefox-esr (the
-# Firefox engine), where apt exists and they are missing.
-SYSTEM_PACKAGES := /usr/bin/chromium:chromium /usr/bin/chromedriver:chromium-driver /usr/bin/firefox-esr:firefox-esr
+# Debian's chromium and chromium-driver (the Chromium engine), firefox-esr (the
+# Firefox engine) and mesa-vulkan-drivers (lavapipe: Firefox's WebGPU adapter where
+# there is no GPU), where apt exists and they are missing: file:package.
+SYSTEM_PACKAGES := /usr/bin/chromium:chromium /usr/bin/chromedriver:chromium-driver \
+	/usr/bin/firefox-esr:firefox-esr /usr/share/vulkan/icd.d/lvp_icd.*.json:mesa-vulkan-drivers
 system-packages:
 	@missing=; for entry in $(SYSTEM_PACKAGES); do \
-	  [ -x "$${entry%%:*}" ] || missing="$$missing $${entry#*:}"; done; \
+	  ls $${entry%%:*} >/dev/null 2>&1 || missing="$$missing $${entry#*:}"; done; \
 	[ -n "$$missing" ] || exit 0; \
 	if ! command -v apt-get >/dev/null; then \
 	  echo "setup: install$$missing yourself (no apt-get here)"; exit 0; fi; \
@@ -73,8 +75,8 @@ format: setup ## apply buf format and ruff format
 test: setup ## the test suite (long soak and benchmark runs are left out: -m slow runs them)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-demo: setup ## the main job: the comparative fault-tolerance campaign on a local cluster (reports in campaign-results/)
-	$(VENV)/bin/webshard campaign --mode comparative --output-dir "$${WEBSHARD_DEMO_DIR:-campaign-results}"
+demo: setup ## the main job: the comparative fault-tolerance campaign on a local cluster of two Chromium agents and a Firefox one (reports in campaign-results/)
+	$(VENV)/bin/webshard campaign --mode comparative --engines chromium,firefox,chromium --output-dir "$${WEBSHARD_DEMO_DIR:-campaign-results}"
 
 images: ## build the container images (needs a Docker engine with BuildKit; none runs on a machine without one)
 	docker build -f docker/Dockerfile --target services -t $(IMAGE_REPO)webshard-services:$(IMAGE_TAG) .

@@ -58,6 +58,7 @@ class LoadedEntry:
             execution_provider=self.result.execution_provider,  # type: ignore[arg-type]
             execution_provider_reason=self.result.reason,
             runs=self.runs,
+            engine=self.runtime.engine,
         )
 
 

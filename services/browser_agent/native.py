@@ -41,6 +41,7 @@ class NativeRuntime:
     """Python onnxruntime, one session per loaded shard, runs in worker threads."""
 
     runtime_id = "native"
+    engine = "native"
 
     def __init__(self, intra_op_threads: int = 1) -> None:
         self._threads = intra_op_threads

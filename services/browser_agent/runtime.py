@@ -71,6 +71,11 @@ class ShardRuntime(Protocol):
         """The browser id (``browser-0``) or ``native``."""
         ...
 
+    @property
+    def engine(self) -> str:
+        """``chromium`` or ``firefox`` for a browser, ``native`` for the native runtime."""
+        ...
+
     def info(self) -> common_pb2.BrowserInfo:
         """State, capabilities, pid, process-tree memory and loaded shards."""
         ...

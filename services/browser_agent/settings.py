@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from services.browser_agent.browser.engines import ENGINES, missing_binaries
+from services.browser_agent.browser.engines import missing_binaries
 from services.browser_agent.browser.options import BrowserOptions
+from services.common.engines import ENGINES
 from services.common.settings import ServerSettings, SettingsError, setting
 
 DEFAULT_PORT = 50052

@@ -1,8 +1,8 @@
 """``webshard campaign``: the fault-tolerance campaign, from the command line.
 
 Without ``--target`` it brings up a local cluster (three coordinators, agents
-with headless Chromium and warm standbys, the fault-injector, recovery and
-metrics) in the output directory and stops it at the end.
+with headless browsers of ``--engines`` and warm standbys, the fault-injector,
+recovery and metrics) in the output directory and stops it at the end.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TextIO
+
+from webshard.cli.local import ENGINES, parse_engines
 
 from services.campaign.runner import (
     Addresses,
@@ -78,6 +80,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--intensity", default="moderate", choices=("mild", "moderate", "severe"))
     parser.add_argument("--fault-duration-s", type=float, default=3.0)
     parser.add_argument("--agents", type=int, default=3, help="agents of the local cluster")
+    parser.add_argument(
+        "--engines",
+        type=parse_engines,
+        default=["chromium"],
+        help=f"the local cluster's browser engines, comma-separated, that its agents take "
+        f"in turn ({', '.join(ENGINES)}) [chromium]",
+    )
     parser.add_argument("--output-dir", type=Path, default=Path("campaign-results"))
     parser.add_argument(
         "--target",
@@ -153,6 +162,7 @@ COLUMNS: tuple[tuple[str, Callable[[Cell], str]], ...] = (
     ("wrong", lambda c: str(c.wrong)),
     ("failed", lambda c: str(c.lost)),
     ("EP", lambda c: c.ep),
+    ("engines", lambda c: ", ".join(f"{e} {n}" for e, n in sorted(c.engines.items())) or "-"),
 )
 """The campaign table: p50/p95 count from detection to the verified answer, "from
 effect" from the fault's first effect (detection included); detect is first effect
@@ -254,6 +264,7 @@ def main(args: argparse.Namespace) -> int:
         data_dir=output_dir / "cluster",
         auto_ports=True,
         extra_args={"browser_agent": agent_args},
+        engines=args.engines if plan.runtime == "browser" else (),
     )
     print(f"starting a local cluster in {cluster.data_dir} ...", file=sys.stderr)
     cluster.start(timeout=300)

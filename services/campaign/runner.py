@@ -174,6 +174,8 @@ class Answer:
     recovered: bool
     ep: str
     error: str = ""
+    engines: str = ""
+    """The engines its shards ran on, sorted and comma-separated."""
 
 
 @dataclass
@@ -224,6 +226,8 @@ class Cell:
     wrong: int = 0
     lost: int = 0
     ep: str = ""
+    engines: dict[str, int] = field(default_factory=dict)
+    """Recoveries by the engine of the browser that failed."""
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -331,6 +335,8 @@ class Campaign:
         self._ep = ""
         self._spares: dict[int, int] = {}
         """Spares per shard as deployed."""
+        self._engines: dict[str, str] = {}
+        """Each agent's engine (an agent runs one): what a recovery on it ran on."""
 
     async def close(self) -> None:
         """Close every client."""
@@ -359,7 +365,7 @@ class Campaign:
 
     def cells(self) -> list[Cell]:
         """The figures of every scenario x strategy cell, in plan order."""
-        return cells_of(self.plan, self.iterations, self.answers, self._ep)
+        return cells_of(self.plan, self.iterations, self.answers, self._ep, self._engines)
 
     # --- steps ----------------------------------------------------------------
 
@@ -385,6 +391,9 @@ class Campaign:
         }
         self._ep = ",".join(sorted(providers))
         self._spares = {shard.shard.index: len(shard.spares) for shard in placement.shards}
+        for agent in await self._client.list_agents():
+            found = {b.capabilities.engine for b in agent.browsers} - {""}
+            self._engines[agent.agent_id] = ",".join(sorted(found)) or "native"
         # A recovery still running from the cell before may take a spare over at once:
         # the first fault waits for the spares as every later one does.
         await self._settle(time.monotonic() + plan.settle_timeout_s)
@@ -443,6 +452,7 @@ class Campaign:
                     cosine >= MIN_COSINE,
                     result.recovered,
                     ",".join(sorted({hop.execution_provider for hop in result.trail})),
+                    engines=",".join(sorted({hop.engine for hop in result.trail} - {""})),
                 )
             )
 
@@ -607,6 +617,7 @@ class Campaign:
                             self._ep,
                             self.run_id,
                             breakers_enabled=self._addresses.breakers_enabled,
+                            engine=self._engines.get(recovery.report.agent_id, ""),
                         )
                     )
                 )
@@ -648,6 +659,7 @@ def _recovery_record(
     run_id: str,
     *,
     breakers_enabled: bool,
+    engine: str = "",
 ) -> metrics_pb2.RecoveryRecord:
     return metrics_pb2.RecoveryRecord(
         recovery_id=recovery.recovery_id,
@@ -676,6 +688,7 @@ def _recovery_record(
         redundancy_restored=recovery.redundancy_restored
         if recovery.HasField("redundancy_restored")
         else None,
+        engine=engine,
     )
 
 
@@ -691,13 +704,19 @@ def _request_record(answer: Answer, model: str, run_id: str) -> metrics_pb2.Requ
         recovered=answer.recovered,
         run_id=run_id,
         execution_provider=_provider(answer.ep),
+        engines=answer.engines,
     )
 
 
 def cells_of(
-    plan: Plan, iterations: Sequence[Iteration], answers: Sequence[Answer], ep: str
+    plan: Plan,
+    iterations: Sequence[Iteration],
+    answers: Sequence[Answer],
+    ep: str,
+    engines: Mapping[str, str] | None = None,
 ) -> list[Cell]:
-    """The figures of every scenario x strategy cell of a run, in plan order."""
+    """The figures of every scenario x strategy cell of a run, in plan order; ``engines``
+    names each agent's engine (a recovery counts for its failed browser's agent)."""
     cells = {  # in plan order: by scenario, then strategy
         (scenario, strategy): Cell(scenario, strategy, ep=ep)
         for scenario in plan.scenarios
@@ -718,6 +737,9 @@ def cells_of(
         )
         for recovery in it.recoveries:
             cell.recoveries += 1
+            engine = (engines or {}).get(recovery.report.agent_id)
+            if engine:
+                cell.engines[engine] = cell.engines.get(engine, 0) + 1
             if recovery.recovery_id not in retries:
                 cell.failures += 1
                 cell.recovered += _ends_in_success(recovery, attempts)

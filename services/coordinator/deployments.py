@@ -19,7 +19,7 @@ import functools
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +30,7 @@ from webshard.coordinator.v1 import coordinator_pb2 as pb
 from webshard.recovery.v1 import recovery_pb2
 from webshard.tensors import encode_tensor
 
+from services.common.engines import ENGINES
 from services.common.errors import DomainError
 from services.common.failures import FailureReporter, failure_kind
 from services.common.pulse import Pulse
@@ -53,6 +54,7 @@ from services.coordinator.placement import (
     candidates_from,
     choose_takeover,
     crowded_spare,
+    engine_of,
     place,
     place_spares,
     spare_slot,
@@ -158,6 +160,7 @@ def loaded_replica(
         execution_provider_reason=loaded.shard.execution_provider_reason,
         healthy=True,
         spare=spare,
+        engine=loaded.shard.engine,
     )
 
 
@@ -187,6 +190,7 @@ def deployment_of(
             browser_id=r.browser_id,
             handle=r.handle,
             execution_provider=r.execution_provider,
+            engine=r.engine,
         )
 
     stages = [
@@ -436,6 +440,7 @@ class Deployments:
                 sharing,
                 old,
                 whole_agent=not browser_id,
+                engines=current.engines,
             )
             if destination is None and time.monotonic() < deadline:
                 # The registry learns of browsers from the agents' status reports; a
@@ -449,7 +454,12 @@ class Deployments:
                 # failure, an open breaker, a recovery under way) beats leaving the shard
                 # a replica short; one with a fault in force never takes it.
                 destination = self._destination(
-                    native, holding | self._faulty(), sharing, old, whole_agent=not browser_id
+                    native,
+                    holding | self._faulty(),
+                    sharing,
+                    old,
+                    whole_agent=not browser_id,
+                    engines=current.engines,
                 )
             if destination is None:
                 raise DeployError(
@@ -475,15 +485,7 @@ class Deployments:
                 holding.add((dest_agent, dest_browser))  # not again
                 continue
             break
-        replica = pb.ShardReplica(
-            agent_id=dest_agent,
-            browser_id=loaded.browser_id,
-            handle=loaded.shard.handle,
-            execution_provider=loaded.shard.execution_provider,
-            execution_provider_reason=loaded.shard.execution_provider_reason,
-            healthy=True,
-        )
-        return Replacement(model, shard_index, replica, old, standby)
+        return Replacement(model, shard_index, loaded_replica(dest_agent, loaded), old, standby)
 
     def placement_after(self, replacement: Replacement) -> pb.Placement | None:
         """The model's placement as it is now, with the replacement swapped in; None when
@@ -563,6 +565,7 @@ class Deployments:
         old: pb.ShardReplica,
         *,
         whole_agent: bool,
+        engines: Collection[str] = (),
     ) -> tuple[str, str, bool] | None:
         load: dict[tuple[str, str], int] = {}
         for deployment in self.models.values():
@@ -579,6 +582,8 @@ class Deployments:
                     continue
                 if key == (old.agent_id, old.browser_id):
                     continue
+                if engines and engine_of(browser) not in engines:
+                    continue  # the deploy asked for other engines
                 if native:
                     if browser.runtime != common_pb2.RUNTIME_NATIVE:
                         continue
@@ -653,6 +658,12 @@ class Deployments:
                 grpc.StatusCode.INVALID_ARGUMENT,
                 "shard_count and replicas must be positive and standby_count not negative",
             )
+        unknown = [e for e in request.engines if e not in ENGINES]
+        if unknown:
+            raise DeployError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"unknown browser engine {unknown[0][:64]!r}; engines: {', '.join(ENGINES)}",
+            )
         try:
             model_info(request.model)
         except UnknownModel as exc:
@@ -682,6 +693,7 @@ class Deployments:
                 runtime=request.runtime,
                 provider=request.execution_provider,
                 candidates=candidates,
+                engines=request.engines,
             )
             spare_slots = place_spares(
                 sizes,
@@ -690,6 +702,7 @@ class Deployments:
                 runtime=request.runtime,
                 provider=request.execution_provider,
                 candidates=candidates,
+                engines=request.engines,
             )
         except PlacementError as exc:
             raise DeployError(grpc.StatusCode[exc.code], str(exc)) from exc
@@ -724,6 +737,7 @@ class Deployments:
             recovery_strategy=request.recovery_strategy,
             deploy_id=request.request_id,
             spares=DEFAULT_SPARES if asked is None else asked,
+            engines=request.engines,
         )
         copies = [
             (i, spare, loaded_replica(slot.agent_id, r, spare=spare))
@@ -1199,7 +1213,12 @@ class Deployments:
         native = any(r.browser_id == NATIVE_RUNTIME_ID for r in shard.replicas)
         kind = common_pb2.RUNTIME_NATIVE if native else common_pb2.RUNTIME_BROWSER
         agents = [self._registry.to_proto(r) for r in self._registry.agents()]
-        candidates = [c for c in candidates_from(agents, self.used_bytes()) if c.runtime == kind]
+        engines = deployment.placement.engines
+        candidates = [
+            c
+            for c in candidates_from(agents, self.used_bytes())
+            if c.runtime == kind and (not engines or c.engine in engines)
+        ]
         load = Load.of(
             [
                 *(

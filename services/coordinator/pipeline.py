@@ -66,6 +66,8 @@ class Replica:
     handle: str
     execution_provider: int
     healthy: bool = True
+    engine: str = ""
+    """``chromium``, ``firefox`` or ``native``; empty where a placement predates it."""
 
 
 @dataclass(frozen=True)
@@ -430,6 +432,7 @@ def _timing(
         compute=duration(compute_ms / 1000),
         hop=duration(time.monotonic() - hop_started),
         attempts=attempt,
+        engine=replica.engine,
     )
 
 

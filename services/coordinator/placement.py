@@ -54,6 +54,7 @@ class Candidate:
     fallback_adapter: bool  # its WebGPU adapter is a software fallback
     free_bytes: int  # the agent's memory budget left
     standby: bool = False  # a warm standby, kept for recovery unless it spreads replicas
+    engine: str = ""  # "chromium", "firefox" or "native"
 
 
 @dataclass(frozen=True)
@@ -115,9 +116,17 @@ def candidates_from(
                     fallback_adapter=browser.capabilities.webgpu.is_fallback_adapter,
                     free_bytes=free,
                     standby=browser.state == common_pb2.BROWSER_STATE_STANDBY,
+                    engine=engine_of(browser),
                 )
             )
     return out
+
+
+def engine_of(browser: common_pb2.BrowserInfo) -> str:
+    """A runtime's engine: its browser's, or ``native`` for the native runtime."""
+    if browser.runtime == common_pb2.RUNTIME_NATIVE:
+        return "native"
+    return browser.capabilities.engine
 
 
 def place(
@@ -127,11 +136,17 @@ def place(
     runtime: int,
     provider: int,
     candidates: Sequence[Candidate],
+    engines: Collection[str] = (),
 ) -> list[list[Slot]]:
-    """Choose ``replicas`` runtimes for each shard; raise PlacementError when impossible."""
+    """Choose ``replicas`` runtimes for each shard; raise PlacementError when impossible.
+
+    ``engines`` (empty: any) keeps to browsers of those engines; each shard's copies
+    go to different agents first, then to different engines, and each shard away
+    from the agents and engines of the one before it.
+    """
     if replicas < 1:
         raise PlacementError("replicas must be at least 1", "INVALID_ARGUMENT")
-    usable = usable_candidates(candidates, runtime=runtime, provider=provider)
+    usable = usable_candidates(candidates, runtime=runtime, provider=provider, engines=engines)
     if replicas > len(usable):
         raise PlacementError(
             f"{replicas} replicas per shard need {replicas} distinct runtimes; "
@@ -141,6 +156,7 @@ def place(
     load = Load()
     placement: list[list[Slot]] = []
     previous_agents: set[str] = set()
+    previous_engines: set[str] = set()
     for index, size in enumerate(shard_sizes):
         chosen: list[Candidate] = []
         for _ in range(replicas):
@@ -156,13 +172,16 @@ def place(
                     "RESOURCE_EXHAUSTED",
                 )
             chosen_agents = {c.agent_id for c in chosen}
+            chosen_engines = {c.engine for c in chosen}
             best = min(
                 fits,
                 key=lambda c: (
                     c.agent_id in chosen_agents,  # replicas on different agents first
+                    c.engine in chosen_engines,  # and engines
                     # then ready runtimes before standbys this placement has not taken yet
                     c.standby and not load.shards_by_runtime[(c.agent_id, c.browser_id)],
                     c.agent_id in previous_agents,  # then away from the previous shard
+                    c.engine in previous_engines,
                     load.shards_by_runtime[(c.agent_id, c.browser_id)],
                     load.bytes_by_agent[c.agent_id],
                     c.fallback_adapter,  # a real GPU adapter before a software one
@@ -173,18 +192,32 @@ def place(
             chosen.append(best)
             load.add(Slot(best.agent_id, best.browser_id), size)
         previous_agents = {chosen[0].agent_id}
+        previous_engines = {chosen[0].engine}
         placement.append([Slot(c.agent_id, c.browser_id) for c in chosen])
     return placement
 
 
 def usable_candidates(
-    candidates: Sequence[Candidate], *, runtime: int, provider: int
+    candidates: Sequence[Candidate],
+    *,
+    runtime: int,
+    provider: int,
+    engines: Collection[str] = (),
 ) -> list[Candidate]:
-    """The candidates of the runtime kind and provider asked for; PlacementError when none."""
+    """The candidates of the runtime kind, provider and engines (empty: any) asked for;
+    PlacementError when none."""
     usable = [c for c in candidates if runtime in (common_pb2.RUNTIME_UNSPECIFIED, c.runtime)]
     if not usable:
         kind = common_pb2.Runtime.Name(runtime)  # type: ignore[arg-type]
         raise PlacementError(f"no healthy agent offers a ready runtime of kind {kind}")
+    if engines:
+        present = sorted({c.engine for c in usable})
+        usable = [c for c in usable if c.engine in engines]
+        if not usable:
+            raise PlacementError(
+                f"no healthy agent offers a ready browser of engine {' or '.join(engines)} "
+                f"(the fleet's engines: {', '.join(present)})"
+            )
     if provider != EP.EXECUTION_PROVIDER_UNSPECIFIED:
         usable = [c for c in usable if provider in c.providers]
         if not usable:
@@ -204,8 +237,10 @@ def place_spares(
     runtime: int,
     provider: int,
     candidates: Sequence[Candidate],
+    engines: Collection[str] = (),
 ) -> list[list[Slot]]:
-    """Choose each shard's hot spares, after its replicas (``serving``, as ``place`` chose).
+    """Choose each shard's hot spares, after its replicas (``serving``, as ``place`` chose),
+    on browsers of ``engines`` (empty: any).
 
     ``spares`` None asks for the default, DEFAULT_SPARES where the fleet has room: a
     shard with no runtime (or memory) left gets fewer, and standbys are left for
@@ -217,7 +252,7 @@ def place_spares(
     wanted = DEFAULT_SPARES if spares is None else spares
     if wanted == 0:
         return [[] for _ in shard_sizes]
-    usable = usable_candidates(candidates, runtime=runtime, provider=provider)
+    usable = usable_candidates(candidates, runtime=runtime, provider=provider, engines=engines)
     replicas = max((len(s) for s in serving), default=0)
     free_runtimes = max(0, len(usable) - replicas)
     if wanted < 0:

@@ -53,6 +53,7 @@ TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
         "run_id",
         "breakers_enabled",
         "redundancy_restored_ms",
+        "engine",
     ),
     "recovery_phases": (
         "recovery_id",
@@ -75,6 +76,7 @@ TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
         "recovered",
         "run_id",
         "execution_provider",
+        "engines",
     ),
     "breaker_transitions": ("target_id", "from_state", "to_state", "changed_at", "reason"),
     "agent_samples": ("agent_id", "sampled_at", "browsers", "memory_used_bytes", "in_flight"),
@@ -202,6 +204,7 @@ def _rows(event: pb.Event, where: int) -> Iterable[tuple[str, tuple[Any, ...]]]:
                 _duration_ms(r.redundancy_restored, where, "redundancy restored")
                 if r.HasField("redundancy_restored")
                 else None,
+                r.engine,
             ),
         )
         for position, phase in enumerate(r.phases):
@@ -233,6 +236,7 @@ def _rows(event: pb.Event, where: int) -> Iterable[tuple[str, tuple[Any, ...]]]:
                 q.recovered,
                 q.run_id,
                 _enum(_PROVIDERS, q.execution_provider),
+                q.engines,
             ),
         )
     elif kind == "fault":

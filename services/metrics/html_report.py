@@ -159,6 +159,11 @@ def _cell_rows(row: SummaryRow, recoveries: Iterable[Row]) -> list[Row]:
     ]
 
 
+def engines(row: SummaryRow) -> str:
+    """The engines a cell's recoveries ran on, with their counts; a dash when unknown."""
+    return ", ".join(f"{name} {n}" for name, n in sorted(row.engines.items())) or "—"
+
+
 def ms(value: float | None) -> str:
     """Milliseconds to one decimal; a dash for a figure that has no value."""
     return "—" if value is None else f"{value:.1f}"
@@ -169,18 +174,18 @@ def summary_table(summary: Sequence[SummaryRow]) -> str:
     head = (
         "<thead><tr><th>scenario</th><th>strategy</th><th>recoveries</th>"
         "<th>success rate</th><th>p50 ms</th><th>p95 ms</th><th>max ms</th>"
-        "<th>redundancy restored p50 ms</th><th>p95 ms</th></tr></thead>"
+        "<th>redundancy restored p50 ms</th><th>p95 ms</th><th>engines</th></tr></thead>"
     )
     rows = [
         f"<tr><td>{escape(scenario)}</td><td>{escape(strategy)}</td><td>{row.count}</td>"
         f"<td>{row.success_rate:.1%}</td><td>{row.p50_ms:.1f}</td><td>{row.p95_ms:.1f}</td>"
         f"<td>{row.max_ms:.1f}</td><td>{ms(row.redundancy_restored_p50_ms)}</td>"
-        f"<td>{ms(row.redundancy_restored_p95_ms)}</td></tr>"
+        f"<td>{ms(row.redundancy_restored_p95_ms)}</td><td>{escape(engines(row))}</td></tr>"
         for row in summary
         for scenario, strategy in [_cell(row)]
     ]
     if not rows:
-        rows = ['<tr><td colspan="9">(no recoveries recorded)</td></tr>']
+        rows = ['<tr><td colspan="10">(no recoveries recorded)</td></tr>']
     return f'<table class="summary">{head}<tbody>{"".join(rows)}</tbody></table>'
 
 

@@ -47,6 +47,7 @@ def _summary(row: SummaryRow) -> dict[str, Any]:
         "redundancy_restored": row.redundancy_restored,
         "redundancy_restored_p50_ms": row.redundancy_restored_p50_ms,
         "redundancy_restored_p95_ms": row.redundancy_restored_p95_ms,
+        "engines": row.engines,
     }
 
 
@@ -84,8 +85,8 @@ def render_markdown(
         f"# webshard recovery report{f' — run {run_id}' if run_id else ''}",
         "",
         "| scenario | strategy | recoveries | success rate | p50 ms | p95 ms | max ms "
-        "| redundancy restored p50 ms | p95 ms |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| redundancy restored p50 ms | p95 ms | engines |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in summary:
         scenario, strategy = _cell(row)
@@ -93,10 +94,10 @@ def render_markdown(
             f"| {scenario} | {strategy} | {row.count} | {row.success_rate:.1%} | "
             f"{row.p50_ms:.1f} | {row.p95_ms:.1f} | {row.max_ms:.1f} | "
             f"{html_report.ms(row.redundancy_restored_p50_ms)} | "
-            f"{html_report.ms(row.redundancy_restored_p95_ms)} |"
+            f"{html_report.ms(row.redundancy_restored_p95_ms)} | {html_report.engines(row)} |"
         )
     if not summary:
-        lines.append("| (no recoveries recorded) | | | | | | | | |")
+        lines.append("| (no recoveries recorded) | | | | | | | | | |")
     if tables is not None:
         transitions = len(tables.get("breaker_transitions", ()))
         lines += ["", f"Circuit breakers: {transitions} transition(s) recorded."]

@@ -161,6 +161,7 @@ class MetricsServicer(pb_grpc.MetricsServiceServicer):
                     redundancy_restored=row.redundancy_restored,
                     redundancy_restored_p50_ms=row.redundancy_restored_p50_ms or 0.0,
                     redundancy_restored_p95_ms=row.redundancy_restored_p95_ms or 0.0,
+                    engines=row.engines,
                 )
                 for row in rows
             ]

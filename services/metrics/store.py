@@ -16,7 +16,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ CREATE TABLE IF NOT EXISTS recoveries (
     recovery_id VARCHAR NOT NULL, fault_id VARCHAR, scenario VARCHAR, strategy VARCHAR,
     model VARCHAR, execution_provider VARCHAR, succeeded BOOLEAN, started_at TIMESTAMP,
     duration_ms DOUBLE, trace_id VARCHAR, run_id VARCHAR, breakers_enabled BOOLEAN,
-    redundancy_restored_ms DOUBLE, ingested_at TIMESTAMP NOT NULL);
+    redundancy_restored_ms DOUBLE, engine VARCHAR, ingested_at TIMESTAMP NOT NULL);
 CREATE TABLE IF NOT EXISTS recovery_phases (
     recovery_id VARCHAR NOT NULL, run_id VARCHAR, started_at TIMESTAMP, position INTEGER,
     name VARCHAR, level VARCHAR, duration_ms DOUBLE, ok BOOLEAN,
@@ -44,7 +44,7 @@ CREATE TABLE IF NOT EXISTS recovery_phases (
 CREATE TABLE IF NOT EXISTS requests (
     request_id VARCHAR NOT NULL, model VARCHAR, started_at TIMESTAMP, latency_ms DOUBLE,
     ok BOOLEAN, correct BOOLEAN, checked BOOLEAN, recovered BOOLEAN, run_id VARCHAR,
-    execution_provider VARCHAR, ingested_at TIMESTAMP NOT NULL);
+    execution_provider VARCHAR, engines VARCHAR, ingested_at TIMESTAMP NOT NULL);
 CREATE TABLE IF NOT EXISTS breaker_transitions (
     target_id VARCHAR NOT NULL, from_state VARCHAR, to_state VARCHAR, changed_at TIMESTAMP,
     reason VARCHAR, ingested_at TIMESTAMP NOT NULL);
@@ -64,13 +64,16 @@ CREATE TABLE IF NOT EXISTS webshard_metadata (key VARCHAR PRIMARY KEY, value VAR
 APPLICATION = "webshard-metrics"
 """What ``webshard_metadata`` says under ``application`` in a file webshard created."""
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """The schema this build writes. Version 1 (before ``webshard_metadata`` and
-``delivery_losses``) is recognised by its tables and upgraded, as is version 2
-(before ``recoveries.redundancy_restored_ms``); a higher version is a file from a
-newer webshard and is refused."""
+``delivery_losses``) is recognised by its tables and upgraded, as are version 2
+(before ``recoveries.redundancy_restored_ms``) and 3 (before the engine columns); a
+higher version is a file from a newer webshard and is refused."""
 
-ADDED_COLUMNS = {"recoveries": {"redundancy_restored_ms": "DOUBLE"}}
+ADDED_COLUMNS = {
+    "recoveries": {"redundancy_restored_ms": "DOUBLE", "engine": "VARCHAR"},
+    "requests": {"engines": "VARCHAR"},
+}
 """Columns added since version 2, per table: an older file gains them on opening."""
 
 _V1_TABLES = (
@@ -110,6 +113,7 @@ GROUP_FIELDS = (
     "strategy",
     "model",
     "execution_provider",
+    "engine",
     "run_id",
     "breakers_enabled",
 )
@@ -156,6 +160,8 @@ class SummaryRow:
     over these (None when there are none)."""
     redundancy_restored_p50_ms: float | None = None
     redundancy_restored_p95_ms: float | None = None
+    engines: dict[str, int] = field(default_factory=dict)
+    """The group's recoveries by the engine of the browser that failed (known ones)."""
 
 
 @dataclass(frozen=True)
@@ -295,7 +301,7 @@ class MetricsStore:
             f"SELECT {select} count(*), avg(succeeded::INTEGER), "
             "quantile_cont(duration_ms, 0.5), quantile_cont(duration_ms, 0.95), max(duration_ms), "
             "count(redundancy_restored_ms), quantile_cont(redundancy_restored_ms, 0.5), "
-            "quantile_cont(redundancy_restored_ms, 0.95) "
+            "quantile_cont(redundancy_restored_ms, 0.95), histogram(nullif(engine, '')) "
             f"FROM recoveries {where} {group}",
             params,
         ).fetchall()
@@ -316,6 +322,7 @@ class MetricsStore:
                     redundancy_restored=int(values[4]),
                     redundancy_restored_p50_ms=_optional(values[5]),
                     redundancy_restored_p95_ms=_optional(values[6]),
+                    engines={str(k): int(v) for k, v in (values[7] or {}).items()},
                 )
             )
         return result

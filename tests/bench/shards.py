@@ -1,12 +1,14 @@
 """`make bench-shards`: one shard's latency and throughput per model, runtime, provider and size.
 
 Each model runs as a single shard (its whole graph, cut once) in the native
-runtime (Python onnxruntime, CPU) and in one headless Chromium with
-onnxruntime-web's wasm and webgpu providers. Text models are measured at
-sequence lengths 8, 32 and 128; the vision and audio models at their one input
-size. Every row carries the largest absolute difference from the native output.
-On a machine without a GPU, Chromium's WebGPU adapter is SwiftShader, a
-software fallback; the rows say so in `adapter`.
+runtime (Python onnxruntime, CPU) and in one headless browser of each engine
+(Chromium, Firefox) with onnxruntime-web's wasm and webgpu providers (webgpu
+where the browser has an adapter). Text models are measured at sequence lengths
+8, 32 and 128; the vision and audio models at their one input size. Every row
+carries the largest absolute difference from the native output. On a machine
+without a GPU, Chromium's WebGPU adapter is SwiftShader and Firefox's is Mesa's
+lavapipe (with mesa-vulkan-drivers), both software fallbacks; the rows say so in
+`adapter`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from typing import Any
 import numpy as np
 from webshard.common.v1 import common_pb2
 
+from services.browser_agent.browser.engines import missing_binaries
+from services.browser_agent.browser.options import BrowserOptions
 from services.browser_agent.browser.runtime import BrowserRuntime
 from services.browser_agent.native import NativeRuntime
 from services.browser_agent.runtime import ShardRuntime
@@ -50,57 +54,60 @@ async def timed(
     return samples, result.outputs, runs / elapsed
 
 
-async def bench(models: list[str], runs: dict[str, int], cache: Path) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
-    native = NativeRuntime(intra_op_threads=1)
-    browser = BrowserRuntime("bench-0", cache / "shards")
+async def launch(engine: str, cache: Path) -> tuple[BrowserRuntime, str]:
+    """A browser of ``engine`` and its WebGPU adapter's name (software fallbacks said so)."""
+    browser = BrowserRuntime(
+        f"bench-{engine}", cache / "shards", options=BrowserOptions(engine=engine)
+    )
     await browser.launch()
     adapter = browser.capabilities.webgpu
-    adapter_name = f"{adapter.description or adapter.vendor or 'unknown'}" + (
-        " (software fallback)" if adapter.is_fallback_adapter else ""
-    )
+    # Firefox keeps its adapter's vendor and description to itself.
+    name = adapter.description or adapter.vendor or ("unnamed" if adapter.available else "none")
+    return browser, name + (" (software fallback)" if adapter.is_fallback_adapter else "")
+
+
+async def bench(
+    models: list[str], runs: dict[str, int], cache: Path, engines: list[str]
+) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    native = NativeRuntime(intra_op_threads=1)
+    browsers: dict[str, tuple[BrowserRuntime, str]] = {}
     try:
+        for engine in engines:
+            browsers[engine] = await launch(engine, cache)
         for model in models:
             [shard] = cut_model(model, "layer", 1, cache)
             sizes = SEQ_LENS if model in TEXT_MODELS else (None,)
-            handles = {
-                "cpu": (
-                    native,
-                    (
-                        await native.load(shard.sha256, str(shard.path), EP.EXECUTION_PROVIDER_CPU)
-                    ).handle,
-                ),
-                "wasm": (
-                    browser,
-                    (
-                        await browser.load(
-                            shard.sha256, str(shard.path), EP.EXECUTION_PROVIDER_WASM
-                        )
-                    ).handle,
-                ),
-                "webgpu": (
-                    browser,
-                    (
-                        await browser.load(
-                            shard.sha256, str(shard.path), EP.EXECUTION_PROVIDER_WEBGPU
-                        )
-                    ).handle,
-                ),
+            # (engine, ep) -> runtime, handle, adapter; native first: the reference.
+            cpu = await native.load(shard.sha256, str(shard.path), EP.EXECUTION_PROVIDER_CPU)
+            handles: dict[tuple[str, str], tuple[ShardRuntime, str, str]] = {
+                ("native", "cpu"): (native, cpu.handle, "")
             }
+            for engine, (browser, adapter_name) in browsers.items():
+                for ep, provider in (
+                    ("wasm", EP.EXECUTION_PROVIDER_WASM),
+                    ("webgpu", EP.EXECUTION_PROVIDER_WEBGPU),
+                ):
+                    if provider not in browser.capabilities.execution_providers:
+                        continue  # no WebGPU adapter in this browser
+                    loaded = await browser.load(shard.sha256, str(shard.path), provider)
+                    adapter = adapter_name if ep == "webgpu" else ""
+                    handles[(engine, ep)] = (browser, loaded.handle, adapter)
             for seq in sizes:
                 feeds = example_inputs(model, batch=1, seq_len=seq or 32, seed=1)
                 reference: dict[str, Any] = {}
-                for ep, (runtime, handle) in handles.items():
-                    if ep == "webgpu" and adapter.is_fallback_adapter and (model, seq) in TOO_SLOW:
+                for (engine, ep), (runtime, handle, adapter_name) in handles.items():
+                    case = {
+                        "model": model,
+                        "engine": engine,
+                        "runtime": "native" if ep == "cpu" else "browser",
+                        "ep": ep,
+                        "seq_len": seq if seq is not None else "",
+                        "adapter": adapter_name,
+                    }
+                    if "software" in adapter_name and (model, seq) in TOO_SLOW:
                         rows.append(
-                            {
-                                "model": model,
-                                "runtime": "browser",
-                                "ep": ep,
-                                "seq_len": seq,
-                                "adapter": adapter_name,
-                                "skipped": "one run takes over a minute on a software adapter",
-                            }
+                            {**case, "skipped": "one run takes over a minute on a software adapter"}
                         )
                         continue
                     n = runs[ep]
@@ -120,26 +127,24 @@ async def bench(models: list[str], runs: dict[str, int], cache: Path) -> list[di
                     )
                     rows.append(
                         {
-                            "model": model,
-                            "runtime": "native" if ep == "cpu" else "browser",
-                            "ep": ep,
-                            "seq_len": seq if seq is not None else "",
+                            **case,
                             "runs": n,
                             **percentiles(samples),
                             "throughput_rps": round(throughput, 2),
                             "max_abs_err": err,
-                            "adapter": adapter_name if ep == "webgpu" else "",
                             "shard_mb": round(shard.size_bytes / 1e6, 1),
                         }
                     )
                     print(
-                        f"  {model} {ep} seq={seq}: p50 {rows[-1]['p50_ms']} ms, err {err:.2e}",
+                        f"  {model} {engine} {ep} seq={seq}: p50 {rows[-1]['p50_ms']} ms, "
+                        f"err {err:.2e}",
                         flush=True,
                     )
-            for runtime, handle in handles.values():
+            for runtime, handle, _ in handles.values():
                 await runtime.unload(handle)
     finally:
-        await browser.close()
+        for browser, _ in browsers.values():
+            await browser.close()
         await native.close()
     return rows
 
@@ -149,16 +154,25 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(TEXT_MODELS + OTHER_MODELS))
     parser.add_argument("--runs", type=int, default=30, help="timed runs per native/wasm case")
     parser.add_argument("--webgpu-runs", type=int, default=3, help="timed runs per webgpu case")
+    parser.add_argument(
+        "--engines", default="chromium,firefox", help="browser engines [chromium,firefox]"
+    )
     args = parser.parse_args()
+    engines = [e for e in args.engines.split(",") if e]
+    for engine in engines:
+        missing = missing_binaries(BrowserOptions(engine=engine))
+        if missing:
+            parser.error(f"the {engine} engine needs {', '.join(missing)} (make setup)")
     # Shards are cut into the usual cache; the browser serves them from there.
     rows = asyncio.run(
         bench(
             args.models.split(","),
             {"cpu": args.runs, "wasm": args.runs, "webgpu": args.webgpu_runs},
             default_cache_dir(),
+            engines,
         )
     )
-    columns = ["model", "runtime", "ep", "seq_len", "runs", "p50_ms", "p95_ms"]
+    columns = ["model", "engine", "ep", "seq_len", "runs", "p50_ms", "p95_ms"]
     columns += ["throughput_rps", "max_abs_err", "adapter", "skipped"]
     write("shards", rows, columns)
 

@@ -44,7 +44,7 @@ from services.browser_agent.browser import (
     LaunchFailed,
     ShardNotLoaded,
 )
-from services.browser_agent.browser.engines import ENGINES, missing_binaries
+from services.browser_agent.browser.engines import missing_binaries
 from services.browser_agent.browser.watchdog import LAUNCH_ENV
 from services.browser_agent.runtime import (
     BadInput,
@@ -53,6 +53,7 @@ from services.browser_agent.runtime import (
     ShardRejected,
     ShardRuntimeError,
 )
+from services.common.engines import ENGINES
 
 REPO = Path(__file__).resolve().parents[2]
 EP = common_pb2.ExecutionProvider

@@ -123,3 +123,19 @@ def test_a_failure_counts_as_recovered_when_its_retry_succeeded() -> None:
     [cell] = cells_of(plan, [iteration], [], "wasm")
     assert (cell.recoveries, cell.failures, cell.recovered) == (3, 2, 1)
     assert cell.success_rate == 0.5
+
+
+def test_recoveries_count_for_the_engine_of_the_agent_whose_browser_failed() -> None:
+    plan = Plan(scenarios=("browser_crash",), strategies=("simple",))
+    on = []
+    for agent in ("agent-0", "agent-1", "agent-1", "agent-9"):
+        r = recovery(T0 + 1.0, T0 + 1.1)
+        r.report.agent_id = agent
+        on.append(r)
+    iteration = Iteration("browser_crash", "simple", T0, recoveries=on, ended_at=T0 + 5)
+    engines = {"agent-0": "chromium", "agent-1": "firefox"}  # agent-9: not known
+    [cell] = cells_of(plan, [iteration], [], "wasm", engines)
+    assert cell.engines == {"chromium": 1, "firefox": 2}
+    assert "chromium 1, firefox 2" in table([cell])
+    [unknown] = cells_of(plan, [iteration], [], "wasm")
+    assert unknown.engines == {}

@@ -67,6 +67,8 @@ def test_a_file_of_the_first_schema_is_upgraded_in_place(tmp_path: Path) -> None
         db.execute("DROP TABLE webshard_metadata")
         db.execute("DROP TABLE delivery_losses")
         db.execute("ALTER TABLE recoveries DROP COLUMN redundancy_restored_ms")
+        db.execute("ALTER TABLE recoveries DROP COLUMN engine")
+        db.execute("ALTER TABLE requests DROP COLUMN engines")
     store = MetricsStore.open(path)
     try:
         assert store.count("delivery_losses") == 0
@@ -98,3 +100,25 @@ def test_a_file_of_the_second_schema_gains_the_redundancy_column(tmp_path: Path)
     with duckdb.connect(str(path), read_only=True) as db:
         meta = dict(db.execute("SELECT key, value FROM webshard_metadata").fetchall())
     assert meta["schema_version"] == str(SCHEMA_VERSION)
+
+
+def test_a_file_of_the_third_schema_gains_the_engine_columns(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.duckdb"
+    store_with([recovery(1)], path).close()
+    with duckdb.connect(str(path)) as db:
+        db.execute("ALTER TABLE recoveries DROP COLUMN engine")
+        db.execute("ALTER TABLE requests DROP COLUMN engines")
+        db.execute("UPDATE webshard_metadata SET value = '3' WHERE key = 'schema_version'")
+    on_firefox = recovery(2)
+    on_firefox.recovery.engine = "firefox"
+    store = MetricsStore.open(path)
+    try:
+        buffer = EventBuffer()
+        buffer.add([on_firefox])
+        store.write(buffer.take()[1])
+        [row] = store.recovery_summary()
+        assert (row.count, row.engines) == (2, {"firefox": 1})  # the old row: engine unknown
+        [by_engine, unknown] = store.recovery_summary(["engine"])
+        assert by_engine.group == {"engine": "firefox"} and unknown.engines == {}
+    finally:
+        store.close()

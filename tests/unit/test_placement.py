@@ -25,9 +25,11 @@ BROWSER = common_pb2.RUNTIME_BROWSER
 WASM = common_pb2.EXECUTION_PROVIDER_WASM
 
 
-def candidate(where: str, *, standby: bool = False, free: int = 1 << 30) -> Candidate:
+def candidate(
+    where: str, *, standby: bool = False, free: int = 1 << 30, engine: str = "chromium"
+) -> Candidate:
     agent, browser = where.split("/")
-    return Candidate(agent, browser, BROWSER, [WASM], True, free, standby)
+    return Candidate(agent, browser, BROWSER, [WASM], True, free, standby, engine)
 
 
 def slots(placement: list[list[Slot]]) -> list[list[str]]:
@@ -42,6 +44,68 @@ def test_replicas_go_to_distinct_agents_and_shards_spread() -> None:
     for shard in placed:
         assert len({s.split("/")[0] for s in shard}) == 2
     assert {s for shard in placed for s in shard} == {c.agent_id + "/b0" for c in candidates}
+
+
+def test_a_deploy_keeps_to_its_engines_and_spreads_over_them() -> None:
+    engines = {"agent-0": "chromium", "agent-1": "chromium", "agent-2": "firefox"}
+    candidates = [candidate(f"{a}/b0", engine=e) for a, e in engines.items()]
+    only = slots(
+        place(
+            [10, 10],
+            replicas=1,
+            runtime=BROWSER,
+            provider=0,
+            candidates=candidates,
+            engines=["firefox"],
+        )
+    )
+    assert only == [["agent-2/b0"], ["agent-2/b0"]]
+    # Over both: each shard's two copies on two engines, consecutive shards alternating.
+    both = place(
+        [10, 10, 10],
+        replicas=2,
+        runtime=BROWSER,
+        provider=0,
+        candidates=candidates,
+        engines=["chromium", "firefox"],
+    )
+    for shard in both:
+        assert {engines[s.agent_id] for s in shard} == {"chromium", "firefox"}
+    spread = place(
+        [10, 10],
+        replicas=1,
+        runtime=BROWSER,
+        provider=0,
+        candidates=candidates,
+        engines=["chromium", "firefox"],
+    )
+    assert [engines[s.agent_id] for [s] in spread] in (
+        ["chromium", "firefox"],
+        ["firefox", "chromium"],
+    )
+    spares = place_spares(
+        [10, 10],
+        spread,
+        spares=1,
+        runtime=BROWSER,
+        provider=0,
+        candidates=candidates,
+        engines=["chromium"],
+    )
+    assert all(engines[s.agent_id] == "chromium" for shard in spares for s in shard)
+    with pytest.raises(
+        PlacementError,
+        match=r"no healthy agent offers a ready browser of engine "
+        r"firefox \(the fleet's engines: chromium\)",
+    ):
+        place(
+            [10],
+            replicas=1,
+            runtime=BROWSER,
+            provider=0,
+            candidates=candidates[:2],
+            engines=["firefox"],
+        )
 
 
 def test_standbys_stay_free_while_ready_browsers_spread_the_replicas() -> None:

@@ -146,6 +146,8 @@ class ShardHop:
     """The whole hop as the coordinator saw it, transfer included, in milliseconds."""
     attempts: int
     """Tries the hop needed; more than 1 means a failure was recovered on this hop."""
+    engine: str = ""
+    """The engine that ran it: "chromium", "firefox" or "native"."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +183,7 @@ def _infer_result(response: coordinator_pb2.InferResponse, request_id: str) -> I
             compute_ms=_ms(hop.compute),
             hop_ms=_ms(hop.hop),
             attempts=hop.attempts,
+            engine=hop.engine,
         )
         for hop in response.trail
     ]
@@ -696,6 +699,7 @@ class Client(_ServiceClient):
         request_id: str | None = None,
         timeout: float | None = None,
         spares: int | None = None,
+        engines: Sequence[str] = (),
     ) -> coordinator_pb2.Placement:
         """Cuts ``model`` into shards, places them on agents and returns the placement.
 
@@ -718,6 +722,9 @@ class Client(_ServiceClient):
                 coordinator's default, one per shard where the fleet has room; 0: none.
                 The coordinator checks the count (INVALID_ARGUMENT names the runtimes
                 free for spares).
+            engines: browser engines the model may run on ("chromium", "firefox");
+                with more than one, each shard's copies and consecutive shards are
+                spread over them. Empty: any.
 
         Raises:
             ValueError: an option names no known value, or a count is out of range.
@@ -744,6 +751,7 @@ class Client(_ServiceClient):
             ),
             request_id=request_id or uuid.uuid4().hex,
             spares=spares,
+            engines=list(engines),
         )
         response = await self._unary(
             "DeployModel", request, coordinator_pb2.DeployModelResponse, timeout=timeout

@@ -201,6 +201,7 @@ class Client(_SyncClient):
         request_id: str | None = None,
         timeout: float | None = None,
         spares: int | None = None,
+        engines: Sequence[str] = (),
     ) -> coordinator_pb2.Placement:
         """Cuts ``model`` into shards and places them; see :meth:`webshard.aio.Client.deploy`."""
         return self._runner.run(
@@ -216,6 +217,7 @@ class Client(_SyncClient):
                 request_id=request_id,
                 timeout=timeout,
                 spares=spares,
+                engines=engines,
             )
         )
 

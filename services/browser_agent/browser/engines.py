@@ -29,15 +29,14 @@ from selenium.webdriver.chrome.service import Service
 from websockets.exceptions import WebSocketException
 from websockets.sync.client import ClientConnection, connect
 
+from services.common.engines import ENGINES
+
 from .errors import LaunchFailed
 from .options import CHROMIUM_FLAGS, FIREFOX_PREFS, BrowserOptions
 from .processes import browser_main_pid
 from .watchdog import LAUNCH_ENV
 
 log = logging.getLogger(__name__)
-
-ENGINES = ("chromium", "firefox")
-"""The engines an agent can run."""
 
 
 class PageGone(Exception):

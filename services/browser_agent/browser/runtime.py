@@ -607,6 +607,7 @@ class BrowserRuntime:
                 ),
                 execution_provider=provider,
                 execution_provider_reason=reason,
+                engine=self._engine.name,
             ),
             input_names=inputs,
             output_names=outputs,

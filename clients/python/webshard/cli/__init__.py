@@ -24,20 +24,11 @@ from webshard.cli.local import (
     LocalCluster,
     default_data_dir,
     local_coordinators,
+    parse_engines,
     status,
 )
 from webshard.errors import RPCError
 from webshard.options import CLUSTER_TOKEN_ENV
-
-
-def _engines(text: str) -> list[str]:
-    engines = [e.strip() for e in text.split(",") if e.strip()]
-    unknown = [e for e in engines if e not in ENGINES]
-    if not engines or unknown:
-        raise argparse.ArgumentTypeError(
-            f"unknown engine {(unknown or [text])[0]!r}; engines: {', '.join(ENGINES)}"
-        )
-    return engines
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -134,6 +125,7 @@ def _deploy(args: argparse.Namespace) -> int:
             runtime=args.runtime,
             ep=args.ep,
             spares=args.spares,
+            engines=args.engines,
         )
     if args.json:
         from google.protobuf.json_format import MessageToDict
@@ -143,7 +135,8 @@ def _deploy(args: argparse.Namespace) -> int:
     print(f"{placement.model}: {len(placement.shards)} shard(s), version {placement.version}")
     for shard in placement.shards:
         where = ", ".join(
-            f"{r.agent_id}/{r.browser_id} ({_ep_name(r.execution_provider)})"
+            f"{r.agent_id}/{r.browser_id} ({_ep_name(r.execution_provider)}"
+            + (f", {r.engine})" if r.engine else ")")
             for r in shard.replicas
         )
         spare = "".join(f", spare {r.agent_id}/{r.browser_id}" for r in shard.spares)
@@ -212,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--browsers", type=int, default=1, help="headless browsers per agent [1]")
     up.add_argument(
         "--engines",
-        type=_engines,
+        type=parse_engines,
         default=["chromium"],
         help=f"browser engines, comma-separated, that the agents take in turn "
         f"({', '.join(ENGINES)}) [chromium]",
@@ -270,6 +263,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dep.add_argument("--runtime", choices=("native", "browser"), help="where shards run")
     dep.add_argument("--ep", choices=("webgpu", "webnn", "wasm", "cpu"), help="pin a provider")
+    dep.add_argument(
+        "--engines",
+        type=parse_engines,
+        default=[],
+        help=f"browser engines the model may run on, comma-separated ({', '.join(ENGINES)}); "
+        "with more than one its shards are spread over them [any]",
+    )
     target_args(dep)
     dep.set_defaults(func=_deploy)
 

@@ -13,6 +13,7 @@ services with it.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import itertools
 import json
@@ -43,6 +44,18 @@ DEFAULT_PORTS = {
 DASHBOARD_PORT = 8080
 ENGINES = ("chromium", "firefox")
 """The browser engines an agent runs (``--engine``)."""
+
+
+def parse_engines(text: str) -> list[str]:
+    """A comma-separated list of engines (``--engines``); ArgumentTypeError naming the
+    engines for an unknown one."""
+    engines = [e.strip() for e in text.split(",") if e.strip()]
+    unknown = [e for e in engines if e not in ENGINES]
+    if not engines or unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown engine {(unknown or [text])[0]!r}; engines: {', '.join(ENGINES)}"
+        )
+    return engines
 
 
 def default_data_dir() -> Path:

@@ -600,6 +600,7 @@ class LoadedShard(_message.Message):
     EXECUTION_PROVIDER_FIELD_NUMBER: _builtins.int
     EXECUTION_PROVIDER_REASON_FIELD_NUMBER: _builtins.int
     RUNS_FIELD_NUMBER: _builtins.int
+    ENGINE_FIELD_NUMBER: _builtins.int
     handle: _builtins.str
     """handle identifies the loaded shard in RunShard and UnloadShard."""
     execution_provider: Global___ExecutionProvider.ValueType
@@ -608,6 +609,8 @@ class LoadedShard(_message.Message):
     """execution_provider_reason says why that provider was chosen."""
     runs: _builtins.int
     """runs is the number of activations the shard has answered since it was loaded."""
+    engine: _builtins.str
+    """engine is the engine of the runtime holding it: "chromium", "firefox" or "native"."""
     @_builtins.property
     def spec(self) -> Global___ShardSpec:
         """spec is the shard."""
@@ -620,10 +623,11 @@ class LoadedShard(_message.Message):
         execution_provider: Global___ExecutionProvider.ValueType = ...,
         execution_provider_reason: _builtins.str = ...,
         runs: _builtins.int = ...,
+        engine: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["execution_provider", b"execution_provider", "execution_provider_reason", b"execution_provider_reason", "handle", b"handle", "runs", b"runs", "spec", b"spec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["engine", b"engine", "execution_provider", b"execution_provider", "execution_provider_reason", b"execution_provider_reason", "handle", b"handle", "runs", b"runs", "spec", b"spec"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -791,6 +795,7 @@ class ShardTiming(_message.Message):
     COMPUTE_FIELD_NUMBER: _builtins.int
     HOP_FIELD_NUMBER: _builtins.int
     ATTEMPTS_FIELD_NUMBER: _builtins.int
+    ENGINE_FIELD_NUMBER: _builtins.int
     shard_index: _builtins.int
     """shard_index is the shard's position in the chain."""
     agent_id: _builtins.str
@@ -801,6 +806,8 @@ class ShardTiming(_message.Message):
     """execution_provider is the provider that ran the shard."""
     attempts: _builtins.int
     """attempts is how many tries the hop needed (1 without a failure)."""
+    engine: _builtins.str
+    """engine is the engine that ran the shard: "chromium", "firefox" or "native"."""
     @_builtins.property
     def compute(self) -> _duration_pb2.Duration:
         """compute is the time the runtime spent in the shard."""
@@ -819,10 +826,11 @@ class ShardTiming(_message.Message):
         compute: _duration_pb2.Duration | None = ...,
         hop: _duration_pb2.Duration | None = ...,
         attempts: _builtins.int = ...,
+        engine: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["compute", b"compute", "hop", b"hop"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "attempts", b"attempts", "browser_id", b"browser_id", "compute", b"compute", "execution_provider", b"execution_provider", "hop", b"hop", "shard_index", b"shard_index"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "attempts", b"attempts", "browser_id", b"browser_id", "compute", b"compute", "engine", b"engine", "execution_provider", b"execution_provider", "hop", b"hop", "shard_index", b"shard_index"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

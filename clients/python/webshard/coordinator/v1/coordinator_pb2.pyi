@@ -471,6 +471,7 @@ class ShardReplica(_message.Message):
     EXECUTION_PROVIDER_REASON_FIELD_NUMBER: _builtins.int
     HEALTHY_FIELD_NUMBER: _builtins.int
     SPARE_FIELD_NUMBER: _builtins.int
+    ENGINE_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """agent_id is the agent that holds it."""
     browser_id: _builtins.str
@@ -488,6 +489,8 @@ class ShardReplica(_message.Message):
     real inference run through it), taking no traffic until a takeover makes it
     serve. Spares are listed in ShardPlacement.spares, never in replicas.
     """
+    engine: _builtins.str
+    """engine is the engine of the runtime holding it: "chromium", "firefox" or "native"."""
     def __init__(
         self,
         *,
@@ -498,10 +501,11 @@ class ShardReplica(_message.Message):
         execution_provider_reason: _builtins.str = ...,
         healthy: _builtins.bool = ...,
         spare: _builtins.bool = ...,
+        engine: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "browser_id", b"browser_id", "execution_provider", b"execution_provider", "execution_provider_reason", b"execution_provider_reason", "handle", b"handle", "healthy", b"healthy", "spare", b"spare"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "browser_id", b"browser_id", "engine", b"engine", "execution_provider", b"execution_provider", "execution_provider_reason", b"execution_provider_reason", "handle", b"handle", "healthy", b"healthy", "spare", b"spare"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -559,6 +563,7 @@ class Placement(_message.Message):
     RECOVERY_STRATEGY_FIELD_NUMBER: _builtins.int
     DEPLOY_ID_FIELD_NUMBER: _builtins.int
     SPARES_FIELD_NUMBER: _builtins.int
+    ENGINES_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """model is the model name."""
     sharding: _common_pb2.ShardingStrategy.ValueType
@@ -580,6 +585,12 @@ class Placement(_message.Message):
     def shards(self) -> _containers.RepeatedCompositeFieldContainer[Global___ShardPlacement]:
         """shards are the shards in chain order."""
 
+    @_builtins.property
+    def engines(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """engines are the browser engines the model may run on, as its deploy asked
+        (empty: any); replacements and new spares keep to them too.
+        """
+
     def __init__(
         self,
         *,
@@ -591,10 +602,11 @@ class Placement(_message.Message):
         recovery_strategy: _common_pb2.RecoveryStrategy.ValueType = ...,
         deploy_id: _builtins.str = ...,
         spares: _builtins.int = ...,
+        engines: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deploy_id", b"deploy_id", "model", b"model", "recovery_strategy", b"recovery_strategy", "runtime", b"runtime", "sharding", b"sharding", "shards", b"shards", "spares", b"spares", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deploy_id", b"deploy_id", "engines", b"engines", "model", b"model", "recovery_strategy", b"recovery_strategy", "runtime", b"runtime", "sharding", b"sharding", "shards", b"shards", "spares", b"spares", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -616,6 +628,7 @@ class DeployModelRequest(_message.Message):
     RECOVERY_STRATEGY_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     SPARES_FIELD_NUMBER: _builtins.int
+    ENGINES_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """model is the model name, for example "minilm-l6"."""
     sharding: _common_pb2.ShardingStrategy.ValueType
@@ -644,6 +657,13 @@ class DeployModelRequest(_message.Message):
     for lack of room for it). 0 means none. Any other negative value, or more than
     the fleet can hold, is INVALID_ARGUMENT.
     """
+    @_builtins.property
+    def engines(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """engines restricts the model to browsers of these engines ("chromium",
+        "firefox"); with more than one, each shard's copies and consecutive shards are
+        spread over them. Empty: any engine. An unknown name is INVALID_ARGUMENT.
+        """
+
     def __init__(
         self,
         *,
@@ -657,10 +677,11 @@ class DeployModelRequest(_message.Message):
         recovery_strategy: _common_pb2.RecoveryStrategy.ValueType = ...,
         request_id: _builtins.str = ...,
         spares: _builtins.int | None = ...,
+        engines: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_spares", b"_spares", "spares", b"spares"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_spares", b"_spares", "execution_provider", b"execution_provider", "model", b"model", "recovery_strategy", b"recovery_strategy", "replicas", b"replicas", "request_id", b"request_id", "runtime", b"runtime", "shard_count", b"shard_count", "sharding", b"sharding", "spares", b"spares", "standby_count", b"standby_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_spares", b"_spares", "engines", b"engines", "execution_provider", b"execution_provider", "model", b"model", "recovery_strategy", b"recovery_strategy", "replicas", b"replicas", "request_id", b"request_id", "runtime", b"runtime", "shard_count", b"shard_count", "sharding", b"sharding", "spares", b"spares", "standby_count", b"standby_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__spares: _TypeAlias = _typing.Literal["spares"]  # noqa: Y015
     _WhichOneofArgType__spares: _TypeAlias = _typing.Literal["_spares", b"_spares"]  # noqa: Y015

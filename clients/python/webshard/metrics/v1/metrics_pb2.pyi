@@ -170,6 +170,7 @@ class RecoveryRecord(_message.Message):
     RUN_ID_FIELD_NUMBER: _builtins.int
     BREAKERS_ENABLED_FIELD_NUMBER: _builtins.int
     REDUNDANCY_RESTORED_FIELD_NUMBER: _builtins.int
+    ENGINE_FIELD_NUMBER: _builtins.int
     recovery_id: _builtins.str
     """recovery_id is the recovery's id."""
     fault_id: _builtins.str
@@ -190,6 +191,10 @@ class RecoveryRecord(_message.Message):
     """run_id is the campaign run it belongs to, if any."""
     breakers_enabled: _builtins.bool
     """breakers_enabled is true when circuit breakers were on."""
+    engine: _builtins.str
+    """engine is the engine of the browser whose failure it recovered: "chromium",
+    "firefox" or "native"; empty when not known.
+    """
     @_builtins.property
     def started_at(self) -> _timestamp_pb2.Timestamp:
         """started_at is when the failure was detected."""
@@ -225,10 +230,11 @@ class RecoveryRecord(_message.Message):
         run_id: _builtins.str = ...,
         breakers_enabled: _builtins.bool = ...,
         redundancy_restored: _duration_pb2.Duration | None = ...,
+        engine: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "redundancy_restored", b"redundancy_restored", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["breakers_enabled", b"breakers_enabled", "duration", b"duration", "execution_provider", b"execution_provider", "fault_id", b"fault_id", "model", b"model", "phases", b"phases", "recovery_id", b"recovery_id", "redundancy_restored", b"redundancy_restored", "run_id", b"run_id", "scenario", b"scenario", "started_at", b"started_at", "strategy", b"strategy", "succeeded", b"succeeded", "trace_id", b"trace_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["breakers_enabled", b"breakers_enabled", "duration", b"duration", "engine", b"engine", "execution_provider", b"execution_provider", "fault_id", b"fault_id", "model", b"model", "phases", b"phases", "recovery_id", b"recovery_id", "redundancy_restored", b"redundancy_restored", "run_id", b"run_id", "scenario", b"scenario", "started_at", b"started_at", "strategy", b"strategy", "succeeded", b"succeeded", "trace_id", b"trace_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -250,6 +256,7 @@ class RequestRecord(_message.Message):
     RECOVERED_FIELD_NUMBER: _builtins.int
     RUN_ID_FIELD_NUMBER: _builtins.int
     EXECUTION_PROVIDER_FIELD_NUMBER: _builtins.int
+    ENGINES_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """request_id is the request's id."""
     model: _builtins.str
@@ -266,6 +273,8 @@ class RequestRecord(_message.Message):
     """run_id is the campaign run it belongs to, if any."""
     execution_provider: _common_pb2.ExecutionProvider.ValueType
     """execution_provider is the provider of its first shard."""
+    engines: _builtins.str
+    """engines are the engines its shards ran on, sorted and comma-separated."""
     @_builtins.property
     def started_at(self) -> _timestamp_pb2.Timestamp:
         """started_at is when it arrived."""
@@ -287,10 +296,11 @@ class RequestRecord(_message.Message):
         recovered: _builtins.bool = ...,
         run_id: _builtins.str = ...,
         execution_provider: _common_pb2.ExecutionProvider.ValueType = ...,
+        engines: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["latency", b"latency", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checked", b"checked", "correct", b"correct", "execution_provider", b"execution_provider", "latency", b"latency", "model", b"model", "ok", b"ok", "recovered", b"recovered", "request_id", b"request_id", "run_id", b"run_id", "started_at", b"started_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checked", b"checked", "correct", b"correct", "engines", b"engines", "execution_provider", b"execution_provider", "latency", b"latency", "model", b"model", "ok", b"ok", "recovered", b"recovered", "request_id", b"request_id", "run_id", b"run_id", "started_at", b"started_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -666,6 +676,26 @@ class RecoverySummaryRow(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class EnginesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     GROUP_FIELD_NUMBER: _builtins.int
     COUNT_FIELD_NUMBER: _builtins.int
     SUCCESS_RATE_FIELD_NUMBER: _builtins.int
@@ -675,6 +705,7 @@ class RecoverySummaryRow(_message.Message):
     REDUNDANCY_RESTORED_FIELD_NUMBER: _builtins.int
     REDUNDANCY_RESTORED_P50_MS_FIELD_NUMBER: _builtins.int
     REDUNDANCY_RESTORED_P95_MS_FIELD_NUMBER: _builtins.int
+    ENGINES_FIELD_NUMBER: _builtins.int
     count: _builtins.int
     """count is the number of recoveries."""
     success_rate: _builtins.float
@@ -697,6 +728,10 @@ class RecoverySummaryRow(_message.Message):
     def group(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """group holds the grouping fields' values by field name."""
 
+    @_builtins.property
+    def engines(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """engines counts the group's recoveries by the engine of the browser that failed."""
+
     def __init__(
         self,
         *,
@@ -709,10 +744,11 @@ class RecoverySummaryRow(_message.Message):
         redundancy_restored: _builtins.int = ...,
         redundancy_restored_p50_ms: _builtins.float = ...,
         redundancy_restored_p95_ms: _builtins.float = ...,
+        engines: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "group", b"group", "max_ms", b"max_ms", "p50_ms", b"p50_ms", "p95_ms", b"p95_ms", "redundancy_restored", b"redundancy_restored", "redundancy_restored_p50_ms", b"redundancy_restored_p50_ms", "redundancy_restored_p95_ms", b"redundancy_restored_p95_ms", "success_rate", b"success_rate"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "engines", b"engines", "group", b"group", "max_ms", b"max_ms", "p50_ms", b"p50_ms", "p95_ms", b"p95_ms", "redundancy_restored", b"redundancy_restored", "redundancy_restored_p50_ms", b"redundancy_restored_p50_ms", "redundancy_restored_p95_ms", b"redundancy_restored_p95_ms", "success_rate", b"success_rate"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

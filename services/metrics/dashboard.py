@@ -322,6 +322,7 @@ def _browser(browser: common_pb2.BrowserInfo) -> dict[str, Any]:
         "browser_id": browser.browser_id,
         "state": _enum(common_pb2.BrowserState, "BROWSER_STATE_", browser.state),
         "runtime": _enum(common_pb2.Runtime, "RUNTIME_", browser.runtime),
+        "engine": " ".join(p for p in (caps.engine, caps.engine_version) if p),
         "execution_providers": [
             _enum(common_pb2.ExecutionProvider, "EXECUTION_PROVIDER_", ep)
             for ep in caps.execution_providers
@@ -859,6 +860,7 @@ function browser(b) {
     .map((s) => `${esc(s.model)}/${esc(s.index)} (${esc(s.execution_provider)})`)
     .join(", ");
   const parts = [
+    ...(b.engine ? [esc(b.engine)] : []),
     `EPs: ${esc(b.execution_providers.join(", ") || "none")}`,
     gpu,
     nn,

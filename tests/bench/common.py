@@ -26,11 +26,13 @@ RESULTS = REPO / "bench-results"
 
 def machine() -> dict[str, Any]:
     """Facts about the machine the figures came from."""
-    chromium = ""
-    with contextlib.suppress(OSError, subprocess.TimeoutExpired):
-        chromium = subprocess.run(
-            ["/usr/bin/chromium", "--version"], capture_output=True, text=True, timeout=20
-        ).stdout.strip()
+    versions = {}
+    for name, binary in (("chromium", "/usr/bin/chromium"), ("firefox", "/usr/bin/firefox-esr")):
+        versions[name] = ""
+        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+            versions[name] = subprocess.run(
+                [binary, "--version"], capture_output=True, text=True, timeout=20
+            ).stdout.strip()
     return {
         "hostname": platform.node(),
         "cpu": platform.processor() or platform.machine(),
@@ -38,8 +40,9 @@ def machine() -> dict[str, Any]:
         "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "chromium": chromium,
-        "gpu": "none (WebGPU runs on SwiftShader, a software adapter)"
+        **versions,
+        "gpu": "none (WebGPU runs on software adapters: Chromium's SwiftShader, Firefox's "
+        "Mesa lavapipe)"
         if not Path("/dev/nvidia0").exists()
         else "nvidia",
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -58,6 +58,8 @@ def replica_status(replica_id: str, role: int, leader: str, term: int = 4) -> An
     browser.capabilities.webgpu.available = True
     browser.capabilities.webgpu.is_fallback_adapter = True
     browser.capabilities.webnn.reason = "WebNN is not supported"
+    browser.capabilities.engine = "firefox"
+    browser.capabilities.engine_version = "153.8.0"
     status.agents.add(agent_id="agent-0", address="127.0.0.1:8", healthy=False)
     placement = status.placements.add(
         model="minilm-l6",
@@ -166,6 +168,7 @@ async def test_a_snapshot_shows_each_source_and_marks_the_unreachable_one() -> N
     [browser] = agents["items"][1]["browsers"]
     assert browser["state"] == "ready"
     assert browser["execution_providers"] == ["webgpu", "wasm"]
+    assert browser["engine"] == "firefox 153.8.0"
     assert browser["webgpu"]["fallback"] is True
     assert browser["webnn"] == {"available": False, "reason": "WebNN is not supported"}
 

@@ -20,7 +20,16 @@ import webshard
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from webshard.cli.local import LocalCluster
 
+from services.browser_agent.browser.engines import missing_binaries
+from services.browser_agent.browser.options import BrowserOptions
+
 REPO = Path(__file__).resolve().parents[1]
+
+NEEDS_FIREFOX = pytest.mark.skipif(
+    bool(missing_binaries(BrowserOptions(engine="firefox"))),
+    reason="needs Firefox (make setup installs firefox-esr)",
+)
+"""Marks a test that runs Firefox: skipped, saying what to install, where it is not."""
 
 
 def free_port() -> int:

@@ -12,19 +12,11 @@ from collections.abc import Iterator
 import pytest
 import webshard
 
-from services.browser_agent.browser.engines import missing_binaries
-from services.browser_agent.browser.options import BrowserOptions
 from services.campaign.runner import Addresses
-from tests.conftest import attached_cluster
+from tests.conftest import NEEDS_FIREFOX, attached_cluster
 from tests.e2e.test_fault_matrix import KINDS, assert_recovered
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(
-        bool(missing_binaries(BrowserOptions(engine="firefox"))),
-        reason="needs Firefox (make setup installs firefox-esr)",
-    ),
-]
+pytestmark = [pytest.mark.browser, NEEDS_FIREFOX]
 
 
 @pytest.fixture(scope="module")

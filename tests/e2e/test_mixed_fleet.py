@@ -11,20 +11,12 @@ import pytest
 import webshard
 from webshard.cli.local import LocalCluster
 
-from services.browser_agent.browser.engines import missing_binaries
-from services.browser_agent.browser.options import BrowserOptions
-from tests.conftest import browser_cluster
+from tests.conftest import NEEDS_FIREFOX, browser_cluster
 from tests.integration.test_inference import cosine, reference_embeddings
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "minilm_reference.json"
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.skipif(
-        bool(missing_binaries(BrowserOptions(engine="firefox"))),
-        reason="needs Firefox (make setup installs firefox-esr)",
-    ),
-]
+pytestmark = [pytest.mark.browser, NEEDS_FIREFOX]
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ def figures() -> tuple[list[reports.SummaryRow], dict[str, list[dict[str, object
     events = [recovery(i, ms=float(10 * (i + 1))) for i in range(4)]
     for i, event in enumerate(events):  # the spares were back 1 to 4 s later
         event.recovery.redundancy_restored.FromMilliseconds(1000 * (i + 1))
+        event.recovery.engine = "firefox" if i == 0 else "chromium"
     events += [recovery(10 + i, scenario="latency", ok=i != 0) for i in range(3)]
     events += [request(20, 5)]
     store = store_with(events)
@@ -39,6 +40,8 @@ def test_json_holds_the_summary_every_row_and_a_schema_version() -> None:
     assert cells[("latency", "progressive")]["success_rate"] == 2 / 3
     assert cells[("browser_crash", "progressive")]["redundancy_restored_p50_ms"] == 2500.0
     assert cells[("latency", "progressive")]["redundancy_restored_p50_ms"] is None
+    assert cells[("browser_crash", "progressive")]["engines"] == {"chromium": 3, "firefox": 1}
+    assert {r["engine"] for r in doc["tables"]["recoveries"]} == {"chromium", "firefox", ""}
     assert len(doc["tables"]["recoveries"]) == 7
     assert {r["recovery_id"] for r in doc["tables"]["recoveries"]} >= {"rec-0", "rec-12"}
 
@@ -47,9 +50,9 @@ def test_markdown_has_one_row_per_scenario_and_strategy() -> None:
     summary, _ = figures()
     text = reports.render_markdown("r1", summary).decode()
     assert "| browser_crash | progressive | 4 | 100.0% | 25.0 |" in text
-    assert "| 2500.0 | 3850.0 |" in text  # the spares back, p50 and p95
+    assert "| 2500.0 | 3850.0 | chromium 3, firefox 1 |" in text  # spares back; engines
     assert "| latency | progressive | 3 | 66.7% |" in text
-    assert text.count("| — | — |") == 1  # latency's spares never counted
+    assert text.count("| — | — | — |") == 1  # latency's spares never counted, no engine
 
 
 def test_junit_fails_the_cells_where_a_recovery_failed() -> None:

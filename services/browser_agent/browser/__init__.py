@@ -1,4 +1,5 @@
-"""Headless Chromium pages that run shards with onnxruntime-web, and a pool of them."""
+"""Headless browser pages (Chromium or Firefox) that run shards with onnxruntime-web, and a pool
+of them."""
 
 from .errors import CallTimedOut, LaunchFailed, NoStandby, ShardNotLoaded
 from .events import BrowserEvent, BrowserEventKind, EventCallback

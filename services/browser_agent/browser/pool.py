@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 State = common_pb2.BrowserState
 
-# Each launch keeps a core busy for a second or two (Chromium start-up, compiling
+# Each launch keeps a core busy for a second or two (browser start-up, compiling
 # onnxruntime-web's wasm); more at once than there are cores only slows them all.
 DEFAULT_CONCURRENT_LAUNCHES = 2
 

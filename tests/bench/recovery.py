@@ -2,7 +2,7 @@
 with circuit breakers on and off, real browsers.
 
 For each breaker setting a local cluster starts (3 agents, each with one headless
-Chromium and one warm standby; recovery with ``--breakers-enabled`` on or off) and
+browser of ``--engines``, taken in turn, Chromium by default, and one warm standby; recovery with ``--breakers-enabled`` on or off) and
 the campaign runner injects every scenario under every strategy ``--iterations``
 times while requests flow, every answer checked against the reference. Each row
 is one cell: its recoveries' p50/p95/max (detection to verified answer), the same
@@ -29,7 +29,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from webshard.cli.local import LocalCluster
+from webshard.cli.local import LocalCluster, parse_engines
 
 from services.campaign.cli import ProgressBar
 from services.campaign.runner import Addresses, Campaign, Plan, percentile
@@ -42,6 +42,7 @@ COLUMNS = (
     "strategy",
     "breakers",
     "spares",
+    "fleet",
     "faults",
     "recoveries",
     "p50_ms",
@@ -60,15 +61,17 @@ COLUMNS = (
     "wrong",
     "failed",
     "ep",
+    "engines",
 )
 
 
-def run(plan: Plan, breakers: bool, data_dir: Path) -> list[dict[str, Any]]:
-    """One cluster, one campaign; a row per cell."""
+def run(plan: Plan, breakers: bool, data_dir: Path, engines: list[str]) -> list[dict[str, Any]]:
+    """One cluster (its agents taking ``engines`` in turn), one campaign; a row per cell."""
     cluster = LocalCluster(
         agents=3,
         data_dir=data_dir,
         auto_ports=True,
+        engines=engines,
         extra_args={
             "browser_agent": ["--browsers", "1", "--standby-browsers", "1", "--native", "false"],
             "recovery": ["--breakers-enabled", "true" if breakers else "false"],
@@ -90,6 +93,7 @@ def run(plan: Plan, breakers: bool, data_dir: Path) -> list[dict[str, Any]]:
                     "strategy": c.strategy,
                     "breakers": "on" if breakers else "off",
                     "spares": plan.spares,
+                    "fleet": ",".join(engines),
                     "faults": c.faults,
                     "recoveries": c.recoveries,
                     "p50_ms": c.percentile(50),
@@ -108,6 +112,7 @@ def run(plan: Plan, breakers: bool, data_dir: Path) -> list[dict[str, Any]]:
                     "wrong": c.wrong,
                     "failed": c.lost,
                     "ep": c.ep,
+                    "engines": ", ".join(f"{e} {n}" for e, n in sorted(c.engines.items())),
                     "problems": c.problems,
                 }
                 for c in cells
@@ -150,6 +155,12 @@ def main() -> None:
         "--spares", type=int, default=-1, help="hot spares per shard [-1: the deploy's default]"
     )
     parser.add_argument(
+        "--engines",
+        type=parse_engines,
+        default=["chromium"],
+        help="the agents' browser engines, taken in turn [chromium]",
+    )
+    parser.add_argument(
         "--keep",
         action="store_true",
         help="keep the other cells' rows from the bench-results/recovery.json already there",
@@ -166,7 +177,8 @@ def main() -> None:
     rows = kept(plan, settings) if args.keep else []
     with tempfile.TemporaryDirectory(prefix="webshard-bench-recovery-") as tmp:
         for breakers in settings:
-            rows += run(plan, breakers, Path(tmp) / ("breakers-on" if breakers else "breakers-off"))
+            where = Path(tmp) / ("breakers-on" if breakers else "breakers-off")
+            rows += run(plan, breakers, where, args.engines)
             rows.sort(key=cell)
             # Written after each setting: a long run stopped halfway keeps what it measured.
             write("recovery", rows, COLUMNS)

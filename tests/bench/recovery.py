@@ -2,9 +2,10 @@
 with circuit breakers on and off, real browsers.
 
 For each breaker setting a local cluster starts (3 agents, each with one headless
-browser of ``--engines``, taken in turn, Chromium by default, and one warm standby; recovery with ``--breakers-enabled`` on or off) and
-the campaign runner injects every scenario under every strategy ``--iterations``
-times while requests flow, every answer checked against the reference. Each row
+browser of ``--engines``, taken in turn, Chromium by default, and one warm
+standby; recovery with ``--breakers-enabled`` on or off) and the campaign runner
+injects every scenario under every strategy ``--iterations`` times while requests
+flow, every answer checked against the reference. Each row
 is one cell: its recoveries' p50/p95/max (detection to verified answer), the same
 from the fault's first effect (as the agent's hook stamped it: detection included),
 detection (first effect to first failure report), the replace and verify phases'

@@ -6,7 +6,7 @@ import dataclasses
 
 from services.browser_agent.browser.engines import missing_binaries
 from services.browser_agent.browser.options import BrowserOptions
-from services.common.engines import ENGINES
+from services.common.engines import ENGINES, unknown_engine
 from services.common.settings import ServerSettings, SettingsError, setting
 
 DEFAULT_PORT = 50052
@@ -65,9 +65,7 @@ class AgentSettings(ServerSettings):
         if self.browsers == 0 and not self.native:
             raise SettingsError("an agent needs browsers or the native runtime (or both)")
         if self.engine not in ENGINES:
-            raise SettingsError(
-                f"unknown browser engine {self.engine!r}; engines: {', '.join(ENGINES)}"
-            )
+            raise SettingsError(unknown_engine(self.engine))
         missing = missing_binaries(BrowserOptions(engine=self.engine))
         if (self.browsers or self.standby_browsers) and missing:
             package = {"chromium": "chromium chromium-driver", "firefox": "firefox-esr"}

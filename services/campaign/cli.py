@@ -29,6 +29,7 @@ from services.campaign.runner import (
     summary_line,
 )
 from services.campaign.scenarios import SCENARIOS
+from services.common.engines import engine_counts
 
 STRATEGIES = ("simple", "progressive", "coordinated")
 MODES = ("basic", "comparative", "stress", "comprehensive")
@@ -162,7 +163,7 @@ COLUMNS: tuple[tuple[str, Callable[[Cell], str]], ...] = (
     ("wrong", lambda c: str(c.wrong)),
     ("failed", lambda c: str(c.lost)),
     ("EP", lambda c: c.ep),
-    ("engines", lambda c: ", ".join(f"{e} {n}" for e, n in sorted(c.engines.items())) or "-"),
+    ("engines", lambda c: engine_counts(c.engines) or "-"),
 )
 """The campaign table: p50/p95 count from detection to the verified answer, "from
 effect" from the fault's first effect (detection included); detect is first effect

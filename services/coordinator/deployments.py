@@ -30,7 +30,7 @@ from webshard.coordinator.v1 import coordinator_pb2 as pb
 from webshard.recovery.v1 import recovery_pb2
 from webshard.tensors import encode_tensor
 
-from services.common.engines import ENGINES
+from services.common.engines import ENGINES, unknown_engine
 from services.common.errors import DomainError
 from services.common.failures import FailureReporter, failure_kind
 from services.common.pulse import Pulse
@@ -660,10 +660,7 @@ class Deployments:
             )
         unknown = [e for e in request.engines if e not in ENGINES]
         if unknown:
-            raise DeployError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"unknown browser engine {unknown[0][:64]!r}; engines: {', '.join(ENGINES)}",
-            )
+            raise DeployError(grpc.StatusCode.INVALID_ARGUMENT, unknown_engine(unknown[0]))
         try:
             model_info(request.model)
         except UnknownModel as exc:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from html import escape
 from typing import Any
 
+from services.common.engines import engine_counts
 from services.metrics.store import SummaryRow
 
 Row = Mapping[str, Any]
@@ -161,7 +162,7 @@ def _cell_rows(row: SummaryRow, recoveries: Iterable[Row]) -> list[Row]:
 
 def engines(row: SummaryRow) -> str:
     """The engines a cell's recoveries ran on, with their counts; a dash when unknown."""
-    return ", ".join(f"{name} {n}" for name, n in sorted(row.engines.items())) or "—"
+    return engine_counts(row.engines) or "—"
 
 
 def ms(value: float | None) -> str:

@@ -35,6 +35,7 @@ from webshard.cli.local import LocalCluster, parse_engines
 from services.campaign.cli import ProgressBar
 from services.campaign.runner import Addresses, Campaign, Plan, percentile
 from services.campaign.scenarios import SCENARIOS
+from services.common.engines import engine_counts
 from tests.bench.common import RESULTS, write
 
 STRATEGIES = ("simple", "progressive", "coordinated")
@@ -113,7 +114,7 @@ def run(plan: Plan, breakers: bool, data_dir: Path, engines: list[str]) -> list[
                     "wrong": c.wrong,
                     "failed": c.lost,
                     "ep": c.ep,
-                    "engines": ", ".join(f"{e} {n}" for e, n in sorted(c.engines.items())),
+                    "engines": engine_counts(c.engines),
                     "problems": c.problems,
                 }
                 for c in cells

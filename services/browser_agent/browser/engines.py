@@ -29,7 +29,7 @@ from selenium.webdriver.chrome.service import Service
 from websockets.exceptions import WebSocketException
 from websockets.sync.client import ClientConnection, connect
 
-from services.common.engines import ENGINES
+from services.common.engines import unknown_engine
 
 from .errors import LaunchFailed
 from .options import CHROMIUM_FLAGS, FIREFOX_PREFS, BrowserOptions
@@ -65,8 +65,9 @@ class Engine(Protocol):
         ...
 
     def start(self, workdir: Path) -> None:
-        """Launch the browser with a fresh profile under ``workdir`` (every process of
-        the launch names it on its command line, which is how it is reaped)."""
+        """Launch the browser with a fresh profile under ``workdir``; every process of
+        the launch names it on its command line or carries it in its environment
+        (``LAUNCH_ENV``), which is how it is reaped."""
         ...
 
     def open(self, url: str) -> None:
@@ -105,7 +106,7 @@ def make_engine(options: BrowserOptions) -> Engine:
         return ChromiumEngine(options)
     if options.engine == "firefox":
         return FirefoxEngine(options)
-    raise ValueError(f"unknown browser engine {options.engine!r}; engines: {', '.join(ENGINES)}")
+    raise ValueError(unknown_engine(options.engine))
 
 
 def missing_binaries(options: BrowserOptions) -> list[str]:

@@ -174,11 +174,6 @@ class BrowserRuntime:
         return self._engine.name
 
     @property
-    def engine_version(self) -> str:
-        """The browser's version, once launched."""
-        return self._engine.version
-
-    @property
     def workdir(self) -> Path | None:
         """The launch's working folder (profile, driver log); every process of the launch
         names it on its command line."""
